@@ -1,0 +1,114 @@
+"""route: deliveries -> gateway pushes, grouped by gateway, looked up on the owning worker.
+
+The deliveries topic and the routes table share partition count and partitioner, so a
+record's users are all in routes partitions this worker owns: the lookup is a local dict
+read. Users with no pushable gateway go to offline push.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from pipeline import metrics
+from pipeline.dlq import DeadLetters, source_of
+from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, GatewayPush, OfflinePush
+from tables import gateways as gateway_rules
+from tables import routes as route_rules
+from tables.gateways import GatewayInfo
+
+SendGatewayPush = Callable[[str, bytes], Awaitable[object]]  # (gateway_id, value)
+SendOffline = Callable[[bytes, bytes], Awaitable[object]]  # (key, value)
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        routes: Any,
+        gateways: Any,
+        send_push: SendGatewayPush,
+        send_offline: SendOffline,
+        gateway_timeout_seconds: float,
+        route_gc_seconds: float,
+    ) -> None:
+        self._routes = routes
+        self._gateways = gateways
+        self._send_push = send_push
+        self._send_offline = send_offline
+        self._timeout_ms = int(gateway_timeout_seconds * 1000)
+        self._gc_ms = int(route_gc_seconds * 1000)
+
+    async def route(self, delivery: Delivery) -> None:
+        if delivery.persist_only:
+            return
+        now_ms = int(time.time() * 1000)
+        sender = delivery.message.from_username
+        # Gateway liveness is looked up once per record, not once per recipient.
+        pushable: dict[str, GatewayInfo | None] = {}
+        by_gateway: dict[str, list[str]] = {}
+        offline: list[str] = []
+        for user in delivery.users:
+            if user == sender:
+                continue
+            route = self._routes.get(user)
+            targets = []
+            dead: set[str] = set()
+            for gateway_id in route_rules.online_gateways(route):
+                if gateway_id not in pushable:
+                    info = self._gateways.get(gateway_id)
+                    ok = gateway_rules.is_pushable(info, now_ms, self._timeout_ms)
+                    pushable[gateway_id] = info if ok else None
+                    if info is not None and gateway_rules.silent_ms(info, now_ms) > self._gc_ms:
+                        dead.add(gateway_id)
+                if pushable[gateway_id] is not None:
+                    targets.append(gateway_id)
+            if dead and route:
+                # A gateway silent past the GC horizon is gone; drop its connections here,
+                # on the worker that owns this user's routes partition.
+                self._routes[user] = route_rules.without_gateways(route, dead)
+            if not targets:
+                offline.append(user)
+            for gateway_id in targets:
+                by_gateway.setdefault(gateway_id, []).append(user)
+        for gateway_id, users in by_gateway.items():
+            info = pushable[gateway_id]
+            assert info is not None
+            push = GatewayPush(
+                gateway_id=gateway_id,
+                address=info["address"],
+                message=delivery.message,
+                users=users,
+                priority=delivery.priority,
+                trace_headers=delivery.trace_headers,
+            )
+            await self._send_push(gateway_id, push.SerializeToString())
+        if offline:
+            await self._send_offline(
+                str(delivery.message.msg_id).encode(),
+                OfflinePush(
+                    message=delivery.message,
+                    users=offline,
+                    reason="not_online",
+                    priority=delivery.priority,
+                    trace_headers=delivery.trace_headers,
+                ).SerializeToString(),
+            )
+            metrics.OFFLINE_USERS.labels("not_online").inc(len(offline))
+
+
+def agent(router: Router, dead_letters: DeadLetters) -> Callable[[Any], Awaitable[None]]:
+    async def route_agent(stream: Any) -> None:
+        async for event in stream.events():
+            record = source_of(event)
+            try:
+                delivery = Delivery.FromString(record.value or b"")
+            except DecodeError as exc:
+                await dead_letters.put(record, "decode_error", exc)
+                continue
+            await router.route(delivery)
+
+    return route_agent

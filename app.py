@@ -1,0 +1,199 @@
+"""Resonance Task: the Faust app and its whole topology, on one screen.
+
+    push-events --[fanout]--> deliveries --[storage]  (own consumer group) --> inboxes
+                                         \\-[route]--> gateway-pushes --[push]--> gateways
+                                              |                        \\--> offline-pushes
+    presence --[presence]--> presence-by-user --[routes]--> routes table  (read by route)
+    gateway-heartbeats --[registry]--> gateways GlobalTable               (read by route)
+
+Run it with `faust -A app worker`; scale it with workers and Kafka partitions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+import commands
+from agents import fanout, presence, push, registry, route, storage
+from gateway.client import GatewayPool, SessionConfig
+from pipeline.dlq import DeadLetters, dlq_topic
+from settings import Settings
+from stores.inbox import RedisInboxStore
+from stores.members import RedisMemberStore
+from tables import gateways as gateway_rules
+from tables import routes as route_rules
+from web import views
+
+settings = Settings()
+
+
+def faust_config(s: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker": s.kafka_broker_url,
+        "store": "memory://",
+        "topic_partitions": s.topic_partitions,
+        "web_host": s.web_host,
+        "web_port": s.web_port,
+        "consumer_auto_offset_reset": "earliest",
+        "web_in_thread": False,
+    }
+    if s.tansu:
+        # DESIGN.md section 6: Tansu's group join waits half the session timeout, and its
+        # ListOffsets is wrong unless every producer batch holds one record.
+        config.update(
+            broker_session_timeout=2.0,
+            broker_heartbeat_interval=0.5,
+            producer_max_batch_size=1,
+        )
+    return config
+
+
+def kafka_consumer_config(s: Settings, group: str) -> dict[str, Any]:
+    config: dict[str, Any] = {"bootstrap_servers": s.bootstrap_servers, "group_id": group}
+    if s.tansu:
+        config.update(session_timeout_ms=2000, heartbeat_interval_ms=500)
+    return config
+
+
+app = faust.App(settings.app_id, **faust_config(settings))
+
+
+def _topic(name: str) -> Any:
+    # internal=True: the worker creates the topic with TOPIC_PARTITIONS if it is missing.
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.topic_partitions,
+        internal=True,
+    )
+
+
+push_events = _topic(settings.topic_push_events)
+presence_updates = _topic(settings.topic_presence)
+gateway_heartbeats = _topic(settings.topic_heartbeats)
+offline_pushes = _topic(settings.topic_offline_pushes)
+deliveries = _topic(settings.topic_name("deliveries"))
+presence_by_user = _topic(settings.topic_name("presence-by-user"))
+gateway_pushes = _topic(settings.topic_name("gateway-pushes"))
+
+_table_schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+routes = app.Table(
+    route_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
+)
+gateways = app.GlobalTable(
+    gateway_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
+)
+
+members = RedisMemberStore(settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds)
+inbox = RedisInboxStore(
+    settings.inbox_redis,
+    max_entries=settings.inbox_max_entries,
+    message_ttl=settings.message_ttl_seconds,
+    timeout=settings.redis_timeout_seconds,
+)
+
+
+async def _send_raw(topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> object:
+    return await app.topic(topic, key_serializer="raw", value_serializer="raw").send(
+        key=key, value=value, headers=headers
+    )
+
+
+dead_letters = DeadLetters(_send_raw)
+gateway_pool = GatewayPool(
+    SessionConfig(
+        batch_max_items=settings.push_batch_max_items,
+        batch_linger=settings.push_batch_linger_ms / 1000,
+        window=settings.push_window_batches,
+        queue_max_items=settings.push_queue_max_items,
+        ack_timeout=settings.push_ack_timeout_seconds,
+        connect_timeout=settings.push_connect_timeout_seconds,
+        backoff_min=settings.push_backoff_min_seconds,
+        backoff_max=settings.push_backoff_max_seconds,
+        max_attempts=settings.push_max_attempts,
+    )
+)
+offline = push.OfflineSink(lambda key, value: offline_pushes.send(key=key, value=value))
+
+app.agent(push_events, name="fanout")(
+    fanout.agent(
+        fanout.Fanout(
+            members=members,
+            send=lambda partition, key, value: deliveries.send(key=key, value=value, partition=partition),
+            dead_letters=dead_letters,
+            partitions=settings.topic_partitions,
+            page_size=settings.member_page_size,
+            max_users_per_delivery=settings.delivery_max_users,
+        )
+    )
+)
+app.agent(presence_updates, name="presence")(
+    presence.split_agent(
+        lambda partition, key, value: presence_by_user.send(key=key, value=value, partition=partition),
+        dead_letters,
+        settings.topic_partitions,
+    )
+)
+app.agent(presence_by_user, name="routes")(
+    presence.apply_agent(routes, dead_letters, settings.route_offline_keep_seconds)
+)
+app.agent(gateway_heartbeats, name="registry")(registry.agent(gateways, dead_letters))
+app.agent(deliveries, name="route")(
+    route.agent(
+        route.Router(
+            routes=routes,
+            gateways=gateways,
+            send_push=lambda gateway_id, value: gateway_pushes.send(key=gateway_id.encode(), value=value),
+            send_offline=lambda key, value: offline_pushes.send(key=key, value=value),
+            gateway_timeout_seconds=settings.gateway_timeout_seconds,
+            route_gc_seconds=settings.gateway_route_gc_seconds,
+        ),
+        dead_letters,
+    )
+)
+app.agent(gateway_pushes, name="push")(push.agent(gateway_pool, offline, dead_letters))
+
+storage_consumer = storage.StorageConsumer(
+    topic=deliveries.get_topic_name(),
+    inbox=inbox,
+    dead_letters=dead_letters,
+    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-storage"),
+    batch_max_records=settings.storage_batch_max_records,
+    retry_max_seconds=settings.storage_retry_max_seconds,
+)
+
+
+@app.task
+async def _start_storage() -> None:
+    # A child of the app: stopped, and its consumer closed, when the worker stops.
+    await app.add_runtime_dependency(storage_consumer)
+
+
+@app.on_before_shutdown.connect
+async def _close_gateways(app: faust.App, **kwargs: Any) -> None:
+    # The consumer has stopped by now, after waiting for every in-flight push to be acked
+    # or diverted (stream_wait_empty); what is still queued gets the drain deadline.
+    await gateway_pool.drain(settings.push_drain_seconds)
+
+
+# Declared so the dead-letter topics exist before anything is dead-lettered.
+for _source in (push_events, presence_updates, gateway_heartbeats, deliveries, presence_by_user, gateway_pushes):
+    _topic(dlq_topic(_source.get_topic_name()))
+
+views.register(
+    app,
+    views.Topology(
+        settings=settings,
+        routes=routes,
+        gateways=gateways,
+        inbox=inbox,
+        gateway_pool=gateway_pool,
+        storage_consumer=storage_consumer,
+    ),
+)
+commands.register(app, settings)

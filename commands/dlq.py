@@ -1,0 +1,83 @@
+"""`dlq-list` and `dlq-replay`: look into a dead-letter topic, send records back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.cli import option
+
+from pipeline.dlq import H_ERROR, H_REASON, H_TOPIC, dlq_topic
+from settings import Settings
+
+
+async def read_all(settings: Settings, topic: str, limit: int) -> list[Any]:
+    """Every record of `topic` from the start, without joining a consumer group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        while len(records) < limit and any(
+            [await consumer.position(tp) < end[tp] for tp in tps]
+        ):
+            batch = await consumer.getmany(timeout_ms=500, max_records=limit - len(records))
+            if not batch:
+                break
+            for rs in batch.values():
+                records.extend(rs)
+        return records[:limit]
+    finally:
+        await consumer.stop()
+
+
+def describe(record: Any) -> dict[str, Any]:
+    headers = {k: v.decode(errors="replace") for k, v in record.headers or ()}
+    return {
+        "partition": record.partition,
+        "offset": record.offset,
+        "reason": headers.get(H_REASON),
+        "error": headers.get(H_ERROR),
+        "source": headers.get(H_TOPIC),
+        "bytes": len(record.value or b""),
+    }
+
+
+def register(app: Any, settings: Settings) -> None:
+    @app.command(
+        option("--topic", default=settings.topic_push_events, help="source topic"),
+        option("--limit", type=int, default=100),
+    )
+    async def dlq_list(self: Any, topic: str, limit: int) -> None:
+        """List what `<topic>.dlq` holds, with the reason of each record."""
+        for record in await read_all(settings, dlq_topic(topic), limit):
+            print(json.dumps(describe(record)))
+
+    @app.command(
+        option("--topic", default=settings.topic_push_events, help="source topic"),
+        option("--limit", type=int, default=1000),
+        option("--reason", default="", help="only records dead-lettered for this reason"),
+    )
+    async def dlq_replay(self: Any, topic: str, limit: int, reason: str) -> None:
+        """Send dead-lettered records back to their source topic (after a fix)."""
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        await producer.start()
+        sent = 0
+        try:
+            for record in await read_all(settings, dlq_topic(topic), limit):
+                if reason and describe(record)["reason"] != reason:
+                    continue
+                await producer.send_and_wait(topic, record.value, key=record.key)
+                sent += 1
+        finally:
+            await producer.stop()
+        print(json.dumps({"replayed": sent, "to": topic}))

@@ -1,0 +1,405 @@
+"""Push to gateways: one persistent PushStream per gateway, batched, with a bounded window.
+
+A `GatewaySession` owns one gateway. Work arrives with `offer()`, which never waits: a
+full queue is refused so the caller can divert (offline push) instead of letting one slow
+gateway hold up every other gateway on the same partition. A writer packs queued items
+into PushBatches (a message body once per batch, however many items carry it), at most
+`window` batches are unacknowledged at once, and a reader matches PushBatchAcks to them.
+
+When the stream breaks or an ack is late, unacknowledged items are sent again, first and
+in order, on the next stream (gateways dedupe by msg_id); after `max_attempts` they fail
+to offline push. A gateway that answers UNIMPLEMENTED to PushStream (Resonance IM's own)
+gets unary Push calls instead, in order within each session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from pipeline import metrics
+from proto.resonance.gateway.v1.gateway_pb2 import (
+    PushBatch,
+    PushBatchAck,
+    PushMessage,
+    PushRequest,
+    PushResponse,
+)
+from proto.resonance.gateway.v1.gateway_pb2_grpc import PushServiceStub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    delivered: list[str]
+    failed: list[str]
+    reason: str = ""  # why `failed` failed: gateway_rejected, gateway_failed, gateway_unreachable
+
+
+@dataclass(eq=False)
+class PushItem:
+    message: PushMessage
+    users: list[str]
+    on_done: Callable[[PushOutcome], Awaitable[None]]
+    metadata: Sequence[tuple[str, str]] = ()
+    attempts: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    batch_max_items: int = 128
+    batch_linger: float = 0.002
+    window: int = 8
+    queue_max_items: int = 10_000
+    ack_timeout: float = 5.0
+    connect_timeout: float = 2.0
+    backoff_min: float = 0.1
+    backoff_max: float = 5.0
+    max_attempts: int = 3
+
+
+class _StreamBroken(Exception):
+    pass
+
+
+class _Unimplemented(Exception):
+    pass
+
+
+class GatewaySession:
+    def __init__(self, gateway_id: str, address: str, config: SessionConfig) -> None:
+        self.gateway_id = gateway_id
+        self.address = address
+        self._config = config
+        self._queue: deque[PushItem] = deque()
+        self._retry: deque[PushItem] = deque()
+        self._wakeup = asyncio.Event()
+        self._inflight: OrderedDict[int, tuple[list[PushItem], float]] = OrderedDict()
+        self._window_free = asyncio.Event()
+        self._window_free.set()
+        self._batch_ids = itertools.count(1)
+        self._unary = False
+        self._closing = False
+        self.connected = False
+        self.pushed_batches = 0
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"gateway-session:{self.gateway_id}")
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + len(self._retry)
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(items) for items, _ in self._inflight.values())
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._retry and not self._inflight
+
+    def offer(self, item: PushItem) -> bool:
+        """Queue an item; False if the queue is full or the session is closing."""
+        if self._closing or len(self._queue) >= self._config.queue_max_items:
+            return False
+        self._queue.append(item)
+        self._wakeup.set()
+        metrics.GATEWAY_QUEUE_DEPTH.labels(self.gateway_id).set(self.depth)
+        return True
+
+    async def drain(self, deadline: float) -> None:
+        """Stop taking work, wait until everything queued is answered or `deadline` passes."""
+        self._closing = True
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while not (self._closing and self.idle):
+            channel = grpc.aio.insecure_channel(self.address)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), self._config.connect_timeout)
+                self._set_connected(True)
+                failures = 0
+                if self._unary:
+                    await self._run_unary(PushServiceStub(channel))
+                else:
+                    await self._run_stream(PushServiceStub(channel))
+            except _Unimplemented:
+                log.info("gateway %s has no PushStream: using unary Push", self.gateway_id)
+                self._unary = True
+                self._requeue_inflight(count_attempt=False)
+                continue
+            except (TimeoutError, grpc.RpcError, _StreamBroken) as exc:
+                failures += 1
+                self.failures += 1
+                log.warning("gateway %s at %s: %r", self.gateway_id, self.address, exc)
+                self._requeue_inflight(count_attempt=True)
+            finally:
+                self._set_connected(False)
+                await channel.close(grace=None)
+            await self._backoff(failures)
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            metrics.GATEWAY_CONNECTED.inc() if connected else metrics.GATEWAY_CONNECTED.dec()
+
+    async def _backoff(self, failures: int) -> None:
+        delay = min(self._config.backoff_max, self._config.backoff_min * 2 ** max(0, failures - 1))
+        until = time.monotonic() + delay * random.uniform(0.5, 1.0)  # full jitter's gentler half
+        # While the gateway is unreachable, work that has waited too long leaves for offline
+        # push rather than sitting out the backoff.
+        while True:
+            await self._expire(self._config.ack_timeout, "gateway_unreachable")
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.05))
+
+    async def _expire(self, max_age: float, reason: str) -> None:
+        horizon = time.monotonic() - max_age
+        for queue in (self._retry, self._queue):
+            while queue and queue[0].enqueued_at < horizon:
+                item = queue.popleft()
+                await self._finish(item, PushOutcome(delivered=[], failed=item.users, reason=reason))
+
+    def _requeue_inflight(self, *, count_attempt: bool) -> None:
+        items = [item for batch, _ in self._inflight.values() for item in batch]
+        self._inflight.clear()
+        self._window_free.set()
+        retry: list[PushItem] = []
+        for item in items:
+            if count_attempt:
+                item.attempts += 1
+            retry.append(item)
+        # Unacknowledged work goes first, in its original order, before anything newer.
+        self._retry.extendleft(reversed(retry))
+        if retry:
+            self._wakeup.set()
+
+    async def _fail_exhausted(self) -> None:
+        keep: deque[PushItem] = deque()
+        for item in self._retry:
+            if item.attempts >= self._config.max_attempts:
+                await self._finish(
+                    item, PushOutcome(delivered=[], failed=item.users, reason="gateway_failed")
+                )
+            else:
+                keep.append(item)
+        self._retry = keep
+
+    async def _next_items(self) -> list[PushItem]:
+        """Wait for work, linger briefly to fill the batch, and take up to a batch of it."""
+        await self._fail_exhausted()
+        while not self._retry and not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if len(self._queue) + len(self._retry) < self._config.batch_max_items:
+            await asyncio.sleep(self._config.batch_linger)
+        items: list[PushItem] = []
+        while len(items) < self._config.batch_max_items and (self._retry or self._queue):
+            items.append((self._retry or self._queue).popleft())
+        metrics.GATEWAY_QUEUE_DEPTH.labels(self.gateway_id).set(self.depth)
+        return items
+
+    async def _run_stream(self, stub: PushServiceStub) -> None:
+        call = stub.PushStream(metadata=self._metadata())
+        writer = asyncio.create_task(self._write_batches(call))
+        reader = asyncio.create_task(self._read_acks(call))
+        watchdog = asyncio.create_task(self._watch_acks())
+        tasks = {writer, reader, watchdog}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise _StreamBroken("push stream ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            call.cancel()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("x-resonance-gateway", self.gateway_id)]
+
+    async def _write_batches(self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> None:
+        while True:
+            while len(self._inflight) >= self._config.window:
+                self._window_free.clear()
+                await self._window_free.wait()
+            items = await self._next_items()
+            batch_id = next(self._batch_ids)
+            self._inflight[batch_id] = (items, time.monotonic())
+            await call.write(_pack(batch_id, items))
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> None:
+        while True:
+            try:
+                ack = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise _Unimplemented() from exc
+                raise
+            if ack is grpc.aio.EOF:
+                raise _StreamBroken("gateway closed the push stream")
+            entry = self._inflight.pop(ack.batch_id, None)
+            if entry is None:
+                continue  # an ack for a batch already given up on and resent
+            items, sent_at = entry
+            self._window_free.set()
+            metrics.PUSH_DURATION.observe(time.monotonic() - sent_at)
+            self.pushed_batches += 1
+            await self._settle(items, _unpack(items, ack.results))
+
+    async def _watch_acks(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.1, self._config.ack_timeout / 4))
+            if self._inflight:
+                _, sent_at = next(iter(self._inflight.values()))
+                if time.monotonic() - sent_at > self._config.ack_timeout:
+                    raise _StreamBroken(f"no ack within {self._config.ack_timeout}s")
+
+    async def _run_unary(self, stub: PushServiceStub) -> None:
+        while True:
+            items = await self._next_items()
+            batch_id = next(self._batch_ids)
+            self._inflight[batch_id] = (items, time.monotonic())
+            by_session: dict[str, list[PushItem]] = {}
+            for item in items:
+                by_session.setdefault(item.message.session_id, []).append(item)
+            # Sessions in parallel, each session's messages one after another: order holds.
+            results = await asyncio.gather(
+                *(self._unary_in_order(stub, group) for group in by_session.values())
+            )
+            responses = {id(item): r for group in results for item, r in group}
+            del self._inflight[batch_id]
+            self.pushed_batches += 1
+            await self._settle(items, [responses[id(item)] for item in items])
+
+    async def _unary_in_order(
+        self, stub: PushServiceStub, items: list[PushItem]
+    ) -> list[tuple[PushItem, PushResponse]]:
+        answered = []
+        for item in items:
+            request = PushRequest(to_usernames=item.users, message=item.message)
+            started = time.monotonic()
+            response = await stub.Push(
+                request, timeout=self._config.ack_timeout, metadata=[*self._metadata(), *item.metadata]
+            )
+            metrics.PUSH_DURATION.observe(time.monotonic() - started)
+            answered.append((item, response))
+        return answered
+
+    async def _settle(self, items: list[PushItem], responses: list[PushResponse]) -> None:
+        for item, response in zip(items, responses, strict=True):
+            failed_names = set(response.failed_usernames)
+            if response.error and not failed_names:
+                failed_names = set(item.users)
+            failed = [u for u in item.users if u in failed_names]
+            delivered = [u for u in item.users if u not in failed_names]
+            await self._finish(
+                item, PushOutcome(delivered=delivered, failed=failed, reason="gateway_rejected")
+            )
+
+    async def _finish(self, item: PushItem, outcome: PushOutcome) -> None:
+        try:
+            await item.on_done(outcome)
+        except Exception:
+            log.exception("push outcome handler failed for msg %s", item.message.msg_id)
+
+
+def _pack(batch_id: int, items: list[PushItem]) -> PushBatch:
+    """One PushRequest per message: items carrying the same message share its body."""
+    batch = PushBatch(batch_id=batch_id)
+    index: dict[int, PushRequest] = {}
+    for item in items:
+        request = index.get(item.message.msg_id)
+        if request is None:
+            request = batch.items.add()
+            request.message.CopyFrom(item.message)
+            index[item.message.msg_id] = request
+        request.to_usernames.extend(item.users)
+    return batch
+
+
+def _unpack(items: list[PushItem], results: Sequence[PushResponse]) -> list[PushResponse]:
+    """Map the ack's results (one per packed request) back to the items."""
+    by_msg: dict[int, PushResponse] = {}
+    order: list[int] = []
+    for item in items:
+        if item.message.msg_id not in by_msg:
+            by_msg[item.message.msg_id] = PushResponse()
+            order.append(item.message.msg_id)
+    for msg_id, result in zip(order, results, strict=False):
+        by_msg[msg_id] = result
+    if len(results) < len(order):
+        # A gateway that answers fewer results than requests failed the rest.
+        for msg_id in order[len(results) :]:
+            by_msg[msg_id] = PushResponse(msg_id=msg_id, error="no result in ack")
+    return [by_msg[item.message.msg_id] for item in items]
+
+
+class GatewayPool:
+    """The sessions of this worker, one per gateway, created on first use."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self._config = config
+        self._sessions: dict[str, GatewaySession] = {}
+
+    def session(self, gateway_id: str, address: str) -> GatewaySession:
+        current = self._sessions.get(gateway_id)
+        if current is not None and current.address == address:
+            return current
+        if current is not None:
+            # The gateway came back on another address: the old session drains on its own.
+            asyncio.create_task(current.drain(time.monotonic() + self._config.ack_timeout))
+        session = GatewaySession(gateway_id, address, self._config)
+        session.start()
+        self._sessions[gateway_id] = session
+        return session
+
+    async def drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(*(s.drain(deadline) for s in self._sessions.values()))
+        self._sessions.clear()
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        return {
+            gid: {
+                "address": s.address,
+                "connected": s.connected,
+                "mode": "unary" if s._unary else "stream",
+                "queued": s.depth,
+                "inflight": s.inflight,
+                "batches_acked": s.pushed_batches,
+                "failures": s.failures,
+            }
+            for gid, s in self._sessions.items()
+        }

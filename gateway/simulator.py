@@ -1,0 +1,236 @@
+"""A simulated gateway: a real grpc.aio PushService server with N simulated users.
+
+It reports its users' presence to the presence topic (batched: 50 events or 100 ms, as
+Resonance IM gateways do), heartbeats to the heartbeat topic, and records every delivery
+it receives with its latency (receipt time minus the message's logic timestamp).
+
+Knobs for fault tests: `delay` (seconds before acking each batch), `fail_users` (users it
+reports in failed_usernames), `ack` (False: receive and never ack), `stream` (False: the
+PushStream call is UNIMPLEMENTED, as on a Resonance IM gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from aiokafka import AIOKafkaProducer
+
+from proto.resonance.gateway.v1.gateway_pb2 import (
+    GatewayHeartbeat,
+    PushBatch,
+    PushBatchAck,
+    PushRequest,
+    PushResponse,
+)
+from proto.resonance.gateway.v1.gateway_pb2_grpc import (
+    PushServiceServicer,
+    add_PushServiceServicer_to_server,
+)
+from proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest, UserOffline, UserOnline
+
+PRESENCE_BATCH_EVENTS = 50
+PRESENCE_BATCH_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class Received:
+    msg_id: int
+    user: str
+    session_id: str
+    seq_id: int
+    latency_ms: float
+
+
+@dataclass
+class Recorder:
+    deliveries: list[Received] = field(default_factory=list)
+    batches: int = 0
+    bodies: int = 0  # PushRequests received: one message body each
+    unary_calls: int = 0
+    failed_reported: int = 0
+
+    def per_user(self) -> dict[str, list[Received]]:
+        out: dict[str, list[Received]] = {}
+        for r in self.deliveries:
+            out.setdefault(r.user, []).append(r)
+        return out
+
+    def latencies(self) -> list[float]:
+        return sorted(r.latency_ms for r in self.deliveries)
+
+
+class _PushService(PushServiceServicer):
+    def __init__(self, sim: GatewaySimulator) -> None:
+        self._sim = sim
+
+    async def Push(self, request: PushRequest, context: grpc.aio.ServicerContext) -> PushResponse:  # type: ignore[override]
+        self._sim.recorder.unary_calls += 1
+        await self._sim._pause()
+        return self._sim._answer(request)
+
+    async def PushStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[PushBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[PushBatchAck]:
+        if not self._sim.stream:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PushStream not implemented")
+        async for batch in request_iterator:
+            self._sim.recorder.batches += 1
+            results = [self._sim._answer(item) for item in batch.items]
+            await self._sim._pause()
+            if self._sim.ack:
+                yield PushBatchAck(batch_id=batch.batch_id, results=results)
+
+
+class GatewaySimulator:
+    def __init__(
+        self,
+        gateway_id: str,
+        *,
+        bootstrap_servers: str | list[str],
+        presence_topic: str = "resonance.presence.v1",
+        heartbeat_topic: str = "resonance.gateway.heartbeat.v1",
+        heartbeat_interval: float = 1.0,
+        port: int = 0,
+        delay: float = 0.0,
+        fail_users: Iterable[str] = (),
+        ack: bool = True,
+        stream: bool = True,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.bootstrap_servers = bootstrap_servers
+        self.presence_topic = presence_topic
+        self.heartbeat_topic = heartbeat_topic
+        self.heartbeat_interval = heartbeat_interval
+        self.port = port
+        self.delay = delay
+        self.fail_users = set(fail_users)
+        self.ack = ack
+        self.stream = stream
+        self.recorder = Recorder()
+        self.online: set[str] = set()
+        self.draining = False
+        self._server: grpc.aio.Server | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._pending: list[UserOnline | UserOffline] = []
+        self._presence_seq = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> GatewaySimulator:
+        self._server = grpc.aio.server()
+        add_PushServiceServicer_to_server(_PushService(self), self._server)
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self._server.start()
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=5)
+        await self._producer.start()
+        await self.heartbeat()
+        self._tasks = [
+            asyncio.create_task(self._heartbeats()),
+            asyncio.create_task(self._flush_presence_periodically()),
+        ]
+        return self
+
+    async def stop(self, *, heartbeat_draining: bool = False) -> None:
+        if heartbeat_draining:
+            self.draining = True
+            await self.heartbeat()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush_presence()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+
+    async def stop_server(self) -> None:
+        """Kill the gRPC side only (a crashed gateway process that still heartbeats is a lie,
+        so heartbeats stop too)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace=None)
+
+    async def connect(self, users: Iterable[str], *, platform: str = "ios") -> None:
+        now = int(time.time() * 1000)
+        for user in users:
+            self.online.add(user)
+            self._pending.append(
+                UserOnline(username=user, timestamp=now, conn_id=f"{self.gateway_id}:{user}",
+                           platform=platform, remote_ip="127.0.0.1")
+            )
+            if len(self._pending) >= PRESENCE_BATCH_EVENTS:
+                await self.flush_presence()
+
+    async def disconnect(self, users: Iterable[str]) -> None:
+        now = int(time.time() * 1000)
+        for user in users:
+            self.online.discard(user)
+            self._pending.append(
+                UserOffline(username=user, timestamp=now, conn_id=f"{self.gateway_id}:{user}")
+            )
+            if len(self._pending) >= PRESENCE_BATCH_EVENTS:
+                await self.flush_presence()
+
+    async def flush_presence(self) -> None:
+        if not self._pending or self._producer is None:
+            return
+        pending, self._pending = self._pending, []
+        self._presence_seq += 1
+        request = SyncStatusRequest(seq_id=self._presence_seq, gateway_id=self.gateway_id)
+        request.online_batch.extend(p for p in pending if isinstance(p, UserOnline))
+        request.offline_batch.extend(p for p in pending if isinstance(p, UserOffline))
+        await self._producer.send_and_wait(
+            self.presence_topic, request.SerializeToString(), key=self.gateway_id.encode()
+        )
+
+    async def heartbeat(self) -> None:
+        assert self._producer is not None
+        beat = GatewayHeartbeat(
+            gateway_id=self.gateway_id,
+            address=self.address,
+            timestamp=int(time.time() * 1000),
+            connections=len(self.online),
+            draining=self.draining,
+        )
+        await self._producer.send_and_wait(
+            self.heartbeat_topic, beat.SerializeToString(), key=self.gateway_id.encode()
+        )
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            await self.heartbeat()
+
+    async def _flush_presence_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_BATCH_SECONDS)
+            await self.flush_presence()
+
+    async def _pause(self) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+
+    def _answer(self, request: PushRequest) -> PushResponse:
+        now_ms = time.time() * 1000
+        message = request.message
+        self.recorder.bodies += 1
+        failed = [u for u in request.to_usernames if u in self.fail_users or u not in self.online]
+        for user in request.to_usernames:
+            if user not in failed:
+                self.recorder.deliveries.append(
+                    Received(message.msg_id, user, message.session_id, message.seq_id,
+                             now_ms - message.timestamp)
+                )
+        self.recorder.failed_reported += len(failed)
+        return PushResponse(msg_id=message.msg_id, failed_usernames=failed)

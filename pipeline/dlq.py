@@ -1,0 +1,88 @@
+"""The dead-letter path: a record we cannot use goes to `<topic>.dlq`, as read, with why.
+
+Bad input never stops a worker: the agent that found it hands it here and moves on,
+so the offset advances and an operator can list and replay it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import metrics
+
+log = logging.getLogger(__name__)
+
+DLQ_SUFFIX = ".dlq"
+H_REASON = "dlq.reason"
+H_ERROR = "dlq.error"
+H_TOPIC = "dlq.topic"
+H_PARTITION = "dlq.partition"
+H_OFFSET = "dlq.offset"
+H_AT = "dlq.at"
+
+# (topic, key, value, headers) -> awaitable. Faust's app.send and a bare aiokafka
+# producer both fit, so agents and the storage consumer share one dead-letter path.
+SendRaw = Callable[[str, bytes | None, bytes | None, list[tuple[str, bytes]]], Awaitable[object]]
+
+
+class InvalidRecord(ValueError):
+    """A record that decodes but breaks the contract; `reason` is a short machine code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def dlq_topic(topic: str) -> str:
+    return topic + DLQ_SUFFIX
+
+
+class DeadLetters:
+    def __init__(self, send: SendRaw) -> None:
+        self._send = send
+
+    async def put(self, record: SourceRecord, reason: str, error: BaseException | str) -> None:
+        detail = str(error)[:1000]
+        headers = [
+            (H_REASON, reason.encode()),
+            (H_ERROR, detail.encode()),
+            (H_TOPIC, record.topic.encode()),
+            (H_PARTITION, str(record.partition).encode()),
+            (H_OFFSET, str(record.offset).encode()),
+            (H_AT, str(int(time.time() * 1000)).encode()),
+        ]
+        await self._send(dlq_topic(record.topic), record.key, record.value, headers)
+        metrics.DEAD_LETTERS.labels(record.topic, reason).inc()
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+            detail,
+        )
+
+
+def source_of(event: Any) -> SourceRecord:
+    """The Kafka record behind a Faust event, as read (before any deserialization)."""
+    message = event.message
+    return SourceRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+    )

@@ -1,0 +1,50 @@
+"""Prometheus metrics. The `task_*` names are the seeds', kept so existing dashboards work."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STORAGE_DURATION = Histogram(
+    "task_storage_process_duration_seconds",
+    "Time to write one batch of deliveries to the inbox store",
+)
+PUSH_ENQUEUE = Counter(
+    "task_push_enqueue_total", "Gateway pushes enqueued to a gateway session", ["gateway"]
+)
+PUSH_ENQUEUE_FAILED = Counter(
+    "task_push_enqueue_failed_total",
+    "Gateway pushes not enqueued (queue full or gateway down): diverted to offline push",
+    ["gateway", "reason"],
+)
+PUSH_DURATION = Histogram(
+    "task_push_process_duration_seconds",
+    "Time from a batch's send to the gateway's ack",
+)
+GATEWAY_QUEUE_DEPTH = Gauge(
+    "task_gateway_queue_depth", "Items waiting for a gateway's stream", ["gateway"]
+)
+GATEWAY_CONNECTED = Gauge(
+    "task_gateway_connected_total", "Gateways with an open push stream or channel"
+)
+
+EVENTS = Counter("resonance_push_events_total", "Push events fanned out")
+DELIVERIES = Counter(
+    "resonance_deliveries_total", "Deliveries records produced (one per message and partition)"
+)
+RECIPIENTS = Counter("resonance_recipients_total", "Recipients resolved by fan-out")
+INBOX_WRITES = Counter(
+    "resonance_inbox_writes_total", "Inbox entries written", ["result"]
+)  # result: new | duplicate
+PUSHED_USERS = Counter("resonance_pushed_users_total", "Users acknowledged by their gateway")
+OFFLINE_USERS = Counter(
+    "resonance_offline_users_total", "Users sent to offline push", ["reason"]
+)
+DEAD_LETTERS = Counter(
+    "resonance_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"]
+)
+PRESENCE_CHANGES = Counter(
+    "resonance_presence_changes_total", "Presence changes applied to routes", ["result"]
+)
+STORAGE_LAG = Gauge(
+    "resonance_storage_consumer_lag", "Deliveries records not yet written to inboxes", ["partition"]
+)

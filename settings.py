@@ -1,0 +1,90 @@
+"""The one typed configuration object, read from environment variables (12-factor).
+
+Every field is an environment variable of the same name in upper case; README.md's
+"Configuration" table lists them all with their defaults.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    # Names fixed by DESIGN.md section 4: deploy files and operators' scripts use them.
+    kafka_broker_url: str = "kafka://localhost:9092"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    postgres_dsn: SecretStr | None = None
+    web_host: str = "0.0.0.0"
+    web_port: int = Field(6066, ge=1, le=65535)
+    topic_partitions: int = Field(8, ge=1)
+    app_id: str = "resonance-task"
+
+    # "kafka" keeps Kafka's defaults; "tansu" applies the embedded broker's workarounds
+    # (DESIGN.md section 6): short session timeouts, one record per producer batch.
+    broker_profile: Literal["kafka", "tansu"] = "kafka"
+    # The inbox store may live on its own Redis; empty means REDIS_URL.
+    inbox_redis_url: SecretStr | None = None
+
+    topic_push_events: str = "resonance.push.event.v1"
+    topic_presence: str = "resonance.presence.v1"
+    topic_heartbeats: str = "resonance.gateway.heartbeat.v1"
+    topic_offline_pushes: str = "resonance.offline.push.v1"
+
+    # Fan-out.
+    member_page_size: int = Field(1000, ge=1)
+    delivery_max_users: int = Field(5000, ge=1)
+
+    # Storage (inbox writes).
+    inbox_max_entries: int = Field(5000, ge=0)
+    message_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
+    storage_batch_max_records: int = Field(500, ge=1)
+    storage_retry_max_seconds: float = Field(5.0, gt=0)
+    redis_timeout_seconds: float = Field(2.0, gt=0)
+
+    # Presence and gateways.
+    gateway_timeout_seconds: float = Field(15.0, gt=0)
+    route_offline_keep_seconds: float = Field(300.0, ge=0)
+    gateway_route_gc_seconds: float = Field(120.0, gt=0)
+
+    # Push to gateways.
+    push_batch_max_items: int = Field(128, ge=1)
+    push_batch_linger_ms: float = Field(2.0, ge=0)
+    push_window_batches: int = Field(8, ge=1)
+    push_queue_max_items: int = Field(10_000, ge=1)
+    push_ack_timeout_seconds: float = Field(5.0, gt=0)
+    push_connect_timeout_seconds: float = Field(2.0, gt=0)
+    push_backoff_min_seconds: float = Field(0.1, gt=0)
+    push_backoff_max_seconds: float = Field(5.0, gt=0)
+    push_max_attempts: int = Field(3, ge=1)
+    push_drain_seconds: float = Field(10.0, ge=0)
+
+    @field_validator("kafka_broker_url")
+    @classmethod
+    def _broker_has_scheme(cls, value: str) -> str:
+        for url in value.split(";"):
+            if "://" not in url:
+                raise ValueError(f"{url!r}: expected kafka://host:port[;kafka://host:port...]")
+        return value
+
+    @cached_property
+    def bootstrap_servers(self) -> list[str]:
+        """The broker URL as aiokafka wants it: host:port without the scheme."""
+        return [url.split("://", 1)[1].rstrip("/") for url in self.kafka_broker_url.split(";")]
+
+    @property
+    def inbox_redis(self) -> str:
+        return (self.inbox_redis_url or self.redis_url).get_secret_value()
+
+    @property
+    def tansu(self) -> bool:
+        return self.broker_profile == "tansu"
+
+    def topic_name(self, internal: str) -> str:
+        """Name of an internal topic: prefixed with APP_ID, as Faust names its own."""
+        return f"{self.app_id}-{internal}"

@@ -1,0 +1,78 @@
+"""Generate the Python code for proto/ (messages, gRPC stubs, typing stubs).
+
+    python tools/gen_proto.py           # rewrite the generated files in place
+    python tools/gen_proto.py --check   # exit 1 if the committed files are stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+
+
+def sources() -> list[Path]:
+    return sorted(PROTO_DIR.rglob("*.proto"))
+
+
+def generate(out: Path) -> list[Path]:
+    """Run protoc over every .proto into `out`; return the files written, relative to it."""
+    bin_dir = Path(sys.executable).parent
+    args = [
+        "grpc_tools.protoc",
+        f"-I{ROOT}",
+        f"-I{Path(protoc.__file__).parent / '_proto'}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
+        *(str(p.relative_to(ROOT)) for p in sources()),
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    return sorted(p.relative_to(out) for p in out.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale files")
+    check = parser.parse_args().check
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = generate(Path(tmp))
+        committed = sorted(
+            p.relative_to(ROOT) for p in PROTO_DIR.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
+        )
+        stale = [
+            str(rel)
+            for rel in fresh
+            if not (ROOT / rel).exists() or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)
+        ]
+        stale += [str(rel) for rel in committed if rel not in fresh]
+        if check:
+            for name in stale:
+                print(f"stale: {name}", file=sys.stderr)
+            if stale:
+                print("run: python tools/gen_proto.py", file=sys.stderr)
+            return 1 if stale else 0
+        for rel in committed:
+            if rel not in fresh:
+                (ROOT / rel).unlink()
+        for rel in fresh:
+            shutil.copyfile(Path(tmp) / rel, ROOT / rel)
+        print(f"generated {len(fresh)} files from {len(sources())} protos")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

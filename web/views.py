@@ -1,0 +1,191 @@
+"""The worker's HTTP views (Faust web server), JSON out.
+
+/health, /ready, /metrics, /routes/{user} (answered by the worker owning the user's
+routes partition), /gateways, /inbox/{user}?after=N&limit=M, /stats.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from faust.types import TP
+from google.protobuf.json_format import MessageToDict
+from yarl import URL
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agents.storage import StorageConsumer
+from gateway.client import GatewayPool
+from pipeline.partitioning import partition_for
+from settings import Settings
+from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from stores.inbox import InboxEntry, InboxStore
+from tables import gateways as gateway_rules
+from tables import routes as route_rules
+
+INBOX_LIMIT_MAX = 1000
+
+
+def entry_json(entry: InboxEntry) -> dict[str, Any]:
+    message = entry.message
+    return {
+        "cursor": entry.cursor,
+        "msg_id": entry.msg_id,
+        "session_id": message.session_id if message else None,
+        "seq_id": message.seq_id if message else None,
+        "message": message_json(message) if message else None,
+    }
+
+
+def message_json(message: PushMessage) -> dict[str, Any]:
+    """Proto field names, int64 as JSON numbers (not proto3-JSON strings): what clients sync."""
+    out = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for name in ("msg_id", "seq_id", "timestamp"):
+        out[name] = int(out[name])
+    return out
+
+
+def _int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _owner_of(metadata: dict[str, dict[str, list[int]]], topic: str, partition: int) -> str | None:
+    for host, topics in metadata.items():
+        if partition in topics.get(topic, ()):
+            return host
+    return None
+
+
+def readiness(app: Any, storage: Any) -> tuple[bool, dict[str, Any]]:
+    """Ready = this worker has partitions, its tables are recovered, storage is assigned."""
+    try:
+        assignment = app.consumer.assignment()
+    except Exception:
+        assignment = set()
+    recovery = app.tables.recovery
+    checks = {
+        "partitions_assigned": bool(assignment),
+        "tables_recovered": recovery.completed.is_set() and not recovery.in_recovery,
+        "not_rebalancing": not app.rebalancing,
+        "storage_assigned": storage.assigned,
+    }
+    return all(checks.values()), checks
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What the views read: handed over by app.py, which builds it."""
+
+    settings: Settings
+    routes: Any
+    gateways: Any
+    inbox: InboxStore
+    gateway_pool: GatewayPool
+    storage_consumer: StorageConsumer
+
+
+def register(app: Any, topology: Topology) -> None:
+    @app.page("/health")
+    async def health(self: Any, request: Any) -> Any:
+        return self.json({"status": "ok", "app_id": topology.settings.app_id})
+
+    @app.page("/ready")
+    async def ready(self: Any, request: Any) -> Any:
+        ok, checks = readiness(app, topology.storage_consumer)
+        return self.json({"ready": ok, **checks}, status=200 if ok else 503)
+
+    @app.page("/metrics")
+    async def metrics(self: Any, request: Any) -> Any:
+        return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    changelog = topology.routes.changelog_topic.get_topic_name()
+
+    @app.page("/routes/{user}")
+    async def user_route(self: Any, request: Any, user: str) -> Any:
+        # Our own key routing, by the same partitioner that placed the user's records
+        # (Faust's table_route asks its producer, which may not have the changelog's
+        # metadata yet).
+        partition = partition_for(user, topology.settings.topic_partitions)
+        if not app.assignor.is_active(TP(changelog, partition)):
+            owner = _owner_of(app.assignor.table_metadata(changelog), changelog, partition)
+            if owner is None or request.query.get("routed"):
+                return self.json({"error": "no worker owns this user's routes now"}, status=503)
+            url = URL(owner).with_path(request.path).with_query({"routed": "1"})
+            async with app.http_client.get(url) as response:
+                return self.bytes(
+                    await response.read(), content_type="application/json", status=response.status
+                )
+        route = topology.routes.get(user)
+        return self.json(
+            {
+                "user": user,
+                "online_gateways": sorted(route_rules.online_gateways(route)),
+                "connections": route_rules.as_json(route),
+            }
+        )
+
+    @app.page("/gateways")
+    async def gateway_list(self: Any, request: Any) -> Any:
+        now_ms = int(time.time() * 1000)
+        timeout_ms = int(topology.settings.gateway_timeout_seconds * 1000)
+        sessions = topology.gateway_pool.stats()
+        return self.json(
+            {
+                "gateways": [
+                    {
+                        "gateway_id": gid,
+                        **info,
+                        "status": gateway_rules.status(info, now_ms, timeout_ms),
+                        "silent_ms": gateway_rules.silent_ms(info, now_ms),
+                        "session": sessions.get(gid),
+                    }
+                    for gid, info in sorted(topology.gateways.items())
+                ]
+            }
+        )
+
+    @app.page("/inbox/{user}")
+    async def user_inbox(self: Any, request: Any, user: str) -> Any:
+        try:
+            after = _int_arg(request, "after", 0, 0, 2**62)
+            limit = _int_arg(request, "limit", 100, 1, INBOX_LIMIT_MAX)
+        except ValueError as exc:
+            return self.json({"error": str(exc)}, status=400)
+        entries = await topology.inbox.read(user, after, limit)
+        return self.json(
+            {
+                "user": user,
+                "entries": [entry_json(e) for e in entries],
+                "next": entries[-1].cursor if entries else after,
+            }
+        )
+
+    @app.page("/stats")
+    async def stats(self: Any, request: Any) -> Any:
+        try:
+            assignment = sorted(f"{tp.topic}:{tp.partition}" for tp in app.consumer.assignment())
+        except Exception:
+            assignment = []
+        return self.json(
+            {
+                "app_id": topology.settings.app_id,
+                "assignment": assignment,
+                "routes_local": len(topology.routes),
+                "gateways_known": len(topology.gateways),
+                "gateway_sessions": topology.gateway_pool.stats(),
+                "storage": topology.storage_consumer.stats(),
+                "ready": readiness(app, topology.storage_consumer)[1],
+            }
+        )
