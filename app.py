@@ -38,6 +38,7 @@ def faust_config(s: Settings) -> dict[str, Any]:
         "web_port": s.web_port,
         "consumer_auto_offset_reset": "earliest",
         "web_in_thread": False,
+        "datadir": s.data_dir,
     }
     if s.tansu:
         # DESIGN.md section 6: Tansu's group join waits half the session timeout, and its
@@ -95,6 +96,7 @@ inbox = RedisInboxStore(
     max_entries=settings.inbox_max_entries,
     message_ttl=settings.message_ttl_seconds,
     timeout=settings.redis_timeout_seconds,
+    cluster=settings.inbox_redis_cluster,
 )
 
 

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     broker_profile: Literal["kafka", "tansu"] = "kafka"
     # The inbox store may live on its own Redis; empty means REDIS_URL.
     inbox_redis_url: SecretStr | None = None
+    # A Redis Cluster needs one write script call per user (keys of one slot a call).
+    inbox_redis_cluster: bool = False
+    # Faust's local state directory; tables live in memory and recover from changelogs.
+    data_dir: str = "resonance-task-data"
 
     topic_push_events: str = "resonance.push.event.v1"
     topic_presence: str = "resonance.presence.v1"

@@ -115,13 +115,14 @@ class Fanout:
             for user in page:
                 if user in excluded or not user:
                     continue
-                bucket = buckets.setdefault(partition_for(user, self._partitions), {})
+                partition = partition_for(user, self._partitions)
+                bucket = buckets.setdefault(partition, {})
                 if user not in bucket:
                     bucket[user] = None
                     recipients += 1
-            # Bounded memory for groups of any size: a full bucket leaves now.
-            for partition in [p for p, users in buckets.items() if len(users) >= self._max_users]:
-                await flush(partition)
+                    if len(bucket) >= self._max_users:
+                        # Bounded memory and record size for groups of any size.
+                        await flush(partition)
         for partition in sorted(buckets):
             await flush(partition)
         metrics.EVENTS.inc()

@@ -12,10 +12,10 @@ from pipeline.dlq import H_ERROR, H_REASON, H_TOPIC, dlq_topic
 from settings import Settings
 
 
-async def read_all(settings: Settings, topic: str, limit: int) -> list[Any]:
+async def read_all(bootstrap_servers: list[str] | str, topic: str, limit: int) -> list[Any]:
     """Every record of `topic` from the start, without joining a consumer group."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
+        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
     )
     await consumer.start()
     try:
@@ -25,14 +25,13 @@ async def read_all(settings: Settings, topic: str, limit: int) -> list[Any]:
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
         records: list[Any] = []
-        while len(records) < limit and any(
-            [await consumer.position(tp) < end[tp] for tp in tps]
-        ):
-            batch = await consumer.getmany(timeout_ms=500, max_records=limit - len(records))
-            if not batch:
-                break
+        # Read until the topic has been quiet for a moment rather than up to end_offsets():
+        # Tansu's ListOffsets(latest) undercounts topics written in multi-record batches.
+        quiet = 0
+        while len(records) < limit and quiet < 2:
+            batch = await consumer.getmany(timeout_ms=300, max_records=limit - len(records))
+            quiet = 0 if batch else quiet + 1
             for rs in batch.values():
                 records.extend(rs)
         return records[:limit]
@@ -59,7 +58,7 @@ def register(app: Any, settings: Settings) -> None:
     )
     async def dlq_list(self: Any, topic: str, limit: int) -> None:
         """List what `<topic>.dlq` holds, with the reason of each record."""
-        for record in await read_all(settings, dlq_topic(topic), limit):
+        for record in await read_all(settings.bootstrap_servers, dlq_topic(topic), limit):
             print(json.dumps(describe(record)))
 
     @app.command(
@@ -73,7 +72,7 @@ def register(app: Any, settings: Settings) -> None:
         await producer.start()
         sent = 0
         try:
-            for record in await read_all(settings, dlq_topic(topic), limit):
+            for record in await read_all(settings.bootstrap_servers, dlq_topic(topic), limit):
                 if reason and describe(record)["reason"] != reason:
                     continue
                 await producer.send_and_wait(topic, record.value, key=record.key)

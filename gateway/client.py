@@ -175,17 +175,18 @@ class GatewaySession:
         # While the gateway is unreachable, work that has waited too long leaves for offline
         # push rather than sitting out the backoff.
         while True:
-            await self._expire(self._config.ack_timeout, "gateway_unreachable")
+            await self._expire(self._config.ack_timeout)
             left = until - time.monotonic()
             if left <= 0:
                 return
             await asyncio.sleep(min(left, 0.05))
 
-    async def _expire(self, max_age: float, reason: str) -> None:
+    async def _expire(self, max_age: float) -> None:
         horizon = time.monotonic() - max_age
         for queue in (self._retry, self._queue):
             while queue and queue[0].enqueued_at < horizon:
                 item = queue.popleft()
+                reason = "gateway_failed" if item.attempts else "gateway_unreachable"
                 await self._finish(item, PushOutcome(delivered=[], failed=item.users, reason=reason))
 
     def _requeue_inflight(self, *, count_attempt: bool) -> None:
@@ -193,9 +194,11 @@ class GatewaySession:
         self._inflight.clear()
         self._window_free.set()
         retry: list[PushItem] = []
+        now = time.monotonic()
         for item in items:
             if count_attempt:
                 item.attempts += 1
+            item.enqueued_at = now  # the ack timeout counts again from the resend
             retry.append(item)
         # Unacknowledged work goes first, in its original order, before anything newer.
         self._retry.extendleft(reversed(retry))

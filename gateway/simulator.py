@@ -52,6 +52,7 @@ class Recorder:
     deliveries: list[Received] = field(default_factory=list)
     batches: int = 0
     bodies: int = 0  # PushRequests received: one message body each
+    calls: list[list[int]] = field(default_factory=list)  # msg_ids of each batch or unary call
     unary_calls: int = 0
     failed_reported: int = 0
 
@@ -71,6 +72,7 @@ class _PushService(PushServiceServicer):
 
     async def Push(self, request: PushRequest, context: grpc.aio.ServicerContext) -> PushResponse:  # type: ignore[override]
         self._sim.recorder.unary_calls += 1
+        self._sim.recorder.calls.append([request.message.msg_id])
         await self._sim._pause()
         return self._sim._answer(request)
 
@@ -81,6 +83,7 @@ class _PushService(PushServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PushStream not implemented")
         async for batch in request_iterator:
             self._sim.recorder.batches += 1
+            self._sim.recorder.calls.append([item.message.msg_id for item in batch.items])
             results = [self._sim._answer(item) for item in batch.items]
             await self._sim._pause()
             if self._sim.ack:
@@ -92,7 +95,7 @@ class GatewaySimulator:
         self,
         gateway_id: str,
         *,
-        bootstrap_servers: str | list[str],
+        bootstrap_servers: str | list[str] | None,
         presence_topic: str = "resonance.presence.v1",
         heartbeat_topic: str = "resonance.gateway.heartbeat.v1",
         heartbeat_interval: float = 1.0,
@@ -130,6 +133,8 @@ class GatewaySimulator:
         add_PushServiceServicer_to_server(_PushService(self), self._server)
         self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self._server.start()
+        if self.bootstrap_servers is None:
+            return self  # gRPC only: presence and heartbeats are the caller's business
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=5)
         await self._producer.start()
         await self.heartbeat()
@@ -152,14 +157,6 @@ class GatewaySimulator:
             await self._producer.stop()
         if self._server is not None:
             await self._server.stop(grace=0.5)
-
-    async def stop_server(self) -> None:
-        """Kill the gRPC side only (a crashed gateway process that still heartbeats is a lie,
-        so heartbeats stop too)."""
-        for task in self._tasks:
-            task.cancel()
-        if self._server is not None:
-            await self._server.stop(grace=None)
 
     async def connect(self, users: Iterable[str], *, platform: str = "ios") -> None:
         now = int(time.time() * 1000)
@@ -195,7 +192,8 @@ class GatewaySimulator:
         )
 
     async def heartbeat(self) -> None:
-        assert self._producer is not None
+        if self._producer is None:
+            return
         beat = GatewayHeartbeat(
             gateway_id=self.gateway_id,
             address=self.address,

@@ -46,34 +46,46 @@ class InboxStore(Protocol):
     async def close(self) -> None: ...
 
 
-# Idempotent append of one msg_id to one user's inbox; returns {cursor, is_new}.
+# Idempotent append of one msg_id to the inboxes of several users; for each user returns
+# its cursor and 1 if new, 0 if the msg_id was already there. KEYS come in threes per user
+# (inbox, seq, trim), all of one user's hash tag.
 # msg_ids are compared as decimal strings: Snowflake ids exceed a Lua double's 2^53.
 # A msg_id at or below the trim watermark was in this inbox and was trimmed by the cap,
 # so a replay of it must not come back with a new cursor.
 _APPEND = """
-local existing = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if existing then return {tonumber(existing), 0} end
+local msg_id = ARGV[1]
+local cap = tonumber(ARGV[2])
 local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-local trim = redis.call('GET', KEYS[3])
-if trim and not newer(ARGV[1], trim) then return {0, 0} end
-local cursor = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[1], cursor, ARGV[1])
-local cap = tonumber(ARGV[2])
-if cap > 0 then
-  local excess = redis.call('ZCARD', KEYS[1]) - cap
-  if excess > 0 then
-    local gone = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-    for _, id in ipairs(gone) do
-      if not trim or newer(id, trim) then trim = id end
+local out = {}
+for i = 1, #KEYS, 3 do
+  local inbox, seq, trimkey = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+  local existing = redis.call('ZSCORE', inbox, msg_id)
+  local trim = redis.call('GET', trimkey)
+  if existing then
+    out[#out + 1] = tonumber(existing); out[#out + 1] = 0
+  elseif trim and not newer(msg_id, trim) then
+    out[#out + 1] = 0; out[#out + 1] = 0
+  else
+    local cursor = redis.call('INCR', seq)
+    redis.call('ZADD', inbox, cursor, msg_id)
+    if cap > 0 then
+      local excess = redis.call('ZCARD', inbox) - cap
+      if excess > 0 then
+        local gone = redis.call('ZRANGE', inbox, 0, excess - 1)
+        for _, id in ipairs(gone) do
+          if not trim or newer(id, trim) then trim = id end
+        end
+        redis.call('SET', trimkey, trim)
+        redis.call('ZREMRANGEBYRANK', inbox, 0, excess - 1)
+      end
     end
-    redis.call('SET', KEYS[3], trim)
-    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+    out[#out + 1] = cursor; out[#out + 1] = 1
   end
 end
-return {cursor, 1}
+return out
 """
 
 
@@ -87,7 +99,14 @@ def _body_key(msg_id: int) -> str:
 
 class RedisInboxStore:
     def __init__(
-        self, url: str, *, max_entries: int, message_ttl: int, timeout: float = 2.0
+        self,
+        url: str,
+        *,
+        max_entries: int,
+        message_ttl: int,
+        timeout: float = 2.0,
+        keys_per_call: int = 256,
+        cluster: bool = False,
     ) -> None:
         self._redis = aioredis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -95,6 +114,8 @@ class RedisInboxStore:
         self._append = self._redis.register_script(_APPEND)
         self._max_entries = max_entries
         self._ttl = message_ttl
+        self._users_per_call = keys_per_call
+        self._cluster = cluster
 
     async def write(self, batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> WriteResult:
         pipe = self._redis.pipeline(transaction=False)
@@ -104,18 +125,28 @@ class RedisInboxStore:
             if message.msg_id not in bodies_written:
                 bodies_written.add(message.msg_id)
                 pipe.set(_body_key(message.msg_id), message.SerializeToString(), ex=self._ttl, nx=True)
-            msg_id = str(message.msg_id)
-            for user in users:
-                inbox = _inbox_key(user)
-                await self._append(
-                    keys=[inbox, inbox + ":seq", inbox + ":trim"],
-                    args=[msg_id, self._max_entries],
-                    client=pipe,
-                )
-                appends += 1
+            for group in self._call_groups(users):
+                keys = []
+                for user in group:
+                    inbox = _inbox_key(user)
+                    keys += (inbox, inbox + ":seq", inbox + ":trim")
+                await self._append(keys=keys, args=[message.msg_id, self._max_entries], client=pipe)
+                appends += len(group)
         results = await pipe.execute()
-        new = sum(1 for r in results if isinstance(r, list) and r[1] == 1)
+        new = sum(sum(r[1::2]) for r in results if isinstance(r, list))
         return WriteResult(new=new, duplicate=appends - new)
+
+    def _call_groups(self, users: Sequence[str]) -> list[Sequence[str]]:
+        """Users whose appends can share one script call.
+
+        One call per user is the Redis Cluster-safe form (a script's keys must share a
+        slot, and each user is its own hash tag); a single Redis takes many users a call,
+        which saves most of the per-command cost on both sides.
+        """
+        if self._cluster:
+            return [(user,) for user in users]
+        step = self._users_per_call
+        return [users[i : i + step] for i in range(0, len(users), step)]
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._redis.zrange(

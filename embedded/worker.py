@@ -1,0 +1,116 @@
+"""Run `faust -A app worker` as a child process, the way an operator would.
+
+Used by the demo, the end-to-end tests and the benchmarks: each gets a real worker
+process (so kill -9 means kill -9), configured only through environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from embedded.broker import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline_env(
+    *, tag: str, broker_url: str, redis_url: str, partitions: int = 4, **overrides: Any
+) -> dict[str, str]:
+    """Environment for one isolated pipeline: its own APP_ID and its own topic names."""
+    env = {
+        "APP_ID": f"rt-{tag}",
+        "KAFKA_BROKER_URL": broker_url,
+        "BROKER_PROFILE": "tansu",
+        "REDIS_URL": redis_url,
+        "TOPIC_PARTITIONS": str(partitions),
+        "TOPIC_PUSH_EVENTS": f"{tag}.push.event.v1",
+        "TOPIC_PRESENCE": f"{tag}.presence.v1",
+        "TOPIC_HEARTBEATS": f"{tag}.gateway.heartbeat.v1",
+        "TOPIC_OFFLINE_PUSHES": f"{tag}.offline.push.v1",
+        "GATEWAY_TIMEOUT_SECONDS": "5",
+        "PUSH_ACK_TIMEOUT_SECONDS": "2",
+    }
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str], workdir: Path, name: str = "worker") -> None:
+        self.env = dict(env)
+        self.workdir = workdir
+        self.name = name
+        self.port = int(env.get("WEB_PORT") or free_port())
+        self.env["WEB_PORT"] = str(self.port)
+        self.env.setdefault("DATA_DIR", str(workdir / f"{name}-data"))
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                return exc.code, json.loads(body)
+            except ValueError:
+                return exc.code, body.decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                status, _ = self.get("/ready", timeout=1)
+                if status == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final commit."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

@@ -1,0 +1,53 @@
+"""Session fixtures: the real broker (Tansu), the machine's Redis, factories for workers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from embedded.broker import EmbeddedBroker
+from embedded.redis import LocalRedis, answers
+
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_file=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The machine's Redis (a test database, flushed), or a local redis-server."""
+    if answers(TEST_REDIS_URL):
+        redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+        yield TEST_REDIS_URL
+        return
+    with LocalRedis() as local:
+        yield local.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def tag() -> str:
+    """A fresh name for this test's topics, consumer groups and users."""
+    return "t" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,150 @@
+"""GatewaySession against real grpc.aio gateway servers (the simulator, gRPC side only)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from embedded.broker import free_port
+from gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
+from gateway.simulator import GatewaySimulator
+from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+
+FAST = SessionConfig(
+    batch_linger=0.005, ack_timeout=0.5, connect_timeout=0.3, backoff_min=0.05, backoff_max=0.2,
+    max_attempts=2,
+)
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.items: list[tuple[int, PushOutcome]] = []
+        self.done = asyncio.Event()
+        self.expected = 0
+
+    def handler(self, msg_id: int) -> Callable[[PushOutcome], Any]:
+        async def on_done(outcome: PushOutcome) -> None:
+            self.items.append((msg_id, outcome))
+            if len(self.items) >= self.expected:
+                self.done.set()
+
+        return on_done
+
+    async def wait(self, count: int, timeout: float = 10) -> None:
+        self.expected = count
+        if len(self.items) < count:
+            await asyncio.wait_for(self.done.wait(), timeout)
+
+
+def message(msg_id: int, session: str = "s1", seq: int = 1) -> PushMessage:
+    return PushMessage(msg_id=msg_id, seq_id=seq, session_id=session, content="x" * 50)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[GatewaySimulator]:
+    sim = await GatewaySimulator("gw-test", bootstrap_servers=None).start()
+    await sim.connect([f"u{i}" for i in range(10)])
+    yield sim
+    await sim.stop()
+
+
+async def test_batches_carry_each_body_once_and_ack(gateway: GatewaySimulator) -> None:
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    session = pool.session(gateway.gateway_id, gateway.address)
+    # Three items of one message (as from three user-partitions) and one of another.
+    for users in (["u0", "u1"], ["u2"], ["u3", "u4"]):
+        assert session.offer(PushItem(message(1), users, outcomes.handler(1)))
+    assert session.offer(PushItem(message(2, seq=2), ["u5"], outcomes.handler(2)))
+    await outcomes.wait(4)
+    await pool.drain(1)
+    assert sorted(u for _, o in outcomes.items for u in o.delivered) == ["u0", "u1", "u2", "u3", "u4", "u5"]
+    assert all(not o.failed for _, o in outcomes.items)
+    for msg_ids in gateway.recorder.calls:
+        assert len(msg_ids) == len(set(msg_ids)), "a batch carried a body twice"
+    assert gateway.recorder.bodies == len({m for call in gateway.recorder.calls for m in call}) == 2
+
+
+async def test_failed_usernames_come_back_as_failed(gateway: GatewaySimulator) -> None:
+    gateway.fail_users = {"u1"}
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    pool.session(gateway.gateway_id, gateway.address).offer(
+        PushItem(message(3), ["u0", "u1", "nobody"], outcomes.handler(3))
+    )
+    await outcomes.wait(1)
+    await pool.drain(1)
+    (_, outcome), = outcomes.items
+    assert outcome.delivered == ["u0"]
+    assert outcome.failed == ["u1", "nobody"]
+    assert outcome.reason == "gateway_rejected"
+
+
+async def test_order_within_a_session_holds(gateway: GatewaySimulator) -> None:
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    session = pool.session(gateway.gateway_id, gateway.address)
+    for seq in range(1, 301):
+        assert session.offer(PushItem(message(1000 + seq, seq=seq), ["u0"], outcomes.handler(seq)))
+    await outcomes.wait(300)
+    await pool.drain(1)
+    seqs = [r.seq_id for r in gateway.recorder.deliveries]
+    assert seqs == list(range(1, 301))
+    assert gateway.recorder.batches < 300, "items were not batched"
+
+
+async def test_unary_only_gateway_gets_everything_in_order() -> None:
+    sim = await GatewaySimulator("gw-unary", bootstrap_servers=None, stream=False).start()
+    await sim.connect(["u0", "u1"])
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    session = pool.session(sim.gateway_id, sim.address)
+    for seq in range(1, 51):
+        session.offer(PushItem(message(seq, seq=seq), ["u0", "u1"], outcomes.handler(seq)))
+    await outcomes.wait(50)
+    await pool.drain(1)
+    await sim.stop()
+    assert sim.recorder.batches == 0 and sim.recorder.unary_calls == 50
+    assert [r.seq_id for r in sim.recorder.deliveries if r.user == "u0"] == list(range(1, 51))
+    assert pool.stats() == {}
+
+
+async def test_gateway_that_never_acks_fails_after_retries() -> None:
+    sim = await GatewaySimulator("gw-mute", bootstrap_servers=None, ack=False).start()
+    await sim.connect(["u0"])
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    pool.session(sim.gateway_id, sim.address).offer(PushItem(message(9), ["u0"], outcomes.handler(9)))
+    await outcomes.wait(1, timeout=15)
+    await pool.drain(0.1)
+    await sim.stop()
+    (_, outcome), = outcomes.items
+    assert outcome.failed == ["u0"] and outcome.reason == "gateway_failed"
+    assert sim.recorder.batches == FAST.max_attempts, "resent once per attempt"
+
+
+async def test_unreachable_gateway_diverts_after_ack_timeout() -> None:
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    session = pool.session("gw-gone", f"127.0.0.1:{free_port()}")
+    session.offer(PushItem(message(10), ["u0"], outcomes.handler(10)))
+    await outcomes.wait(1, timeout=10)
+    await pool.drain(0.1)
+    (_, outcome), = outcomes.items
+    assert outcome.failed == ["u0"] and outcome.reason == "gateway_unreachable"
+
+
+async def test_full_queue_is_refused_not_awaited() -> None:
+    pool = GatewayPool(SessionConfig(queue_max_items=2, connect_timeout=0.2, ack_timeout=0.3))
+    session = pool.session("gw-gone", f"127.0.0.1:{free_port()}")
+
+    async def ignore(outcome: PushOutcome) -> None:
+        return None
+
+    assert session.offer(PushItem(message(1), ["u0"], ignore))
+    assert session.offer(PushItem(message(2), ["u0"], ignore))
+    assert not session.offer(PushItem(message(3), ["u0"], ignore))
+    await pool.drain(0)

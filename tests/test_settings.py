@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from settings import Settings
+
+
+def test_environment_names_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BROKER_URL", "kafka://10.0.0.1:9092;kafka://10.0.0.2:9092")
+    monkeypatch.setenv("TOPIC_PARTITIONS", "12")
+    monkeypatch.setenv("REDIS_URL", "redis://:secret@cache:6379/0")
+    s = Settings()
+    assert s.bootstrap_servers == ["10.0.0.1:9092", "10.0.0.2:9092"]
+    assert s.topic_partitions == 12
+    assert s.inbox_redis == "redis://:secret@cache:6379/0"
+    assert "secret" not in repr(s)
+    assert s.broker_profile == "kafka"
+
+
+def test_bad_broker_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BROKER_URL", "10.0.0.1:9092")
+    with pytest.raises(ValidationError, match="kafka://host:port"):
+        Settings()
