@@ -52,6 +52,8 @@ class StorageConsumer(Service):
         self._retry_max = retry_max_seconds
         self._consumer: AIOKafkaConsumer | None = None
         self.written_batches = 0
+        self.new = 0
+        self.duplicates = 0
         self.failing_since: float | None = None
         super().__init__(**kwargs)
 
@@ -65,6 +67,8 @@ class StorageConsumer(Service):
             if self._consumer
             else [],
             "batches_written": self.written_batches,
+            "new": self.new,
+            "duplicates": self.duplicates,
             "failing_for_seconds": round(time.monotonic() - self.failing_since, 1)
             if self.failing_since
             else 0,
@@ -137,6 +141,8 @@ class StorageConsumer(Service):
             metrics.INBOX_WRITES.labels("new").inc(result.new)
             metrics.INBOX_WRITES.labels("duplicate").inc(result.duplicate)
             self.written_batches += 1
+            self.new += result.new
+            self.duplicates += result.duplicate
             return
 
     def _report_lag(self, consumer: AIOKafkaConsumer, committed: dict[TopicPartition, int]) -> None:

@@ -86,7 +86,8 @@ class GatewaySession:
         self._queue: deque[PushItem] = deque()
         self._retry: deque[PushItem] = deque()
         self._wakeup = asyncio.Event()
-        self._inflight: OrderedDict[int, tuple[list[PushItem], float]] = OrderedDict()
+        # batch_id -> (items, each item's request index in the batch, when it was sent)
+        self._inflight: OrderedDict[int, tuple[list[PushItem], list[int], float]] = OrderedDict()
         self._window_free = asyncio.Event()
         self._window_free.set()
         self._batch_ids = itertools.count(1)
@@ -107,7 +108,7 @@ class GatewaySession:
 
     @property
     def inflight(self) -> int:
-        return sum(len(items) for items, _ in self._inflight.values())
+        return sum(len(items) for items, _, _ in self._inflight.values())
 
     @property
     def idle(self) -> bool:
@@ -190,7 +191,7 @@ class GatewaySession:
                 await self._finish(item, PushOutcome(delivered=[], failed=item.users, reason=reason))
 
     def _requeue_inflight(self, *, count_attempt: bool) -> None:
-        items = [item for batch, _ in self._inflight.values() for item in batch]
+        items = [item for batch, _, _ in self._inflight.values() for item in batch]
         self._inflight.clear()
         self._window_free.set()
         retry: list[PushItem] = []
@@ -259,8 +260,9 @@ class GatewaySession:
                 await self._window_free.wait()
             items = await self._next_items()
             batch_id = next(self._batch_ids)
-            self._inflight[batch_id] = (items, time.monotonic())
-            await call.write(_pack(batch_id, items))
+            batch, placed = _pack(batch_id, items)
+            self._inflight[batch_id] = (items, placed, time.monotonic())
+            await call.write(batch)
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> None:
         while True:
@@ -275,17 +277,17 @@ class GatewaySession:
             entry = self._inflight.pop(ack.batch_id, None)
             if entry is None:
                 continue  # an ack for a batch already given up on and resent
-            items, sent_at = entry
+            items, placed, sent_at = entry
             self._window_free.set()
             metrics.PUSH_DURATION.observe(time.monotonic() - sent_at)
             self.pushed_batches += 1
-            await self._settle(items, _unpack(items, ack.results))
+            await self._settle(items, _unpack(placed, ack.results))
 
     async def _watch_acks(self) -> None:
         while True:
             await asyncio.sleep(min(0.1, self._config.ack_timeout / 4))
             if self._inflight:
-                _, sent_at = next(iter(self._inflight.values()))
+                _, _, sent_at = next(iter(self._inflight.values()))
                 if time.monotonic() - sent_at > self._config.ack_timeout:
                     raise _StreamBroken(f"no ack within {self._config.ack_timeout}s")
 
@@ -293,7 +295,7 @@ class GatewaySession:
         while True:
             items = await self._next_items()
             batch_id = next(self._batch_ids)
-            self._inflight[batch_id] = (items, time.monotonic())
+            self._inflight[batch_id] = (items, list(range(len(items))), time.monotonic())
             by_session: dict[str, list[PushItem]] = {}
             for item in items:
                 by_session.setdefault(item.message.session_id, []).append(item)
@@ -338,35 +340,34 @@ class GatewaySession:
             log.exception("push outcome handler failed for msg %s", item.message.msg_id)
 
 
-def _pack(batch_id: int, items: list[PushItem]) -> PushBatch:
-    """One PushRequest per message: items carrying the same message share its body."""
+def _pack(batch_id: int, items: list[PushItem]) -> tuple[PushBatch, list[int]]:
+    """Items -> PushRequests, a message body once however many items carry it.
+
+    An item joins the request already holding its message unless one of its users has a
+    later request in this batch: the gateway delivers in request order, and a user must
+    see a conversation in order. Returns the batch and, per item, its request's index.
+    """
     batch = PushBatch(batch_id=batch_id)
-    index: dict[int, PushRequest] = {}
+    by_msg: dict[int, int] = {}
+    last_for_user: dict[str, int] = {}
+    placed: list[int] = []
     for item in items:
-        request = index.get(item.message.msg_id)
-        if request is None:
-            request = batch.items.add()
-            request.message.CopyFrom(item.message)
-            index[item.message.msg_id] = request
-        request.to_usernames.extend(item.users)
-    return batch
+        index = by_msg.get(item.message.msg_id)
+        if index is None or any(last_for_user.get(u, -1) > index for u in item.users):
+            index = len(batch.items)
+            batch.items.add().message.CopyFrom(item.message)
+            by_msg[item.message.msg_id] = index
+        batch.items[index].to_usernames.extend(item.users)
+        for user in item.users:
+            last_for_user[user] = index
+        placed.append(index)
+    return batch, placed
 
 
-def _unpack(items: list[PushItem], results: Sequence[PushResponse]) -> list[PushResponse]:
-    """Map the ack's results (one per packed request) back to the items."""
-    by_msg: dict[int, PushResponse] = {}
-    order: list[int] = []
-    for item in items:
-        if item.message.msg_id not in by_msg:
-            by_msg[item.message.msg_id] = PushResponse()
-            order.append(item.message.msg_id)
-    for msg_id, result in zip(order, results, strict=False):
-        by_msg[msg_id] = result
-    if len(results) < len(order):
-        # A gateway that answers fewer results than requests failed the rest.
-        for msg_id in order[len(results) :]:
-            by_msg[msg_id] = PushResponse(msg_id=msg_id, error="no result in ack")
-    return [by_msg[item.message.msg_id] for item in items]
+def _unpack(placed: list[int], results: Sequence[PushResponse]) -> list[PushResponse]:
+    """The ack's results (one per request) back onto the items."""
+    missing = PushResponse(error="no result in ack")  # a short ack failed the rest
+    return [results[i] if i < len(results) else missing for i in placed]
 
 
 class GatewayPool:

@@ -1,0 +1,164 @@
+"""The whole pipeline, end to end: exact counts, order, offline, DLQ, replay, payload once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+from commands.traffic import group_chat, single_chat, snowflake
+from pipeline.dlq import H_REASON
+from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
+from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
+from tests.e2e.expect import expected, pushed_in_order, received
+
+
+def traffic(p: Pipeline, users: list[str], group: str) -> list[PushEvent]:
+    rng = random.Random(3)
+    seqs: Counter[str] = Counter()
+    events: list[PushEvent] = []
+    for i in range(150):
+        sender, recipient = rng.sample(users, 2)
+        event = single_chat(sender, recipient, 0, f"hi {i}")
+        seqs[event.session_id] += 1
+        event.seq_id = seqs[event.session_id]
+        events.append(event)
+        if i % 8 == 0:
+            seqs[group] += 1
+            events.append(group_chat(rng.choice(users[:50]), group, seqs[group], f"group {i}"))
+    explicit = f"{p.tag}-explicit"
+    for i in range(1, 11):
+        events.append(PushEvent(
+            msg_id=snowflake(), seq_id=i, session_id=explicit, from_username=users[0],
+            to_usernames=[users[5], users[25], users[45], users[55]],
+            exclude_usernames=[users[25]], session_type=2, content=f"explicit {i}",
+        ))
+    typing = single_chat(users[1], users[2], 1, "typing...")
+    typing.session_id += ":typing"
+    typing.push_only = True
+    notice = single_chat(users[3], users[4], 1, "stored only")
+    notice.session_id += ":notice"
+    notice.persist_only = True
+    return [*events, typing, notice]
+
+
+async def test_every_recipient_once_in_order_with_offline_dlq_and_replay(
+    pipeline: Pipeline, pipeline_factory: PipelineFactory
+) -> None:
+    p = pipeline
+    worker = await p.start_worker()
+    users = [p.user(i) for i in range(60)]
+    group = f"{p.tag}-group"
+    await p.members.add(group, users[:50])
+    sims = [await p.gateway("gw-a", users[:20]), await p.gateway("gw-b", users[20:40])]
+    await p.wait_online(worker, users[:40])
+
+    events = traffic(p, users, group)
+    bad = [b"\xff\xfe not a protobuf", PushEvent(session_id="no-msg-id").SerializeToString()]
+    await p.publish([*events[:50], *bad, *events[50:]])
+    want = expected(events, {group: users[:50]}, set(users[:40]))
+
+    async def inbox_total() -> int:
+        return sum([len(await p.inbox(u)) for u in users])
+
+    async def inboxes_full() -> bool:
+        return await inbox_total() >= want.inbox_total
+
+    await eventually(inboxes_full, 90, f"{want.inbox_total} inbox entries")
+    await eventually(
+        lambda: _true(sum(len(s.recorder.deliveries) for s in sims) >= want.pushed_total),
+        60, f"{want.pushed_total} pushes",
+    )
+    await asyncio.sleep(1)  # anything extra (a duplicate) would arrive now
+
+    # Inbox: every recipient once, cursors 1..n, and each conversation in seq_id order.
+    for user in users:
+        entries = await p.inbox(user)
+        assert sorted(e.msg_id for e in entries) == sorted(want.inbox[user]), user
+        assert [e.cursor for e in entries] == list(range(1, len(entries) + 1)), user
+        by_session: dict[str, list[int]] = {}
+        for e in entries:
+            assert e.message is not None
+            by_session.setdefault(e.message.session_id, []).append(e.message.seq_id)
+        assert all(seqs == sorted(seqs) for seqs in by_session.values()), user
+
+    # Push: every online recipient once, never the sender, in order per conversation.
+    got = received(sims)
+    for user in users:
+        assert got.get(user, Counter()) == Counter(want.pushed[user]), user
+    assert pushed_in_order(sims)
+
+    # Offline: exactly the recipients who were not online.
+    async def offline_complete() -> bool:
+        return sum(len(o.users) for o in await p.offline()) >= want.offline_total
+
+    await eventually(offline_complete, 30, "offline pushes")
+    offline: dict[int, set[str]] = {}
+    for record in await p.offline():
+        assert record.reason == "not_online"
+        offline.setdefault(record.message.msg_id, set()).update(record.users)
+    assert offline == dict(want.offline)
+
+    # Bad input: both records dead-lettered with their reason; everything after them flowed.
+    dead = await p.read_topic(p.topic("TOPIC_PUSH_EVENTS") + ".dlq")
+    assert sorted(dict(r.headers)[H_REASON] for r in dead) == [b"decode_error", b"invalid"]
+    assert sorted(r.value for r in dead) == sorted(bad)
+
+    # Replay from the beginning: a new consumer group reads every record again.
+    snapshot = {u: [(e.cursor, e.msg_id) for e in await p.inbox(u)] for u in users}
+    await asyncio.to_thread(worker.stop)
+    replayer = await pipeline_factory().start_worker("replay", app_id=f"rt-{p.tag}-replay")
+
+    async def replayed() -> bool:
+        _, stats = await asyncio.to_thread(replayer.get, "/stats")
+        return int(stats["storage"]["duplicates"]) >= want.inbox_total
+
+    await eventually(replayed, 90, "the replay to reach the inbox store")
+    _, stats = await asyncio.to_thread(replayer.get, "/stats")
+    assert stats["storage"]["new"] == 0
+    assert {u: [(e.cursor, e.msg_id) for e in await p.inbox(u)] for u in users} == snapshot
+
+
+async def test_group_of_1000_sends_the_body_once_per_partition_and_batch(pipeline: Pipeline) -> None:
+    p = pipeline
+    worker = await p.start_worker()
+    members = [p.user(i) for i in range(1000)]
+    group = f"{p.tag}-big"
+    await p.members.add(group, members)
+    sim = await p.gateway("gw-big", members[:500])
+    await p.wait_online(worker, members[:500:50])
+    await asyncio.sleep(1)  # the rest of the presence batches
+    event = group_chat(members[0], group, 1, "to a thousand")
+    await p.publish([event])
+
+    await eventually(lambda: _true(len(sim.recorder.deliveries) >= 499), 30, "499 pushes")
+    deliveries = [
+        (r.partition, Delivery.FromString(r.value))
+        for r in await p.read_topic(f"rt-{p.tag}-deliveries")
+    ]
+    partitions = [part for part, d in deliveries if d.message.msg_id == event.msg_id]
+    assert len(partitions) == len(set(partitions)) <= int(p.env["TOPIC_PARTITIONS"])
+    assert sum(len(d.users) for _, d in deliveries) == 1000
+    # The gateway got the body once per call that carried it, never once per user.
+    assert all(len(call) == len(set(call)) for call in sim.recorder.calls)
+    assert sim.recorder.bodies <= len(partitions)
+    assert Counter(r.user for r in sim.recorder.deliveries) == Counter(members[1:500])
+
+
+async def test_gateway_with_only_unary_push_gets_every_delivery(pipeline: Pipeline) -> None:
+    p = pipeline
+    worker = await p.start_worker()
+    users = [p.user(i) for i in range(20)]
+    sim = await p.gateway("gw-legacy", users, stream=False)
+    await p.wait_online(worker, users)
+    events = [single_chat(users[i % 20], users[(i + 1) % 20], 1 + i // 20, f"m{i}") for i in range(100)]
+    await p.publish(events)
+    await eventually(lambda: _true(len(sim.recorder.deliveries) >= 100), 30, "100 unary pushes")
+    await asyncio.sleep(0.5)
+    assert sim.recorder.batches == 0 and sim.recorder.unary_calls >= 1
+    assert Counter(r.msg_id for r in sim.recorder.deliveries) == Counter(e.msg_id for e in events)
+
+
+async def _true(value: bool) -> bool:
+    return value
