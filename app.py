@@ -17,6 +17,7 @@ import faust
 
 import commands
 from agents import fanout, presence, push, registry, route, storage
+from embedded import tansu
 from gateway.client import GatewayPool, SessionConfig
 from pipeline.dlq import DeadLetters, dlq_topic
 from settings import Settings
@@ -42,8 +43,11 @@ def faust_config(s: Settings) -> dict[str, Any]:
     }
     if s.tansu:
         # DESIGN.md section 6: Tansu's group join waits half the session timeout, and its
-        # ListOffsets is wrong unless every producer batch holds one record.
+        # ListOffsets is wrong unless every producer batch holds one record; its fetches
+        # wait out their whole max wait (embedded/tansu.py).
+        tansu.register()
         config.update(
+            broker=tansu.broker_url(s.kafka_broker_url),
             broker_session_timeout=2.0,
             broker_heartbeat_interval=0.5,
             producer_max_batch_size=1,
@@ -54,7 +58,11 @@ def faust_config(s: Settings) -> dict[str, Any]:
 def kafka_consumer_config(s: Settings, group: str) -> dict[str, Any]:
     config: dict[str, Any] = {"bootstrap_servers": s.bootstrap_servers, "group_id": group}
     if s.tansu:
-        config.update(session_timeout_ms=2000, heartbeat_interval_ms=500)
+        config.update(
+            session_timeout_ms=2000,
+            heartbeat_interval_ms=500,
+            fetch_max_wait_ms=tansu.FETCH_MAX_WAIT_MS,
+        )
     return config
 
 

@@ -54,7 +54,7 @@ class StorageConsumer(Service):
         self.written_batches = 0
         self.new = 0
         self.duplicates = 0
-        self.failing_since: float | None = None
+        self.pending_since: float | None = None
         super().__init__(**kwargs)
 
     @property
@@ -69,8 +69,9 @@ class StorageConsumer(Service):
             "batches_written": self.written_batches,
             "new": self.new,
             "duplicates": self.duplicates,
-            "failing_for_seconds": round(time.monotonic() - self.failing_since, 1)
-            if self.failing_since
+            # How long the batch in hand has waited for the store: >0 and growing = stalled.
+            "write_pending_seconds": round(time.monotonic() - self.pending_since, 2)
+            if self.pending_since
             else 0,
         }
 
@@ -123,20 +124,20 @@ class StorageConsumer(Service):
         if not batch:
             return
         attempt = 0
+        self.pending_since = time.monotonic()
         while True:
             started = time.monotonic()
             try:
                 result = await self._inbox.write(batch)
             except Exception as exc:  # any store error: retry; offsets stay where they are
                 attempt += 1
-                self.failing_since = self.failing_since or time.monotonic()
                 delay = min(self._retry_max, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
                 log.warning("inbox write failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc)
                 await asyncio.sleep(delay)
                 if self.should_stop:
                     raise asyncio.CancelledError() from exc
                 continue
-            self.failing_since = None
+            self.pending_since = None
             metrics.STORAGE_DURATION.observe(time.monotonic() - started)
             metrics.INBOX_WRITES.labels("new").inc(result.new)
             metrics.INBOX_WRITES.labels("duplicate").inc(result.duplicate)
