@@ -1,4 +1,7 @@
-"""What a set of PushEvents must produce, by DESIGN.md's "who gets what" rules."""
+"""What a set of PushEvents must produce, by DESIGN.md's "who gets what" rules.
+
+Used by the end-to-end tests for exact counts and by the demo for its summary.
+"""
 
 from __future__ import annotations
 
