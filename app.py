@@ -42,15 +42,13 @@ def faust_config(s: Settings) -> dict[str, Any]:
         "datadir": s.data_dir,
     }
     if s.tansu:
-        # DESIGN.md section 6: Tansu's group join waits half the session timeout, and its
-        # ListOffsets is wrong unless every producer batch holds one record; its fetches
-        # wait out their whole max wait (embedded/tansu.py).
+        # DESIGN.md section 6: Tansu's group join waits half the session timeout; its
+        # ListOffsets and fetch waits need a transport of our own (embedded/tansu.py).
         tansu.register()
         config.update(
             broker=tansu.broker_url(s.kafka_broker_url),
             broker_session_timeout=2.0,
             broker_heartbeat_interval=0.5,
-            producer_max_batch_size=1,
         )
     return config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,7 +34,9 @@ def agent(gateways: Any, dead_letters: DeadLetters) -> Callable[[Any], Awaitable
             except InvalidRecord as exc:
                 await dead_letters.put(record, exc.reason, exc)
                 continue
-            info = gateway_rules.from_heartbeat(heartbeat, int(event.message.timestamp * 1000))
+            info = gateway_rules.from_heartbeat(
+                heartbeat, int(event.message.timestamp * 1000), int(time.time() * 1000)
+            )
             if gateway_rules.is_newer(info, gateways.get(heartbeat.gateway_id)):
                 gateways[heartbeat.gateway_id] = info
 

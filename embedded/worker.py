@@ -37,7 +37,6 @@ def pipeline_env(
         "TOPIC_HEARTBEATS": f"{tag}.gateway.heartbeat.v1",
         "TOPIC_OFFLINE_PUSHES": f"{tag}.offline.push.v1",
         "GATEWAY_TIMEOUT_SECONDS": "5",
-        "PUSH_ACK_TIMEOUT_SECONDS": "2",
     }
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     return env

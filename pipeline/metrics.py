@@ -48,3 +48,16 @@ PRESENCE_CHANGES = Counter(
 STORAGE_LAG = Gauge(
     "resonance_storage_consumer_lag", "Deliveries records not yet written to inboxes", ["partition"]
 )
+
+
+def totals() -> dict[str, float]:
+    """This worker's counters as one flat dict, for /stats."""
+    out: dict[str, float] = {}
+    for metric in (EVENTS, DELIVERIES, RECIPIENTS, INBOX_WRITES, PUSHED_USERS, OFFLINE_USERS, DEAD_LETTERS):
+        for family in metric.collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.storage import StorageConsumer
 from gateway.client import GatewayPool
+from pipeline import metrics as pipeline_metrics
 from pipeline.partitioning import partition_for
 from settings import Settings
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
@@ -187,5 +188,6 @@ def register(app: Any, topology: Topology) -> None:
                 "gateway_sessions": topology.gateway_pool.stats(),
                 "storage": topology.storage_consumer.stats(),
                 "ready": readiness(app, topology.storage_consumer)[1],
+                "counters": pipeline_metrics.totals(),
             }
         )
