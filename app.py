@@ -88,7 +88,9 @@ deliveries = _topic(settings.topic_name("deliveries"))
 presence_by_user = _topic(settings.topic_name("presence-by-user"))
 gateway_pushes = _topic(settings.topic_name("gateway-pushes"))
 
-_table_schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+_table_schema: faust.Schema[str, Any] = faust.Schema(
+    key_type=str, key_serializer="raw", value_serializer="json"
+)
 routes = app.Table(
     route_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
 )
@@ -96,7 +98,9 @@ gateways = app.GlobalTable(
     gateway_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
 )
 
-members = RedisMemberStore(settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds)
+members = RedisMemberStore(
+    settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
+)
 inbox = RedisInboxStore(
     settings.inbox_redis,
     max_entries=settings.inbox_max_entries,
@@ -106,7 +110,9 @@ inbox = RedisInboxStore(
 )
 
 
-async def _send_raw(topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> object:
+async def _send_raw(
+    topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+) -> object:
     return await app.topic(topic, key_serializer="raw", value_serializer="raw").send(
         key=key, value=value, headers=headers
     )
@@ -132,7 +138,9 @@ app.agent(push_events, name="fanout")(
     fanout.agent(
         fanout.Fanout(
             members=members,
-            send=lambda partition, key, value: deliveries.send(key=key, value=value, partition=partition),
+            send=lambda partition, key, value: deliveries.send(
+                key=key, value=value, partition=partition
+            ),
             dead_letters=dead_letters,
             partitions=settings.topic_partitions,
             page_size=settings.member_page_size,
@@ -142,7 +150,9 @@ app.agent(push_events, name="fanout")(
 )
 app.agent(presence_updates, name="presence")(
     presence.split_agent(
-        lambda partition, key, value: presence_by_user.send(key=key, value=value, partition=partition),
+        lambda partition, key, value: presence_by_user.send(
+            key=key, value=value, partition=partition
+        ),
         dead_letters,
         settings.topic_partitions,
     )
@@ -156,7 +166,9 @@ app.agent(deliveries, name="route")(
         route.Router(
             routes=routes,
             gateways=gateways,
-            send_push=lambda gateway_id, value: gateway_pushes.send(key=gateway_id.encode(), value=value),
+            send_push=lambda gateway_id, value: gateway_pushes.send(
+                key=gateway_id.encode(), value=value
+            ),
             send_offline=lambda key, value: offline_pushes.send(key=key, value=value),
             gateway_timeout_seconds=settings.gateway_timeout_seconds,
             route_gc_seconds=settings.gateway_route_gc_seconds,
@@ -182,7 +194,7 @@ async def _start_storage() -> None:
     await app.add_runtime_dependency(storage_consumer)
 
 
-@app.on_before_shutdown.connect
+@app.on_before_shutdown.connect  # type: ignore[arg-type]
 async def _close_gateways(app: faust.App, **kwargs: Any) -> None:
     # The consumer has stopped by now, after waiting for every in-flight push to be acked
     # or diverted (stream_wait_empty); what is still queued gets the drain deadline.
@@ -190,7 +202,14 @@ async def _close_gateways(app: faust.App, **kwargs: Any) -> None:
 
 
 # Declared so the dead-letter topics exist before anything is dead-lettered.
-for _source in (push_events, presence_updates, gateway_heartbeats, deliveries, presence_by_user, gateway_pushes):
+for _source in (
+    push_events,
+    presence_updates,
+    gateway_heartbeats,
+    deliveries,
+    presence_by_user,
+    gateway_pushes,
+):
     _topic(dlq_topic(_source.get_topic_name()))
 
 views.register(

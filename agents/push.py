@@ -51,7 +51,9 @@ def agent(
                 await manual.ack(event)
                 continue
 
-            async def settle(outcome: PushOutcome, event: Any = event, push: GatewayPush = push) -> None:
+            async def settle(
+                outcome: PushOutcome, event: Any = event, push: GatewayPush = push
+            ) -> None:
                 metrics.PUSHED_USERS.inc(len(outcome.delivered))
                 if outcome.failed:
                     await offline.put(push.message, outcome.failed, outcome.reason, push)
@@ -67,6 +69,8 @@ def agent(
             else:
                 # A slow gateway must not hold up the others on this partition: divert.
                 metrics.PUSH_ENQUEUE_FAILED.labels(push.gateway_id, "queue_full").inc()
-                await settle(PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded"))
+                await settle(
+                    PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
+                )
 
     return push_agent

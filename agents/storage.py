@@ -114,7 +114,9 @@ class StorageConsumer(Service):
                     delivery = Delivery.FromString(record.value or b"")
                 except DecodeError as exc:
                     await self._dead_letters.put(
-                        SourceRecord(record.topic, record.partition, record.offset, record.key, record.value),
+                        SourceRecord(
+                            record.topic, record.partition, record.offset, record.key, record.value
+                        ),
                         "decode_error",
                         exc,
                     )
@@ -132,7 +134,9 @@ class StorageConsumer(Service):
             except Exception as exc:  # any store error: retry; offsets stay where they are
                 attempt += 1
                 delay = min(self._retry_max, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning("inbox write failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc)
+                log.warning(
+                    "inbox write failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc
+                )
                 await asyncio.sleep(delay)
                 if self.should_stop:
                     raise asyncio.CancelledError() from exc

@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import statistics
+from pathlib import Path
 from typing import Any
 
 from faust.cli import option
@@ -80,7 +81,10 @@ def register(app: Any, settings: Settings) -> None:
         await sim.start()
         await sim.connect(names)
         await sim.flush_presence()
-        print(json.dumps({"gateway_id": gateway_id, "address": sim.address, "users": users}), flush=True)
+        print(
+            json.dumps({"gateway_id": gateway_id, "address": sim.address, "users": users}),
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,5 +95,4 @@ def register(app: Any, settings: Settings) -> None:
         result = summary(gateway_id, sim.recorder)
         print(json.dumps(result), flush=True)
         if report:
-            with open(report, "w") as fh:
-                json.dump(result, fh)
+            await asyncio.to_thread(Path(report).write_text, json.dumps(result))

@@ -65,7 +65,9 @@ def mixed_traffic(
         if group_ids and rng.random() < group_ratio:
             session = rng.choice(group_ids)
             seqs[session] = seqs.get(session, 0) + 1
-            yield group_chat(rng.choice(groups[session]), session, seqs[session], f"group message {i}")
+            yield group_chat(
+                rng.choice(groups[session]), session, seqs[session], f"group message {i}"
+            )
         else:
             sender, recipient = rng.sample(users, 2)
             event = single_chat(sender, recipient, 0, f"hello {i}")
@@ -105,9 +107,7 @@ def register(app: Any, settings: Settings) -> None:
             store = RedisMemberStore(settings.redis_url.get_secret_value())
             await store.add(group, [m for m in members.split(",") if m])
             await store.close()
-        event = (
-            single_chat(sender, to, 1, content) if to else group_chat(sender, group, 1, content)
-        )
+        event = single_chat(sender, to, 1, content) if to else group_chat(sender, group, 1, content)
         await publish(settings, [event])
         print(json.dumps({"msg_id": event.msg_id, "session_id": event.session_id}))
 
@@ -124,7 +124,9 @@ def register(app: Any, settings: Settings) -> None:
         """Publish a mix of 1:1 and group messages; group members go to the member store."""
         names = [f"user-{i:05d}" for i in range(users)]
         rng = random.Random(11)
-        group_members = {f"group-{g}": rng.sample(names, min(group_size, users)) for g in range(groups)}
+        group_members = {
+            f"group-{g}": rng.sample(names, min(group_size, users)) for g in range(groups)
+        }
         store = RedisMemberStore(settings.redis_url.get_secret_value())
         for session_id, members_ in group_members.items():
             await store.add(session_id, members_)

@@ -8,6 +8,7 @@ Use it with BROKER_PROFILE=tansu: DESIGN.md section 6 lists what it does not do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -85,7 +86,10 @@ class EmbeddedBroker:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -96,10 +100,8 @@ def main() -> None:
     port = parser.parse_args().port
     with EmbeddedBroker(port) as broker:
         print(f"Tansu listening: KAFKA_BROKER_URL={broker.url} BROKER_PROFILE=tansu", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

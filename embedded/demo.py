@@ -46,11 +46,13 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
 
-async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBroker, workdir: Path) -> int:
+async def run(
+    messages: int, user_count: int, redis_url: str, broker: EmbeddedBroker, workdir: Path
+) -> int:
     tag = "demo" + uuid.uuid4().hex[:6]
     env = pipeline_env(tag=tag, broker_url=broker.url, redis_url=redis_url, partitions=4)
     worker = WorkerProcess(env, workdir, "worker").start()
-    say(f"worker   pid {worker.proc.pid if worker.proc else '?'}, http://127.0.0.1:{worker.port}  (log: {worker.log_path})")
+    say(f"worker   http://127.0.0.1:{worker.port}  (log: {worker.log_path})")
     started = time.monotonic()
     await asyncio.to_thread(worker.wait_ready)
     say(f"worker   ready in {time.monotonic() - started:.1f}s")
@@ -60,8 +62,10 @@ async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBr
     sims = []
     for n, holders in enumerate((users[:split], users[split : 2 * split]), start=1):
         sim = GatewaySimulator(
-            f"{tag}-gateway-{n:03d}", bootstrap_servers=broker.bootstrap,
-            presence_topic=env["TOPIC_PRESENCE"], heartbeat_topic=env["TOPIC_HEARTBEATS"],
+            f"{tag}-gateway-{n:03d}",
+            bootstrap_servers=broker.bootstrap,
+            presence_topic=env["TOPIC_PRESENCE"],
+            heartbeat_topic=env["TOPIC_HEARTBEATS"],
         )
         await sim.start()
         await sim.connect(holders)
@@ -94,12 +98,17 @@ async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBr
     await producer.start()
     t0 = time.monotonic()
     for event in events:
-        await producer.send(env["TOPIC_PUSH_EVENTS"], event.SerializeToString(), key=event.session_id.encode())
+        await producer.send(
+            env["TOPIC_PUSH_EVENTS"], event.SerializeToString(), key=event.session_id.encode()
+        )
     await producer.send(env["TOPIC_PUSH_EVENTS"], b"\x00this is not a PushEvent\xff", key=b"oops")
     await producer.flush()
     await producer.stop()
     group_count = sum(1 for e in events if e.session_type == 2)
-    say(f"traffic  {len(events)} messages ({len(events) - group_count} 1:1, {group_count} to groups of 200) + 1 garbage record")
+    say(
+        f"traffic  {len(events)} messages ({len(events) - group_count} 1:1, "
+        f"{group_count} to groups of 200) + 1 garbage record"
+    )
 
     inbox = RedisInboxStore(redis_url, max_entries=0, message_ttl=3600)
 
@@ -112,7 +121,9 @@ async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBr
     def push_side_done() -> bool:
         # Every push recipient either reached a gateway or went to offline push.
         _, stats = worker.get("/stats")
-        offline_now = sum(v for k, v in stats["counters"].items() if k.startswith("resonance_offline"))
+        offline_now: float = sum(
+            v for k, v in stats["counters"].items() if k.startswith("resonance_offline")
+        )
         return pushes() + offline_now >= want.pushed_total + want.offline_total
 
     deadline = time.monotonic() + 300
@@ -159,21 +170,41 @@ async def run(messages: int, user_count: int, redis_url: str, broker: EmbeddedBr
     for name, value, exp in rows:
         say(f"{name:32}{value:>12}{exp:>12}")
     say("")
-    say(f"time to drain: {elapsed:.1f}s  ({len(events) / elapsed:.0f} messages/s, "
-        f"{(stored + pushes()) / elapsed:.0f} inbox writes + pushes/s)")
+    say(
+        f"time to drain: {elapsed:.1f}s  ({len(events) / elapsed:.0f} messages/s, "
+        f"{(stored + pushes()) / elapsed:.0f} inbox writes + pushes/s)"
+    )
     if latencies:
-        say(f"push latency, logic timestamp -> gateway receipt: p50 {pct(latencies, 0.5):.0f} ms, "
-            f"p99 {pct(latencies, 0.99):.0f} ms, mean {statistics.fmean(latencies):.0f} ms")
-    say(f"gateways: " + ", ".join(f"{g['gateway_id']} {g['status']} ({g['connections']} connections)" for g in gateways_view["gateways"]))
+        say(
+            f"push latency, logic timestamp -> gateway receipt: p50 {pct(latencies, 0.5):.0f} ms, "
+            f"p99 {pct(latencies, 0.99):.0f} ms, mean {statistics.fmean(latencies):.0f} ms"
+        )
+    say(
+        "gateways: "
+        + ", ".join(
+            f"{g['gateway_id']} {g['status']} ({g['connections']} connections)"
+            for g in gateways_view["gateways"]
+        )
+    )
     if dead:
         headers = {k: v.decode(errors="replace") for k, v in dead[0].headers}
         say(f"dead letter: reason={headers.get('dlq.reason')}: {headers.get('dlq.error', '')[:90]}")
     first = inbox_view["entries"][0] if inbox_view.get("entries") else None
     if first:
-        say(f"GET /inbox/{sample_user}?after=0&limit=2 -> cursor {first['cursor']}, msg {first['msg_id']}, "
-            f"session {first['session_id']}, \"{first['message']['content']}\"")
+        say(
+            f"GET /inbox/{sample_user}?after=0&limit=2 -> cursor {first['cursor']}, "
+            f"msg {first['msg_id']}, "
+            f'session {first["session_id"]}, "{first["message"]["content"]}"'
+        )
     say("")
-    say("RESULT: " + ("every inbox write and push accounted for, exactly once" if ok else "MISMATCH: see the table above"))
+    say(
+        "RESULT: "
+        + (
+            "every inbox write and push accounted for, exactly once"
+            if ok
+            else "MISMATCH: see the table above"
+        )
+    )
     return 0 if ok else 1
 
 

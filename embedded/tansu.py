@@ -22,7 +22,7 @@ FETCH_MAX_WAIT_MS = 20
 CHANGELOG_SUFFIX = "-changelog"
 
 
-class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):  # type: ignore[misc]
+class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # aiokafka reads this when it builds its fetcher, in start().
@@ -30,12 +30,12 @@ class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):  # type: ignore[misc]
         return consumer
 
 
-class Consumer(kafka_driver.Consumer):  # type: ignore[misc]
+class Consumer(kafka_driver.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
-class Producer(kafka_driver.Producer):  # type: ignore[misc]
+class Producer(kafka_driver.Producer):
     _changelog_producer: Any = None
 
     async def on_start(self) -> None:
@@ -81,7 +81,7 @@ class Producer(kafka_driver.Producer):  # type: ignore[misc]
             await self._changelog_producer.flush()
 
 
-class Transport(kafka_driver.Transport):  # type: ignore[misc]
+class Transport(kafka_driver.Transport):
     Consumer = Consumer
     Producer = Producer
 
@@ -92,6 +92,4 @@ def register() -> None:
 
 
 def broker_url(kafka_url: str) -> str:
-    return ";".join(
-        SCHEME + "://" + url.split("://", 1)[1] for url in kafka_url.split(";")
-    )
+    return ";".join(SCHEME + "://" + url.split("://", 1)[1] for url in kafka_url.split(";"))

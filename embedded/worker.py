@@ -83,7 +83,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log_path}")
+                raise RuntimeError(
+                    f"{self.name} exited ({self.proc.returncode}); see {self.log_path}"
+                )
             try:
                 status, _ = self.get("/ready", timeout=1)
                 if status == 200:

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -91,6 +92,7 @@ class GatewaySession:
         self._window_free = asyncio.Event()
         self._window_free.set()
         self._batch_ids = itertools.count(1)
+        self._settled = asyncio.Event()  # set whenever an item is answered
         self._unary = False
         self._closing = False
         self.connected = False
@@ -126,8 +128,10 @@ class GatewaySession:
     async def drain(self, deadline: float) -> None:
         """Stop taking work, wait until everything queued is answered or `deadline` passes."""
         self._closing = True
-        while not self.idle and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        while not self.idle and (left := deadline - time.monotonic()) > 0:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), left)
         await self.close()
 
     async def close(self) -> None:
@@ -147,9 +151,9 @@ class GatewaySession:
                 self._set_connected(True)
                 failures = 0
                 if self._unary:
-                    await self._run_unary(PushServiceStub(channel))
+                    await self._run_unary(_aio_stub(channel))
                 else:
-                    await self._run_stream(PushServiceStub(channel))
+                    await self._run_stream(_aio_stub(channel))
             except _Unimplemented:
                 log.info("gateway %s has no PushStream: using unary Push", self.gateway_id)
                 self._unary = True
@@ -188,7 +192,9 @@ class GatewaySession:
             while queue and queue[0].enqueued_at < horizon:
                 item = queue.popleft()
                 reason = "gateway_failed" if item.attempts else "gateway_unreachable"
-                await self._finish(item, PushOutcome(delivered=[], failed=item.users, reason=reason))
+                await self._finish(
+                    item, PushOutcome(delivered=[], failed=item.users, reason=reason)
+                )
 
     def _requeue_inflight(self, *, count_attempt: bool) -> None:
         items = [item for batch, _, _ in self._inflight.values() for item in batch]
@@ -231,7 +237,7 @@ class GatewaySession:
         metrics.GATEWAY_QUEUE_DEPTH.labels(self.gateway_id).set(self.depth)
         return items
 
-    async def _run_stream(self, stub: PushServiceStub) -> None:
+    async def _run_stream(self, stub: Any) -> None:
         call = stub.PushStream(metadata=self._metadata())
         writer = asyncio.create_task(self._write_batches(call))
         reader = asyncio.create_task(self._read_acks(call))
@@ -253,7 +259,9 @@ class GatewaySession:
     def _metadata(self) -> list[tuple[str, str]]:
         return [("x-resonance-gateway", self.gateway_id)]
 
-    async def _write_batches(self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> None:
+    async def _write_batches(
+        self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]
+    ) -> None:
         while True:
             while len(self._inflight) >= self._config.window:
                 self._window_free.clear()
@@ -272,8 +280,9 @@ class GatewaySession:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     raise _Unimplemented() from exc
                 raise
-            if ack is grpc.aio.EOF:
+            if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
                 raise _StreamBroken("gateway closed the push stream")
+            assert isinstance(ack, PushBatchAck)
             entry = self._inflight.pop(ack.batch_id, None)
             if entry is None:
                 continue  # an ack for a batch already given up on and resent
@@ -291,7 +300,7 @@ class GatewaySession:
                 if time.monotonic() - sent_at > self._config.ack_timeout:
                     raise _StreamBroken(f"no ack within {self._config.ack_timeout}s")
 
-    async def _run_unary(self, stub: PushServiceStub) -> None:
+    async def _run_unary(self, stub: Any) -> None:
         while True:
             items = await self._next_items()
             batch_id = next(self._batch_ids)
@@ -309,14 +318,16 @@ class GatewaySession:
             await self._settle(items, [responses[id(item)] for item in items])
 
     async def _unary_in_order(
-        self, stub: PushServiceStub, items: list[PushItem]
+        self, stub: Any, items: list[PushItem]
     ) -> list[tuple[PushItem, PushResponse]]:
         answered = []
         for item in items:
             request = PushRequest(to_usernames=item.users, message=item.message)
             started = time.monotonic()
             response = await stub.Push(
-                request, timeout=self._config.ack_timeout, metadata=[*self._metadata(), *item.metadata]
+                request,
+                timeout=self._config.ack_timeout,
+                metadata=[*self._metadata(), *item.metadata],
             )
             metrics.PUSH_DURATION.observe(time.monotonic() - started)
             answered.append((item, response))
@@ -334,10 +345,16 @@ class GatewaySession:
             )
 
     async def _finish(self, item: PushItem, outcome: PushOutcome) -> None:
+        self._settled.set()
         try:
             await item.on_done(outcome)
         except Exception:
             log.exception("push outcome handler failed for msg %s", item.message.msg_id)
+
+
+def _aio_stub(channel: grpc.aio.Channel) -> Any:
+    # The generated stubs type the sync API; on an aio channel the calls are awaitable.
+    return PushServiceStub(channel)
 
 
 def _pack(batch_id: int, items: list[PushItem]) -> tuple[PushBatch, list[int]]:
@@ -376,6 +393,7 @@ class GatewayPool:
     def __init__(self, config: SessionConfig) -> None:
         self._config = config
         self._sessions: dict[str, GatewaySession] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def session(self, gateway_id: str, address: str) -> GatewaySession:
         current = self._sessions.get(gateway_id)
@@ -383,7 +401,9 @@ class GatewayPool:
             return current
         if current is not None:
             # The gateway came back on another address: the old session drains on its own.
-            asyncio.create_task(current.drain(time.monotonic() + self._config.ack_timeout))
+            task = asyncio.create_task(current.drain(time.monotonic() + self._config.ack_timeout))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         session = GatewaySession(gateway_id, address, self._config)
         session.start()
         self._sessions[gateway_id] = session

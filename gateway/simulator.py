@@ -70,14 +70,18 @@ class _PushService(PushServiceServicer):
     def __init__(self, sim: GatewaySimulator) -> None:
         self._sim = sim
 
-    async def Push(self, request: PushRequest, context: grpc.aio.ServicerContext) -> PushResponse:  # type: ignore[override]
+    async def Push(
+        self, request: PushRequest, context: grpc.aio.ServicerContext[PushRequest, PushResponse]
+    ) -> PushResponse:
         self._sim.recorder.unary_calls += 1
         self._sim.recorder.calls.append([request.message.msg_id])
         await self._sim._pause()
         return self._sim._answer(request)
 
-    async def PushStream(  # type: ignore[override]
-        self, request_iterator: AsyncIterator[PushBatch], context: grpc.aio.ServicerContext
+    async def PushStream(
+        self,
+        request_iterator: AsyncIterator[PushBatch],
+        context: grpc.aio.ServicerContext[PushBatch, PushBatchAck],
     ) -> AsyncIterator[PushBatchAck]:
         if not self._sim.stream:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PushStream not implemented")
@@ -163,8 +167,13 @@ class GatewaySimulator:
         for user in users:
             self.online.add(user)
             self._pending.append(
-                UserOnline(username=user, timestamp=now, conn_id=f"{self.gateway_id}:{user}",
-                           platform=platform, remote_ip="127.0.0.1")
+                UserOnline(
+                    username=user,
+                    timestamp=now,
+                    conn_id=f"{self.gateway_id}:{user}",
+                    platform=platform,
+                    remote_ip="127.0.0.1",
+                )
             )
             if len(self._pending) >= PRESENCE_BATCH_EVENTS:
                 await self.flush_presence()
@@ -227,8 +236,13 @@ class GatewaySimulator:
         for user in request.to_usernames:
             if user not in failed:
                 self.recorder.deliveries.append(
-                    Received(message.msg_id, user, message.session_id, message.seq_id,
-                             now_ms - message.timestamp)
+                    Received(
+                        message.msg_id,
+                        user,
+                        message.session_id,
+                        message.seq_id,
+                        now_ms - message.timestamp,
+                    )
                 )
         self.recorder.failed_reported += len(failed)
         return PushResponse(msg_id=message.msg_id, failed_usernames=failed)

@@ -36,9 +36,7 @@ INBOX_WRITES = Counter(
     "resonance_inbox_writes_total", "Inbox entries written", ["result"]
 )  # result: new | duplicate
 PUSHED_USERS = Counter("resonance_pushed_users_total", "Users acknowledged by their gateway")
-OFFLINE_USERS = Counter(
-    "resonance_offline_users_total", "Users sent to offline push", ["reason"]
-)
+OFFLINE_USERS = Counter("resonance_offline_users_total", "Users sent to offline push", ["reason"])
 DEAD_LETTERS = Counter(
     "resonance_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"]
 )
@@ -53,7 +51,15 @@ STORAGE_LAG = Gauge(
 def totals() -> dict[str, float]:
     """This worker's counters as one flat dict, for /stats."""
     out: dict[str, float] = {}
-    for metric in (EVENTS, DELIVERIES, RECIPIENTS, INBOX_WRITES, PUSHED_USERS, OFFLINE_USERS, DEAD_LETTERS):
+    for metric in (
+        EVENTS,
+        DELIVERIES,
+        RECIPIENTS,
+        INBOX_WRITES,
+        PUSHED_USERS,
+        OFFLINE_USERS,
+        DEAD_LETTERS,
+    ):
         for family in metric.collect():
             for sample in family.samples:
                 if not sample.name.endswith("_total"):

@@ -108,9 +108,7 @@ class RedisInboxStore:
         keys_per_call: int = 256,
         cluster: bool = False,
     ) -> None:
-        self._redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._append = self._redis.register_script(_APPEND)
         self._max_entries = max_entries
         self._ttl = message_ttl
@@ -124,9 +122,11 @@ class RedisInboxStore:
         for message, users in batch:
             if message.msg_id not in bodies_written:
                 bodies_written.add(message.msg_id)
-                pipe.set(_body_key(message.msg_id), message.SerializeToString(), ex=self._ttl, nx=True)
+                pipe.set(
+                    _body_key(message.msg_id), message.SerializeToString(), ex=self._ttl, nx=True
+                )
             for group in self._call_groups(users):
-                keys = []
+                keys: list[str] = []
                 for user in group:
                     inbox = _inbox_key(user)
                     keys += (inbox, inbox + ":seq", inbox + ":trim")
@@ -150,16 +150,22 @@ class RedisInboxStore:
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._redis.zrange(
-            _inbox_key(user), f"({after}", "+inf", byscore=True, offset=0, num=limit, withscores=True
+            _inbox_key(user),
+            f"({after}",
+            "+inf",
+            byscore=True,
+            offset=0,
+            num=limit,
+            withscores=True,
         )
         if not rows:
             return []
         pipe = self._redis.pipeline(transaction=False)
-        for member, _ in rows:
+        for member, _ in rows:  # type: ignore[str-unpack]
             pipe.get(_body_key(int(member)))
         bodies = await pipe.execute()
         entries = []
-        for (member, score), body in zip(rows, bodies, strict=True):
+        for (member, score), body in zip(rows, bodies, strict=True):  # type: ignore[str-unpack]
             message = PushMessage.FromString(body) if body is not None else None
             entries.append(InboxEntry(cursor=int(score), msg_id=int(member), message=message))
         return entries

@@ -36,7 +36,7 @@ class RedisMemberStore:
         )
 
     async def page(self, session_id: str, cursor: int, count: int) -> tuple[list[str], int | None]:
-        members: list[str] = await self._redis.zrange(
+        members: list[str] = await self._redis.zrange(  # type: ignore[assignment]
             _members_key(session_id), cursor, cursor + count - 1
         )
         next_cursor = cursor + len(members) if len(members) == count else None

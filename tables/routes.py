@@ -38,16 +38,15 @@ def apply_change(
     previous = current.get(key)
     # Equal timestamps: offline wins, so a disconnect racing its own connect is not lost.
     if previous is not None and (
-        previous["ts"] > change.timestamp or (previous["ts"] == change.timestamp and previous["on"] is False)
+        previous["ts"] > change.timestamp
+        or (previous["ts"] == change.timestamp and previous["on"] is False)
     ):
         return current, False
     current[key] = Connection(
         gw=change.gateway_id, ts=change.timestamp, on=change.online, pf=change.platform
     )
     horizon = now_ms - keep_offline_ms
-    return {
-        k: c for k, c in current.items() if c["on"] or c["ts"] >= horizon
-    }, True
+    return {k: c for k, c in current.items() if c["on"] or c["ts"] >= horizon}, True
 
 
 def online_gateways(route: Route | None) -> set[str]:

@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_code_is_fresh() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "gen_proto.py"), "--check"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 

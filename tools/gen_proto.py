@@ -1,7 +1,7 @@
 """Generate the Python code for proto/ (messages, gRPC stubs, typing stubs).
 
-    python tools/gen_proto.py           # rewrite the generated files in place
-    python tools/gen_proto.py --check   # exit 1 if the committed files are stale
+python tools/gen_proto.py           # rewrite the generated files in place
+python tools/gen_proto.py --check   # exit 1 if the committed files are stale
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpc_tools import protoc
+from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
@@ -56,7 +56,8 @@ def main() -> int:
         stale = [
             str(rel)
             for rel in fresh
-            if not (ROOT / rel).exists() or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)
+            if not (ROOT / rel).exists()
+            or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)
         ]
         stale += [str(rel) for rel in committed if rel not in fresh]
         if check:

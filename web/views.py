@@ -12,15 +12,15 @@ from typing import Any
 
 from faust.types import TP
 from google.protobuf.json_format import MessageToDict
-from yarl import URL
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from agents.storage import StorageConsumer
 from gateway.client import GatewayPool
 from pipeline import metrics as pipeline_metrics
 from pipeline.partitioning import partition_for
-from settings import Settings
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from settings import Settings
 from stores.inbox import InboxEntry, InboxStore
 from tables import gateways as gateway_rules
 from tables import routes as route_rules

@@ -84,8 +84,9 @@ async def test_single_chat_reaches_recipient_and_senders_inbox() -> None:
 async def test_group_one_record_per_partition_and_paged() -> None:
     members = [f"m{i}" for i in range(1000)]
     fanout, sink, store = make({"g": members}, page_size=100)
-    event = PushEvent(msg_id=2, session_id="g", from_username="m0", session_type=2,
-                      exclude_usernames=["m5"])
+    event = PushEvent(
+        msg_id=2, session_id="g", from_username="m0", session_type=2, exclude_usernames=["m5"]
+    )
     await fanout.handle(record(event))
     partitions = [p for p, _ in sink.records]
     assert len(partitions) == len(set(partitions)) <= PARTITIONS
@@ -103,8 +104,15 @@ async def test_big_partitions_are_split_but_bounded() -> None:
 
 async def test_explicit_recipients_deduplicated_and_flags_carried() -> None:
     fanout, sink, _ = make()
-    event = PushEvent(msg_id=4, session_id="g", from_username="a", to_usernames=["b", "b", "a", "c"],
-                      exclude_usernames=["c"], persist_only=True, priority=1)
+    event = PushEvent(
+        msg_id=4,
+        session_id="g",
+        from_username="a",
+        to_usernames=["b", "b", "a", "c"],
+        exclude_usernames=["c"],
+        persist_only=True,
+        priority=1,
+    )
     await fanout.handle(record(event))
     assert users_of(sink) == ["a", "b"]
     assert all(d.persist_only and d.priority == 1 for _, d in sink.records)
@@ -123,6 +131,6 @@ async def test_bad_records_go_to_dead_letters(value: bytes, reason: str) -> None
     fanout, sink, _ = make()
     assert await fanout.handle(record(value)) == 0
     assert sink.records == []
-    (topic, headers), = sink.dead
+    ((topic, headers),) = sink.dead
     assert topic == "push.dlq"
     assert dict(headers)[H_REASON] == reason.encode()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,14 @@ from stores.members import RedisMemberStore
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 60, what: str = "condition"
+    check: Callable[[], Awaitable[bool]], seconds: float = 60, what: str = "condition"
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if await check():
             return
         await asyncio.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
 @dataclass
@@ -83,7 +83,9 @@ class Pipeline:
         await sim.flush_presence()
         return sim
 
-    async def wait_online(self, worker: WorkerProcess, users: list[str], timeout: float = 30) -> None:
+    async def wait_online(
+        self, worker: WorkerProcess, users: list[str], seconds: float = 30
+    ) -> None:
         async def all_online() -> bool:
             for user in users:
                 status, body = await asyncio.to_thread(worker.get, f"/routes/{user}")
@@ -91,9 +93,9 @@ class Pipeline:
                     return False
             return True
 
-        await eventually(all_online, timeout, f"routes of {len(users)} users")
+        await eventually(all_online, seconds, f"routes of {len(users)} users")
 
-    async def publish(self, events: list[PushEvent | bytes]) -> None:
+    async def publish(self, events: Sequence[PushEvent | bytes]) -> None:
         if self._producer is None:
             self._producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap, linger_ms=2)
             await self._producer.start()
@@ -102,7 +104,8 @@ class Pipeline:
                 await self._producer.send(self.topic("TOPIC_PUSH_EVENTS"), event, key=b"garbage")
             else:
                 await self._producer.send(
-                    self.topic("TOPIC_PUSH_EVENTS"), event.SerializeToString(),
+                    self.topic("TOPIC_PUSH_EVENTS"),
+                    event.SerializeToString(),
                     key=event.session_id.encode(),
                 )
         await self._producer.flush()
@@ -111,7 +114,9 @@ class Pipeline:
         return await self.inbox_store.read(user, 0, 100_000)
 
     async def offline(self) -> list[OfflinePush]:
-        records = await read_all(self.broker.bootstrap, self.topic("TOPIC_OFFLINE_PUSHES"), 1_000_000)
+        records = await read_all(
+            self.broker.bootstrap, self.topic("TOPIC_OFFLINE_PUSHES"), 1_000_000
+        )
         return [OfflinePush.FromString(r.value) for r in records]
 
     async def read_topic(self, topic: str) -> list[Any]:

@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
 from commands.traffic import single_chat
+from embedded.expectations import expected, received
 from embedded.worker import WorkerProcess
 from tests.e2e.conftest import Pipeline, eventually
-from embedded.expectations import expected, received
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_inbox_entry(pipeline: Pi
     rng = random.Random(5)
     seqs: dict[str, int] = {}
     events = []
-    for i in range(1500):
+    for i in range(4000):
         sender, recipient = rng.sample(users, 2)
         event = single_chat(sender, recipient, 0, f"load {i}")
         seqs[event.session_id] = seqs.get(event.session_id, 0) + 1
@@ -83,7 +83,7 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_inbox_entry(pipeline: Pi
     async def produce() -> None:
         for start in range(0, len(events), 50):
             await p.publish(events[start : start + 50])
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)  # ~500 events/s: the load outlasts the kill
 
     producing = asyncio.create_task(produce())
     await eventually(
@@ -117,7 +117,7 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_inbox_entry(pipeline: Pi
 
     async def all_pushed() -> bool:
         got = received(sims)
-        return all(got.get(e.to_username, {}).get(e.msg_id) for e in after)
+        return all(got[e.to_username][e.msg_id] for e in after)
 
     await eventually(all_pushed, 30, "pushes after the restart")
 
@@ -137,8 +137,8 @@ def _watch_ready(worker: WorkerProcess, statuses: list[int], timeout: float = 90
     raise TimeoutError(worker.log_tail())
 
 
-async def _at_least(total: asyncio.Future[int] | object, want: int) -> bool:
-    return await total >= want  # type: ignore[misc,operator]
+async def _at_least(total: Awaitable[int], want: int) -> bool:
+    return await total >= want
 
 
 async def _true(value: bool) -> bool:

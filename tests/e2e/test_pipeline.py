@@ -7,11 +7,11 @@ import random
 from collections import Counter
 
 from commands.traffic import group_chat, single_chat, snowflake
+from embedded.expectations import expected, pushed_in_order, received
 from pipeline.dlq import H_REASON
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
 from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
-from embedded.expectations import expected, pushed_in_order, received
 
 
 def traffic(p: Pipeline, users: list[str], group: str) -> list[PushEvent]:
@@ -29,11 +29,18 @@ def traffic(p: Pipeline, users: list[str], group: str) -> list[PushEvent]:
             events.append(group_chat(rng.choice(users[:50]), group, seqs[group], f"group {i}"))
     explicit = f"{p.tag}-explicit"
     for i in range(1, 11):
-        events.append(PushEvent(
-            msg_id=snowflake(), seq_id=i, session_id=explicit, from_username=users[0],
-            to_usernames=[users[5], users[25], users[45], users[55]],
-            exclude_usernames=[users[25]], session_type=2, content=f"explicit {i}",
-        ))
+        events.append(
+            PushEvent(
+                msg_id=snowflake(),
+                seq_id=i,
+                session_id=explicit,
+                from_username=users[0],
+                to_usernames=[users[5], users[25], users[45], users[55]],
+                exclude_usernames=[users[25]],
+                session_type=2,
+                content=f"explicit {i}",
+            )
+        )
     typing = single_chat(users[1], users[2], 1, "typing...")
     typing.session_id += ":typing"
     typing.push_only = True
@@ -68,7 +75,8 @@ async def test_every_recipient_once_in_order_with_offline_dlq_and_replay(
     await eventually(inboxes_full, 90, f"{want.inbox_total} inbox entries")
     await eventually(
         lambda: _true(sum(len(s.recorder.deliveries) for s in sims) >= want.pushed_total),
-        60, f"{want.pushed_total} pushes",
+        60,
+        f"{want.pushed_total} pushes",
     )
     await asyncio.sleep(1)  # anything extra (a duplicate) would arrive now
 
@@ -120,7 +128,9 @@ async def test_every_recipient_once_in_order_with_offline_dlq_and_replay(
     assert {u: [(e.cursor, e.msg_id) for e in await p.inbox(u)] for u in users} == snapshot
 
 
-async def test_group_of_1000_sends_the_body_once_per_partition_and_batch(pipeline: Pipeline) -> None:
+async def test_group_of_1000_sends_the_body_once_per_partition_and_batch(
+    pipeline: Pipeline,
+) -> None:
     p = pipeline
     worker = await p.start_worker()
     members = [p.user(i) for i in range(1000)]
@@ -152,7 +162,9 @@ async def test_gateway_with_only_unary_push_gets_every_delivery(pipeline: Pipeli
     users = [p.user(i) for i in range(20)]
     sim = await p.gateway("gw-legacy", users, stream=False)
     await p.wait_online(worker, users)
-    events = [single_chat(users[i % 20], users[(i + 1) % 20], 1 + i // 20, f"m{i}") for i in range(100)]
+    events = [
+        single_chat(users[i % 20], users[(i + 1) % 20], 1 + i // 20, f"m{i}") for i in range(100)
+    ]
     await p.publish(events)
     await eventually(lambda: _true(len(sim.recorder.deliveries) >= 100), 30, "100 unary pushes")
     await asyncio.sleep(0.5)

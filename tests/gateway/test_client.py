@@ -14,7 +14,11 @@ from gateway.simulator import GatewaySimulator
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 
 FAST = SessionConfig(
-    batch_linger=0.005, ack_timeout=0.5, connect_timeout=0.3, backoff_min=0.05, backoff_max=0.2,
+    batch_linger=0.005,
+    ack_timeout=0.5,
+    connect_timeout=0.3,
+    backoff_min=0.05,
+    backoff_max=0.2,
     max_attempts=2,
 )
 
@@ -33,10 +37,10 @@ class Outcomes:
 
         return on_done
 
-    async def wait(self, count: int, timeout: float = 10) -> None:
+    async def wait(self, count: int, seconds: float = 10) -> None:
         self.expected = count
         if len(self.items) < count:
-            await asyncio.wait_for(self.done.wait(), timeout)
+            await asyncio.wait_for(self.done.wait(), seconds)
 
 
 def message(msg_id: int, session: str = "s1", seq: int = 1) -> PushMessage:
@@ -61,7 +65,14 @@ async def test_batches_carry_each_body_once_and_ack(gateway: GatewaySimulator) -
     assert session.offer(PushItem(message(2, seq=2), ["u5"], outcomes.handler(2)))
     await outcomes.wait(4)
     await pool.drain(1)
-    assert sorted(u for _, o in outcomes.items for u in o.delivered) == ["u0", "u1", "u2", "u3", "u4", "u5"]
+    assert sorted(u for _, o in outcomes.items for u in o.delivered) == [
+        "u0",
+        "u1",
+        "u2",
+        "u3",
+        "u4",
+        "u5",
+    ]
     assert all(not o.failed for _, o in outcomes.items)
     for msg_ids in gateway.recorder.calls:
         assert len(msg_ids) == len(set(msg_ids)), "a batch carried a body twice"
@@ -77,7 +88,7 @@ async def test_failed_usernames_come_back_as_failed(gateway: GatewaySimulator) -
     )
     await outcomes.wait(1)
     await pool.drain(1)
-    (_, outcome), = outcomes.items
+    ((_, outcome),) = outcomes.items
     assert outcome.delivered == ["u0"]
     assert outcome.failed == ["u1", "nobody"]
     assert outcome.reason == "gateway_rejected"
@@ -117,11 +128,13 @@ async def test_gateway_that_never_acks_fails_after_retries() -> None:
     await sim.connect(["u0"])
     pool = GatewayPool(FAST)
     outcomes = Outcomes()
-    pool.session(sim.gateway_id, sim.address).offer(PushItem(message(9), ["u0"], outcomes.handler(9)))
-    await outcomes.wait(1, timeout=15)
+    pool.session(sim.gateway_id, sim.address).offer(
+        PushItem(message(9), ["u0"], outcomes.handler(9))
+    )
+    await outcomes.wait(1, seconds=15)
     await pool.drain(0.1)
     await sim.stop()
-    (_, outcome), = outcomes.items
+    ((_, outcome),) = outcomes.items
     assert outcome.failed == ["u0"] and outcome.reason == "gateway_failed"
     assert sim.recorder.batches == FAST.max_attempts, "resent once per attempt"
 
@@ -131,9 +144,9 @@ async def test_unreachable_gateway_diverts_after_ack_timeout() -> None:
     outcomes = Outcomes()
     session = pool.session("gw-gone", f"127.0.0.1:{free_port()}")
     session.offer(PushItem(message(10), ["u0"], outcomes.handler(10)))
-    await outcomes.wait(1, timeout=10)
+    await outcomes.wait(1, seconds=10)
     await pool.drain(0.1)
-    (_, outcome), = outcomes.items
+    ((_, outcome),) = outcomes.items
     assert outcome.failed == ["u0"] and outcome.reason == "gateway_unreachable"
 
 

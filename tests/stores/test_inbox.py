@@ -21,7 +21,9 @@ def msg(i: int, session: str = "s") -> PushMessage:
     return PushMessage(msg_id=BASE + i, seq_id=i, session_id=session, content=f"m{i}")
 
 
-async def test_cursors_have_no_gaps_and_writes_are_idempotent(store: RedisInboxStore, tag: str) -> None:
+async def test_cursors_have_no_gaps_and_writes_are_idempotent(
+    store: RedisInboxStore, tag: str
+) -> None:
     users = [f"{tag}-a", f"{tag}-b"]
     first = await store.write([(msg(i), users) for i in range(1, 6)])
     again = await store.write([(msg(i), users) for i in (3, 1, 5)] + [(msg(6), users[:1])])
