@@ -41,11 +41,23 @@ class Router:
         self._send_offline = send_offline
         self._timeout_ms = int(gateway_timeout_seconds * 1000)
         self._gc_ms = int(route_gc_seconds * 1000)
+        self._clock_cache: gateway_rules.Clock | None = None
+        self._clock_at = 0.0
+
+    def _clock(self) -> gateway_rules.Clock:
+        # The newest heartbeat is a scan of the (small) gateways table: once per 200 ms.
+        now = time.monotonic()
+        if self._clock_cache is None or now - self._clock_at > 0.2:
+            self._clock_cache = gateway_rules.clock(
+                self._gateways.values(), int(time.time() * 1000), self._timeout_ms
+            )
+            self._clock_at = now
+        return self._clock_cache
 
     async def route(self, delivery: Delivery) -> None:
         if delivery.persist_only:
             return
-        now_ms = int(time.time() * 1000)
+        at = self._clock()
         sender = delivery.message.from_username
         # Gateway liveness is looked up once per record, not once per recipient.
         pushable: dict[str, GatewayInfo | None] = {}
@@ -60,9 +72,9 @@ class Router:
             for gateway_id in route_rules.online_gateways(route):
                 if gateway_id not in pushable:
                     info = self._gateways.get(gateway_id)
-                    ok = gateway_rules.is_pushable(info, now_ms, self._timeout_ms)
+                    ok = gateway_rules.is_pushable(info, at)
                     pushable[gateway_id] = info if ok else None
-                    if info is not None and gateway_rules.silent_ms(info, now_ms) > self._gc_ms:
+                    if info is not None and gateway_rules.silent_ms(info, at) > self._gc_ms:
                         dead.add(gateway_id)
                 if pushable[gateway_id] is not None:
                     targets.append(gateway_id)

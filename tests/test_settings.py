@@ -22,3 +22,11 @@ def test_bad_broker_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("KAFKA_BROKER_URL", "10.0.0.1:9092")
     with pytest.raises(ValidationError, match="kafka://host:port"):
         Settings()
+
+
+def test_readme_documents_every_knob() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [f for f in Settings.model_fields if f"`{f.upper()}`" not in readme]
+    assert missing == [], f"add these to README.md's configuration table: {missing}"

@@ -139,8 +139,11 @@ def register(app: Any, topology: Topology) -> None:
 
     @app.page("/gateways")
     async def gateway_list(self: Any, request: Any) -> Any:
-        now_ms = int(time.time() * 1000)
-        timeout_ms = int(topology.settings.gateway_timeout_seconds * 1000)
+        at = gateway_rules.clock(
+            topology.gateways.values(),
+            int(time.time() * 1000),
+            int(topology.settings.gateway_timeout_seconds * 1000),
+        )
         sessions = topology.gateway_pool.stats()
         return self.json(
             {
@@ -148,8 +151,8 @@ def register(app: Any, topology: Topology) -> None:
                     {
                         "gateway_id": gid,
                         **info,
-                        "status": gateway_rules.status(info, now_ms, timeout_ms),
-                        "silent_ms": gateway_rules.silent_ms(info, now_ms),
+                        "status": gateway_rules.status(info, at),
+                        "silent_ms": gateway_rules.silent_ms(info, at),
                         "session": sessions.get(gid),
                     }
                     for gid, info in sorted(topology.gateways.items())

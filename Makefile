@@ -1,0 +1,37 @@
+# The two commands a new machine needs: `make demo` and `make test`.
+# Each creates .venv and installs the project (with its dev tools) on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint proto bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m embedded.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+proto: $(STAMP)
+	$(BIN)/python tools/gen_proto.py
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.pipeline
+
+clean:
+	rm -rf $(VENV) *-data .pytest_cache .mypy_cache .ruff_cache
