@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     topic_heartbeats: str = "resonance.gateway.heartbeat.v1"
     topic_offline_pushes: str = "resonance.offline.push.v1"
 
+    # Kafka producer: time to fill a batch. Kafka 4's default; fewer, larger requests.
+    producer_linger_ms: float = Field(5.0, ge=0)
+
     # Fan-out.
     member_page_size: int = Field(1000, ge=1)
     delivery_max_users: int = Field(5000, ge=1)

@@ -159,7 +159,7 @@ class GatewaySession:
                 self._unary = True
                 self._requeue_inflight(count_attempt=False)
                 continue
-            except (TimeoutError, grpc.RpcError, _StreamBroken) as exc:
+            except Exception as exc:  # whatever broke this connection, the session lives on
                 failures += 1
                 self.failures += 1
                 log.warning("gateway %s at %s: %r", self.gateway_id, self.address, exc)
@@ -244,9 +244,18 @@ class GatewaySession:
         watchdog = asyncio.create_task(self._watch_acks())
         tasks = {writer, reader, watchdog}
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if watchdog.done():
+                watchdog.result()
+            # The call's status says why it ended: a write to a finished call only says
+            # "already finished", and may come first (a gateway without PushStream ends
+            # the call at once, UNIMPLEMENTED).
+            if writer.done() and not reader.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), self._config.connect_timeout)
+            if reader.done():
+                reader.result()
+            writer.result()
             raise _StreamBroken("push stream ended")
         finally:
             for task in tasks:

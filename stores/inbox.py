@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 
@@ -46,22 +47,23 @@ class InboxStore(Protocol):
     async def close(self) -> None: ...
 
 
-# Idempotent append of one msg_id to the inboxes of several users; for each user returns
-# its cursor and 1 if new, 0 if the msg_id was already there. KEYS come in threes per user
-# (inbox, seq, trim), all of one user's hash tag.
+# Idempotent appends to users' inboxes, many (user, msg_id) pairs a call. KEYS come in
+# threes per pair (inbox, seq, trim: one user's hash tag); ARGV[1] is the cap and ARGV[j+1]
+# the msg_id of pair j. Pairs run in order, so a user's messages keep their batch order.
+# Returns, per pair, its cursor and 1 if new, 0 if the msg_id was already there.
 # msg_ids are compared as decimal strings: Snowflake ids exceed a Lua double's 2^53.
 # A msg_id at or below the trim watermark was in this inbox and was trimmed by the cap,
 # so a replay of it must not come back with a new cursor.
 _APPEND = """
-local msg_id = ARGV[1]
-local cap = tonumber(ARGV[2])
+local cap = tonumber(ARGV[1])
 local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
 local out = {}
-for i = 1, #KEYS, 3 do
-  local inbox, seq, trimkey = KEYS[i], KEYS[i + 1], KEYS[i + 2]
+for j = 1, #ARGV - 1 do
+  local msg_id = ARGV[j + 1]
+  local inbox, seq, trimkey = KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j]
   local existing = redis.call('ZSCORE', inbox, msg_id)
   local trim = redis.call('GET', trimkey)
   if existing then
@@ -105,48 +107,51 @@ class RedisInboxStore:
         max_entries: int,
         message_ttl: int,
         timeout: float = 2.0,
-        keys_per_call: int = 256,
+        pairs_per_call: int = 256,
         cluster: bool = False,
     ) -> None:
         self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._append = self._redis.register_script(_APPEND)
+        self._sha: str | None = None
         self._max_entries = max_entries
         self._ttl = message_ttl
-        self._users_per_call = keys_per_call
+        # One call per pair is the Redis Cluster-safe form (a script's keys must share a
+        # slot, and each user is its own hash tag); a single Redis takes many pairs a call,
+        # which saves most of the per-command cost on both sides.
+        self._pairs_per_call = pairs_per_call
         self._cluster = cluster
 
     async def write(self, batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> WriteResult:
-        pipe = self._redis.pipeline(transaction=False)
-        bodies_written: set[int] = set()
-        appends = 0
+        bodies: dict[int, bytes] = {}
+        pairs: list[tuple[str, int]] = []
         for message, users in batch:
-            if message.msg_id not in bodies_written:
-                bodies_written.add(message.msg_id)
-                pipe.set(
-                    _body_key(message.msg_id), message.SerializeToString(), ex=self._ttl, nx=True
-                )
-            for group in self._call_groups(users):
-                keys: list[str] = []
-                for user in group:
-                    inbox = _inbox_key(user)
-                    keys += (inbox, inbox + ":seq", inbox + ":trim")
-                await self._append(keys=keys, args=[message.msg_id, self._max_entries], client=pipe)
-                appends += len(group)
-        results = await pipe.execute()
+            if message.msg_id not in bodies:
+                bodies[message.msg_id] = message.SerializeToString()
+            pairs.extend((user, message.msg_id) for user in users)
+        try:
+            results = await self._execute(bodies, pairs)
+        except NoScriptError:
+            # Redis restarted or flushed its scripts: load it again and redo the whole
+            # batch, which is safe because every append is idempotent.
+            self._sha = None
+            results = await self._execute(bodies, pairs)
         new = sum(sum(r[1::2]) for r in results if isinstance(r, list))
-        return WriteResult(new=new, duplicate=appends - new)
+        return WriteResult(new=new, duplicate=len(pairs) - new)
 
-    def _call_groups(self, users: Sequence[str]) -> list[Sequence[str]]:
-        """Users whose appends can share one script call.
-
-        One call per user is the Redis Cluster-safe form (a script's keys must share a
-        slot, and each user is its own hash tag); a single Redis takes many users a call,
-        which saves most of the per-command cost on both sides.
-        """
-        if self._cluster:
-            return [(user,) for user in users]
-        step = self._users_per_call
-        return [users[i : i + step] for i in range(0, len(users), step)]
+    async def _execute(self, bodies: dict[int, bytes], pairs: list[tuple[str, int]]) -> list[Any]:
+        if self._sha is None:
+            self._sha = str(await self._redis.script_load(_APPEND))
+        pipe = self._redis.pipeline(transaction=False)
+        for msg_id, body in bodies.items():
+            pipe.set(_body_key(msg_id), body, ex=self._ttl, nx=True)
+        step = 1 if self._cluster else self._pairs_per_call
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            keys: list[str] = []
+            for user, _ in chunk:
+                inbox = _inbox_key(user)
+                keys += (inbox, inbox + ":seq", inbox + ":trim")
+            pipe.evalsha(self._sha, len(keys), *keys, self._max_entries, *(m for _, m in chunk))
+        return list(await pipe.execute())
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._redis.zrange(
