@@ -61,6 +61,7 @@ class Router:
         sender = delivery.message.from_username
         # Gateway liveness is looked up once per record, not once per recipient.
         pushable: dict[str, GatewayInfo | None] = {}
+        gone: set[str] = set()  # silent past the GC horizon
         by_gateway: dict[str, list[str]] = {}
         offline: list[str] = []
         for user in delivery.users:
@@ -75,13 +76,19 @@ class Router:
                     ok = gateway_rules.is_pushable(info, at)
                     pushable[gateway_id] = info if ok else None
                     if info is not None and gateway_rules.silent_ms(info, at) > self._gc_ms:
-                        dead.add(gateway_id)
+                        gone.add(gateway_id)
                 if pushable[gateway_id] is not None:
                     targets.append(gateway_id)
+                elif gateway_id in gone:
+                    dead.add(gateway_id)
             if dead and route:
                 # A gateway silent past the GC horizon is gone; drop its connections here,
                 # on the worker that owns this user's routes partition.
-                self._routes[user] = route_rules.without_gateways(route, dead)
+                remaining = route_rules.without_gateways(route, dead)
+                if remaining:
+                    self._routes[user] = remaining
+                else:
+                    del self._routes[user]
             if not targets:
                 offline.append(user)
             for gateway_id in targets:
