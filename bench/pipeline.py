@@ -121,6 +121,7 @@ class Bench:
         producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap, linger_ms=5)
         await producer.start()
         for event in events:
+            event.timestamp = int(time.time() * 1000)  # accepted "now", as a logic service would
             await producer.send(
                 self.env["TOPIC_PUSH_EVENTS"],
                 event.SerializeToString(),

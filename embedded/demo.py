@@ -98,6 +98,7 @@ async def run(
     await producer.start()
     t0 = time.monotonic()
     for event in events:
+        event.timestamp = int(time.time() * 1000)  # accepted "now", as a logic service would
         await producer.send(
             env["TOPIC_PUSH_EVENTS"], event.SerializeToString(), key=event.session_id.encode()
         )
