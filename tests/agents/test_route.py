@@ -6,7 +6,12 @@ import time
 
 from agents.route import Router
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, GatewayPush, OfflinePush
+from proto.resonance.pipeline.v1.pipeline_pb2 import (
+    Delivery,
+    GatewayPush,
+    GatewayPushBatch,
+    OfflinePush,
+)
 from tables.gateways import GatewayInfo
 
 
@@ -28,7 +33,12 @@ class Sent:
         self.offline: list[OfflinePush] = []
 
     async def push(self, gateway_id: str, value: bytes) -> None:
-        self.pushes.append(GatewayPush.FromString(value))
+        batch = GatewayPushBatch.FromString(value)
+        assert all(p.message.msg_id for p in batch.pushes)
+        self.pushes.extend(
+            GatewayPush(gateway_id=batch.gateway_id, message=p.message, users=p.users)
+            for p in batch.pushes
+        )
 
     async def off(self, key: bytes, value: bytes) -> None:
         self.offline.append(OfflinePush.FromString(value))
@@ -86,3 +96,26 @@ async def test_draining_and_long_silent_gateways_get_nothing_and_are_collected()
     assert [p.users for p in sent.pushes] == [["c"]]
     assert sorted(sent.offline[0].users) == ["a", "b"]
     assert routes["a"] == {"c2": conn("drain")} and "b" not in routes
+
+
+async def test_a_batch_sends_one_record_per_gateway_in_order() -> None:
+    t = now_ms()
+    routes: dict[str, object] = {"a": {"c": conn("g1")}, "b": {"c": conn("g1")}}
+    records: list[GatewayPushBatch] = []
+
+    async def push(gateway_id: str, value: bytes) -> None:
+        records.append(GatewayPushBatch.FromString(value))
+
+    r = Router(
+        routes=routes,
+        gateways={"g1": gateway(t)},
+        send_push=push,
+        send_offline=Sent().off,
+        gateway_timeout_seconds=5,
+        route_gc_seconds=60,
+    )
+    await r.route_batch(
+        [Delivery(message=PushMessage(msg_id=i, seq_id=i), users=["a", "b"]) for i in (1, 2, 3)]
+    )
+    (record,) = records
+    assert [p.message.seq_id for p in record.pushes] == [1, 2, 3]

@@ -84,7 +84,7 @@ Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
 
 @_typing.final
 class GatewayPush(_message.Message):
-    """One message for the users one gateway holds, keyed by gateway_id."""
+    """One message for the users one gateway holds."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -140,6 +140,36 @@ class GatewayPush(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GatewayPush: _TypeAlias = GatewayPush  # noqa: Y015
+
+@_typing.final
+class GatewayPushBatch(_message.Message):
+    """The gateway-pushes record: what route found for one gateway across a batch of
+    deliveries records, in their order. Keyed by gateway_id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PUSHES_FIELD_NUMBER: _builtins.int
+    gateway_id: _builtins.str
+    address: _builtins.str
+    @_builtins.property
+    def pushes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GatewayPush]: ...
+    def __init__(
+        self,
+        *,
+        gateway_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        pushes: _abc.Iterable[Global___GatewayPush] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "gateway_id", b"gateway_id", "pushes", b"pushes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayPushBatch: _TypeAlias = GatewayPushBatch  # noqa: Y015
 
 @_typing.final
 class OfflinePush(_message.Message):
