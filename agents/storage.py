@@ -31,6 +31,8 @@ from stores.inbox import InboxStore
 
 log = logging.getLogger(__name__)
 
+COMMIT_INTERVAL = 0.5  # seconds
+
 
 class StorageConsumer(Service):
     def __init__(
@@ -93,18 +95,28 @@ class StorageConsumer(Service):
     async def _consume(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
+        # Offsets of written batches, committed at most every COMMIT_INTERVAL: a commit per
+        # fetch cost more broker work than the writes. Anything written but not committed
+        # when a worker dies is written again by the next owner, idempotently.
+        written: dict[TopicPartition, int] = {}
+        last_commit = time.monotonic()
         while not self.should_stop:
             fetched = await consumer.getmany(timeout_ms=200, max_records=self._batch_max)
-            if not fetched:
-                continue
-            await self._store(fetched)
-            offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
-            try:
-                await consumer.commit(offsets)
-            except CommitFailedError as exc:
-                # Partitions moved while we wrote: the new owner rewrites them, idempotently.
-                log.info("storage commit skipped after rebalance: %s", exc)
-            self._report_lag(consumer, offsets)
+            if fetched:
+                await self._store(fetched)
+                written.update({tp: rs[-1].offset + 1 for tp, rs in fetched.items()})
+            if written and (not fetched or time.monotonic() - last_commit >= COMMIT_INTERVAL):
+                await self._commit(consumer, written)
+                written = {}
+                last_commit = time.monotonic()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # Partitions moved while we wrote: the new owner rewrites them, idempotently.
+            log.info("storage commit skipped after rebalance: %s", exc)
+        self._report_lag(consumer, offsets)
 
     async def _store(self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         batch: list[tuple[PushMessage, Sequence[str]]] = []
