@@ -8,9 +8,10 @@ figures side by side within a run, not across runs or machines.
 
 - pipeline: `faust -A app worker` as a separate process; traffic produced in one burst;
   deliveries/s = (inbox writes + pushes) / time from first produce to the last of both.
-- naive: the seeds' first design on the same records: an aiokafka consumer that, per
-  recipient, awaits one Redis round trip (the same idempotent append script) and, per
-  online recipient, one unary Push RPC.
+- naive: the seeds' first design on the same events: per recipient, one awaited Redis
+  round trip (the same idempotent append script); per online recipient, one unary Push
+  RPC. It loops over the events in memory, so it pays no Kafka cost at all: the ratio
+  flatters the naive side. It runs for a fixed time budget, then reports rates.
 - ceiling: a bare aiokafka consumer that only reads the same push-event records.
 """
 
@@ -220,7 +221,6 @@ async def naive(
         if time.monotonic() - t0 > budget_s:
             break
     elapsed = time.monotonic() - t0
-    latencies = [r.latency_ms for s in bench.sims for r in s.recorder.deliveries]
     for channel in channels.values():
         await channel.close(grace=None)
     await store.close()
@@ -231,7 +231,6 @@ async def naive(
         "inbox_writes_per_s": round(writes / elapsed, 1),
         "pushes_per_s": round(pushes / elapsed, 1),
         "deliveries_per_s": round((writes + pushes) / elapsed, 1),
-        "latency_ms_p50": pct(latencies, 0.5),
     }
 
 
