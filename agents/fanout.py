@@ -8,6 +8,7 @@ the push. `exclude_usernames` are dropped here, for both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -140,8 +141,23 @@ class Fanout:
         else:
             cursor: int | None = 0
             while cursor is not None:
-                page, cursor = await self._members.page(event.session_id, cursor, self._page_size)
+                page, cursor = await self._page_with_retry(event.session_id, cursor)
                 yield page
+
+    async def _page_with_retry(self, session_id: str, cursor: int) -> tuple[list[str], int | None]:
+        # A failing member store holds this event (and its partition) back: Kafka is the
+        # buffer. Crashing the agent would only restart the worker into the same wait.
+        attempt = 0
+        while True:
+            try:
+                return await self._members.page(session_id, cursor, self._page_size)
+            except Exception as exc:
+                attempt += 1
+                delay = min(5.0, 0.05 * 2**attempt)
+                log.warning(
+                    "member store failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc
+                )
+                await asyncio.sleep(delay)
 
 
 def agent(fanout: Fanout) -> Callable[[Any], Awaitable[None]]:

@@ -134,3 +134,18 @@ async def test_bad_records_go_to_dead_letters(value: bytes, reason: str) -> None
     ((topic, headers),) = sink.dead
     assert topic == "push.dlq"
     assert dict(headers)[H_REASON] == reason.encode()
+
+
+async def test_member_store_errors_are_retried_not_fatal() -> None:
+    fanout, sink, members = make({"g": ["a", "b"]})
+    real_page = members.page
+    failures = [ConnectionError("redis down"), TimeoutError()]
+
+    async def flaky(session_id: str, cursor: int, count: int) -> tuple[list[str], int | None]:
+        if failures:
+            raise failures.pop(0)
+        return await real_page(session_id, cursor, count)
+
+    members.page = flaky  # type: ignore[method-assign]
+    await fanout.handle(record(PushEvent(msg_id=5, session_id="g", session_type=2)))
+    assert users_of(sink) == ["a", "b"]
