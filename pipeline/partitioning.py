@@ -22,10 +22,3 @@ def _positive_hash(user: str) -> int:
 
 def partition_for(user: str, partitions: int) -> int:
     return _positive_hash(user) % partitions
-
-
-def group_by_partition(users: list[str], partitions: int) -> dict[int, list[str]]:
-    buckets: dict[int, list[str]] = {}
-    for user in users:
-        buckets.setdefault(partition_for(user, partitions), []).append(user)
-    return buckets

@@ -42,8 +42,6 @@ class InboxStore(Protocol):
 
     async def last_cursor(self, user: str) -> int: ...
 
-    async def ping(self) -> bool: ...
-
     async def close(self) -> None: ...
 
 
@@ -178,9 +176,6 @@ class RedisInboxStore:
     async def last_cursor(self, user: str) -> int:
         value = await self._redis.get(_inbox_key(user) + ":seq")
         return int(value or 0)
-
-    async def ping(self) -> bool:
-        return bool(await self._redis.ping())
 
     async def close(self) -> None:
         await self._redis.aclose()
