@@ -117,7 +117,6 @@ class Router:
                 continue
             route = self._routes.get(user)
             targets = []
-            dead: set[str] = set()
             for gateway_id in route_rules.online_gateways(route):
                 if gateway_id not in pushable:
                     info = self._gateways.get(gateway_id)
@@ -127,16 +126,6 @@ class Router:
                         gone.add(gateway_id)
                 if pushable[gateway_id] is not None:
                     targets.append(gateway_id)
-                elif gateway_id in gone:
-                    dead.add(gateway_id)
-            if dead and route:
-                # A gateway silent past the GC horizon is gone; drop its connections here,
-                # on the worker that owns this user's routes partition.
-                remaining = route_rules.without_gateways(route, dead)
-                if remaining:
-                    self._routes[user] = remaining
-                else:
-                    del self._routes[user]
             if not targets:
                 offline.append(user)
             for gateway_id in targets:

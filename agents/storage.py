@@ -111,9 +111,14 @@ class StorageConsumer(Service):
                 last_commit = time.monotonic()
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        # Only partitions still ours: a rebalance may have taken some since they were written.
+        owned = consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+        if not offsets:
+            return
         try:
             await consumer.commit(offsets)
-        except CommitFailedError as exc:
+        except (CommitFailedError, KafkaError) as exc:
             # Partitions moved while we wrote: the new owner rewrites them, idempotently.
             log.info("storage commit skipped after rebalance: %s", exc)
         self._report_lag(consumer, offsets)
