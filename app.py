@@ -186,7 +186,6 @@ app.agent(deliveries, name="route")(
             send_push=lambda gateway_id, value: to_gateway_pushes(gateway_id.encode(), value, None),
             send_offline=lambda key, value: to_offline_pushes(key, value, None),
             gateway_timeout_seconds=settings.gateway_timeout_seconds,
-            route_gc_seconds=settings.gateway_route_gc_seconds,
         ),
         dead_letters,
     )

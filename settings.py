@@ -57,7 +57,6 @@ class Settings(BaseSettings):
     # Presence and gateways.
     gateway_timeout_seconds: float = Field(15.0, gt=0)
     route_offline_keep_seconds: float = Field(300.0, ge=0)
-    gateway_route_gc_seconds: float = Field(120.0, gt=0)
 
     # Push to gateways.
     push_batch_max_items: int = Field(128, ge=1)

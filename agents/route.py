@@ -33,22 +33,18 @@ class Router:
         send_push: SendGatewayPush,
         send_offline: SendOffline,
         gateway_timeout_seconds: float,
-        route_gc_seconds: float,
     ) -> None:
         self._routes = routes
         self._gateways = gateways
         self._send_push = send_push
         self._send_offline = send_offline
         self._timeout_ms = int(gateway_timeout_seconds * 1000)
-        self._gc_ms = int(route_gc_seconds * 1000)
         self._clock_cache: gateway_rules.Clock | None = None
         self._pushable: dict[str, GatewayInfo | None] = {}
-        self._gone: set[str] = set()  # gateways silent past the GC horizon
         self._clock_at = 0.0
 
     def forget_liveness(self) -> None:
         self._pushable.clear()
-        self._gone.clear()
 
     def _clock(self) -> gateway_rules.Clock:
         # The newest heartbeat is a scan of the (small) gateways table: once per 200 ms,
@@ -109,7 +105,6 @@ class Router:
         sender = delivery.message.from_username
         # Gateway liveness is looked up once per batch, not once per recipient.
         pushable = self._pushable
-        gone = self._gone
         by_gateway: dict[str, list[str]] = {}
         offline: list[str] = []
         for user in delivery.users:
@@ -122,8 +117,6 @@ class Router:
                     info = self._gateways.get(gateway_id)
                     ok = gateway_rules.is_pushable(info, at)
                     pushable[gateway_id] = info if ok else None
-                    if info is not None and gateway_rules.silent_ms(info, at) > self._gc_ms:
-                        gone.add(gateway_id)
                 if pushable[gateway_id] is not None:
                     targets.append(gateway_id)
             if not targets:

@@ -51,7 +51,6 @@ def router(routes: dict[str, object], gateways: dict[str, GatewayInfo], sent: Se
         send_push=sent.push,
         send_offline=sent.off,
         gateway_timeout_seconds=5,
-        route_gc_seconds=60,
     )
 
 
@@ -112,7 +111,6 @@ async def test_a_batch_sends_one_record_per_gateway_in_order() -> None:
         send_push=push,
         send_offline=Sent().off,
         gateway_timeout_seconds=5,
-        route_gc_seconds=60,
     )
     await r.route_batch(
         [Delivery(message=PushMessage(msg_id=i, seq_id=i), users=["a", "b"]) for i in (1, 2, 3)]
