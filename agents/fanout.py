@@ -139,12 +139,12 @@ class Fanout:
         elif event.to_username:
             yield (event.to_username,)
         else:
-            cursor: int | None = 0
+            cursor: str | None = ""
             while cursor is not None:
                 page, cursor = await self._page_with_retry(event.session_id, cursor)
                 yield page
 
-    async def _page_with_retry(self, session_id: str, cursor: int) -> tuple[list[str], int | None]:
+    async def _page_with_retry(self, session_id: str, cursor: str) -> tuple[list[str], str | None]:
         # A failing member store holds this event (and its partition) back: Kafka is the
         # buffer. Crashing the agent would only restart the worker into the same wait.
         attempt = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import pytest
@@ -20,16 +21,27 @@ class Members:
         self.groups = groups
         self.pages = 0
 
-    async def page(self, session_id: str, cursor: int, count: int) -> tuple[list[str], int | None]:
+    async def page(self, session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
         self.pages += 1
-        members = self.groups.get(session_id, [])[cursor : cursor + count]
-        return members, cursor + count if len(members) == count else None
+        ordered = sorted(self.groups.get(session_id, []))
+        members = (
+            ordered[bisect.bisect_right(ordered, after) :][:count] if after else ordered[:count]
+        )
+        return members, members[-1] if len(members) == count else None
 
     async def count(self, session_id: str) -> int:
         return len(self.groups.get(session_id, []))
 
-    async def add(self, session_id: str, users: Sequence[str]) -> None:
+    async def add(
+        self, session_id: str, users: Sequence[str], joined_at_ms: int | None = None
+    ) -> None:
         self.groups.setdefault(session_id, []).extend(users)
+
+    async def remove(self, session_id: str, users: Sequence[str]) -> None:
+        self.groups[session_id] = [u for u in self.groups.get(session_id, []) if u not in users]
+
+    async def sessions_of(self, user: str) -> dict[str, int]:
+        return {s: 0 for s, users in self.groups.items() if user in users}
 
     async def close(self) -> None:
         return None
@@ -141,7 +153,7 @@ async def test_member_store_errors_are_retried_not_fatal() -> None:
     real_page = members.page
     failures = [ConnectionError("redis down"), TimeoutError()]
 
-    async def flaky(session_id: str, cursor: int, count: int) -> tuple[list[str], int | None]:
+    async def flaky(session_id: str, cursor: str, count: int) -> tuple[list[str], str | None]:
         if failures:
             raise failures.pop(0)
         return await real_page(session_id, cursor, count)
