@@ -1,8 +1,10 @@
 """Resonance Task: the Faust app and its whole topology, on one screen.
 
-    push-events --[fanout]--> deliveries --[storage]  (own consumer group) --> inboxes
-                                         \\-[route]--> gateway-pushes --[push]--> gateways
-                                              |                        \\--> offline-pushes
+    push-events --[fanout]-------------------> deliveries --[storage] (own group) --> inboxes
+         | groups of LARGE_GROUP_MIN_MEMBERS+  ^        \\-[route]--> gateway-pushes --[push]
+         v                                     |                  |                  |
+    large-group-jobs --[large_group]-----------+                  v                  v
+      (cursor table; read diffusion: group timelines)      offline-pushes        gateways
     presence --[presence]--> presence-by-user --[routes]--> routes table  (read by route)
     gateway-heartbeats --[registry]--> gateways GlobalTable               (read by route)
 
@@ -17,13 +19,14 @@ from typing import Any
 import faust
 
 import commands
-from agents import fanout, presence, push, registry, route, storage
+from agents import fanout, large_group, presence, push, registry, route, storage
 from embedded import tansu
 from gateway.client import GatewayPool, SessionConfig
 from pipeline.dlq import DeadLetters, dlq_topic
 from settings import Settings
 from stores.inbox import RedisInboxStore
 from stores.members import RedisMemberStore
+from stores.timeline import RedisTimelineStore
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
 from web import views
@@ -89,6 +92,7 @@ offline_pushes = _topic(settings.topic_offline_pushes)
 deliveries = _topic(settings.topic_name("deliveries"))
 presence_by_user = _topic(settings.topic_name("presence-by-user"))
 gateway_pushes = _topic(settings.topic_name("gateway-pushes"))
+large_group_jobs = _topic(settings.topic_name("large-group-jobs"))
 
 _table_schema: faust.Schema[str, Any] = faust.Schema(
     key_type=str, key_serializer="raw", value_serializer="json"
@@ -99,6 +103,10 @@ routes = app.Table(
 gateways = app.GlobalTable(
     gateway_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
 )
+# Co-partitioned with large-group-jobs: a job's cursor is on the worker running the job.
+large_group_cursors = app.Table(
+    large_group.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
+)
 
 members = RedisMemberStore(
     settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
@@ -106,6 +114,13 @@ members = RedisMemberStore(
 inbox = RedisInboxStore(
     settings.inbox_redis,
     max_entries=settings.inbox_max_entries,
+    message_ttl=settings.message_ttl_seconds,
+    timeout=settings.redis_timeout_seconds,
+    cluster=settings.inbox_redis_cluster,
+)
+timeline = RedisTimelineStore(
+    settings.inbox_redis,
+    max_entries=settings.timeline_max_entries,
     message_ttl=settings.message_ttl_seconds,
     timeout=settings.redis_timeout_seconds,
     cluster=settings.inbox_redis_cluster,
@@ -120,7 +135,9 @@ async def _send_raw(
     )
 
 
-def _producer_for(topic: Any) -> Callable[[bytes, bytes, int | None], Awaitable[object]]:
+def _producer_for(
+    topic: Any,
+) -> Callable[[bytes, bytes, int | None], Awaitable[Awaitable[object]]]:
     """Send bytes to `topic` straight through the app's producer.
 
     The hot path skips Faust's channel machinery (a future, callbacks and sensor hooks per
@@ -129,7 +146,7 @@ def _producer_for(topic: Any) -> Callable[[bytes, bytes, int | None], Awaitable[
     """
     name = topic.get_topic_name()
 
-    async def send(key: bytes, value: bytes, partition: int | None) -> object:
+    async def send(key: bytes, value: bytes, partition: int | None) -> Awaitable[object]:
         return await app.producer.send(name, key, value, partition, None, None)
 
     return send
@@ -139,6 +156,7 @@ to_deliveries = _producer_for(deliveries)
 to_presence_by_user = _producer_for(presence_by_user)
 to_gateway_pushes = _producer_for(gateway_pushes)
 to_offline_pushes = _producer_for(offline_pushes)
+to_large_group_jobs = _producer_for(large_group_jobs)
 dead_letters = DeadLetters(_send_raw)
 gateway_pool = GatewayPool(
     SessionConfig(
@@ -164,6 +182,27 @@ app.agent(push_events, name="fanout")(
             partitions=settings.topic_partitions,
             page_size=settings.member_page_size,
             max_users_per_delivery=settings.delivery_max_users,
+            diffusion=fanout.Diffusion(
+                settings.large_group_min_members, settings.read_diffusion_min_members
+            ),
+            send_job=lambda key, value: to_large_group_jobs(key, value, None),
+        )
+    )
+)
+app.agent(large_group_jobs, name="large_group")(
+    large_group.agent(
+        large_group.LargeGroups(
+            members=members,
+            timeline=timeline,
+            cursors=large_group_cursors,
+            send=lambda partition, key, value: to_deliveries(key, value, partition),
+            flush=lambda: app.producer.flush(),
+            dead_letters=dead_letters,
+            partitions=settings.topic_partitions,
+            page_size=settings.large_group_page_size,
+            max_users_per_delivery=settings.delivery_max_users,
+            pages_per_second=settings.large_group_pages_per_second,
+            keep_done_seconds=settings.large_group_cursor_keep_seconds,
         )
     )
 )
@@ -223,6 +262,7 @@ for _source in (
     deliveries,
     presence_by_user,
     gateway_pushes,
+    large_group_jobs,
 ):
     _topic(dlq_topic(_source.get_topic_name()))
 
@@ -233,6 +273,8 @@ views.register(
         routes=routes,
         gateways=gateways,
         inbox=inbox,
+        members=members,
+        timeline=timeline,
         gateway_pool=gateway_pool,
         storage_consumer=storage_consumer,
     ),

@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     member_page_size: int = Field(1000, ge=1)
     delivery_max_users: int = Field(5000, ge=1)
 
+    # Large groups: from this many members a group message is paged by the large_group
+    # agent with a resumable cursor (0: never); from the second threshold it is written
+    # once to the group's timeline (read diffusion) and pushed to online members only.
+    large_group_min_members: int = Field(2000, ge=0)
+    large_group_page_size: int = Field(1000, ge=1)
+    # Smooths a huge group's burst for the stages downstream; 0 is as fast as it goes.
+    large_group_pages_per_second: float = Field(0.0, ge=0)
+    large_group_cursor_keep_seconds: float = Field(3600.0, ge=0)
+    read_diffusion_min_members: int = Field(50_000, ge=0)
+    timeline_max_entries: int = Field(10_000, ge=0)
+
     # Storage (inbox writes).
     inbox_max_entries: int = Field(5000, ge=0)
     message_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)

@@ -4,6 +4,10 @@ Recipients are `to_usernames`, else `to_username` (single chat), else the member
 `session_id` read a page at a time from the member store. The sender's inbox gets the
 message too (their other devices sync it); route, not fanout, leaves the sender out of
 the push. `exclude_usernames` are dropped here, for both.
+
+A group of at least `large_group_min_members` is not fanned out here: it becomes a
+LargeGroupJob for the large_group agent, which pages it with a resumable cursor. Only a
+group whose first page is full costs the extra member count.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -20,16 +24,34 @@ from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
 from pipeline.partitioning import partition_for
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
+from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
 from stores.members import MemberStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
 
 # (partition, key, value) -> awaitable: the deliveries topic, partition chosen by us.
 SendDelivery = Callable[[int, bytes, bytes], Awaitable[object]]
+# (key, value): the large-group-jobs topic, keyed by session_id.
+SendJob = Callable[[bytes, bytes], Awaitable[object]]
+
+
+class Diffusion:
+    """When a group is big enough for the large_group agent, and for read diffusion."""
+
+    def __init__(self, large_min_members: int = 0, read_min_members: int = 0) -> None:
+        # 0 disables the step.
+        self.large_min = large_min_members
+        self.read_min = read_min_members
+
+    def is_large(self, members: int) -> bool:
+        return self.large_min > 0 and members >= self.large_min
+
+    def is_read(self, members: int) -> bool:
+        return self.read_min > 0 and members >= self.read_min
 
 
 def decode_event(value: bytes | None) -> PushEvent:
@@ -72,9 +94,13 @@ class Fanout:
         partitions: int,
         page_size: int,
         max_users_per_delivery: int,
+        diffusion: Diffusion | None = None,
+        send_job: SendJob | None = None,
     ) -> None:
         self._members = members
         self._send = send
+        self._diffusion = diffusion or Diffusion()
+        self._send_job = send_job
         self._dead_letters = dead_letters
         self._partitions = partitions
         self._page_size = page_size
@@ -90,6 +116,14 @@ class Fanout:
         return await self.fan_out(event, headers or {})
 
     async def fan_out(self, event: PushEvent, headers: dict[str, str]) -> int:
+        first_page: tuple[list[str], str | None] | None = None
+        if is_group_event(event):
+            # A full first page is what makes a group a candidate for large_group, so the
+            # page is no larger than the large-group threshold.
+            size = min(self._page_size, self._diffusion.large_min or self._page_size)
+            first_page = await page_with_retry(self._members, event.session_id, "", size)
+            if first_page[1] is not None and await self._hand_over(event, headers):
+                return 0
         template = Delivery(
             message=push_message(event),
             priority=event.priority,
@@ -112,7 +146,7 @@ class Fanout:
             await self._send(partition, key, delivery.SerializeToString())
             produced += 1
 
-        async for page in self._recipient_pages(event):
+        async for page in self._recipient_pages(event, first_page):
             for user in page:
                 if user in excluded or not user:
                     continue
@@ -131,7 +165,22 @@ class Fanout:
         metrics.RECIPIENTS.inc(recipients)
         return produced
 
-    async def _recipient_pages(self, event: PushEvent) -> AsyncIterator[Iterable[str]]:
+    async def _hand_over(self, event: PushEvent, headers: dict[str, str]) -> bool:
+        """Give a large group to the large_group agent; False if it is not large."""
+        if self._send_job is None:
+            return False
+        size = await retrying(lambda: self._members.count(event.session_id), "member store")
+        if not self._diffusion.is_large(size):
+            return False
+        job = LargeGroupJob(event=event, read_diffusion=self._diffusion.is_read(size), members=size)
+        job.trace_headers.update(headers)
+        await self._send_job(event.session_id.encode(), job.SerializeToString())
+        metrics.LARGE_GROUP_JOBS.labels("read" if job.read_diffusion else "write").inc()
+        return True
+
+    async def _recipient_pages(
+        self, event: PushEvent, first_page: tuple[list[str], str | None] | None
+    ) -> AsyncIterator[Iterable[str]]:
         if event.from_username:
             yield (event.from_username,)
         if event.to_usernames:
@@ -139,25 +188,41 @@ class Fanout:
         elif event.to_username:
             yield (event.to_username,)
         else:
-            cursor: str | None = ""
+            page, cursor = first_page or ([], None)
+            yield page
             while cursor is not None:
-                page, cursor = await self._page_with_retry(event.session_id, cursor)
+                page, cursor = await page_with_retry(
+                    self._members, event.session_id, cursor, self._page_size
+                )
                 yield page
 
-    async def _page_with_retry(self, session_id: str, cursor: str) -> tuple[list[str], str | None]:
-        # A failing member store holds this event (and its partition) back: Kafka is the
-        # buffer. Crashing the agent would only restart the worker into the same wait.
-        attempt = 0
-        while True:
-            try:
-                return await self._members.page(session_id, cursor, self._page_size)
-            except Exception as exc:
-                attempt += 1
-                delay = min(5.0, 0.05 * 2**attempt)
-                log.warning(
-                    "member store failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc
-                )
-                await asyncio.sleep(delay)
+
+def is_group_event(event: PushEvent) -> bool:
+    """Recipients come from the member store (no explicit recipients on the event)."""
+    return not (event.to_usernames or event.to_username)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """Call until it succeeds, backing off up to 5 s between attempts.
+
+    A failing store holds this event (and its partition) back: Kafka is the buffer.
+    Crashing the agent would only restart the worker into the same wait.
+    """
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            attempt += 1
+            delay = min(5.0, 0.05 * 2**attempt)
+            log.warning("%s failed (attempt %d), retrying in %.2fs: %r", what, attempt, delay, exc)
+            await asyncio.sleep(delay)
+
+
+async def page_with_retry(
+    members: MemberStore, session_id: str, cursor: str, count: int
+) -> tuple[list[str], str | None]:
+    return await retrying(lambda: members.page(session_id, cursor, count), "member store")
 
 
 def agent(fanout: Fanout) -> Callable[[Any], Awaitable[None]]:

@@ -2,7 +2,8 @@
 
 The deliveries topic and the routes table share partition count and partitioner, so a
 record's users are all in routes partitions this worker owns: the lookup is a local dict
-read. Users with no pushable gateway go to offline push.
+read. Users with no pushable gateway go to offline push, unless the delivery is
+online-only (a read-diffusion group's: its members sync the group timeline instead).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Router:
                     priority=delivery.priority,
                     trace_headers=delivery.trace_headers,
                 )
-            if offline:
+            if offline and not delivery.online_only:
                 await self._send_offline(
                     str(delivery.message.msg_id).encode(),
                     OfflinePush(

@@ -31,6 +31,18 @@ EVENTS = Counter("resonance_push_events_total", "Push events fanned out")
 DELIVERIES = Counter(
     "resonance_deliveries_total", "Deliveries records produced (one per message and partition)"
 )
+LARGE_GROUP_JOBS = Counter(
+    "resonance_large_group_jobs_total", "Group messages handed to large_group", ["diffusion"]
+)
+LARGE_GROUP_PAGES = Counter(
+    "resonance_large_group_pages_total", "Member pages fanned out by large_group"
+)
+LARGE_GROUP_RESUMED = Counter(
+    "resonance_large_group_resumed_total", "Large-group jobs resumed from a saved cursor"
+)
+TIMELINE_WRITES = Counter(
+    "resonance_timeline_writes_total", "Messages appended to read-diffusion group timelines"
+)
 RECIPIENTS = Counter("resonance_recipients_total", "Recipients resolved by fan-out")
 INBOX_WRITES = Counter(
     "resonance_inbox_writes_total", "Inbox entries written", ["result"]
@@ -59,6 +71,10 @@ def totals() -> dict[str, float]:
         PUSHED_USERS,
         OFFLINE_USERS,
         DEAD_LETTERS,
+        LARGE_GROUP_JOBS,
+        LARGE_GROUP_PAGES,
+        LARGE_GROUP_RESUMED,
+        TIMELINE_WRITES,
     ):
         for family in metric.collect():
             for sample in family.samples:

@@ -89,10 +89,6 @@ return out
 """
 
 
-def _inbox_key(user: str) -> str:
-    return f"inbox:{{{user}}}"
-
-
 def _body_key(msg_id: int) -> str:
     return f"msg:{{{msg_id}}}"
 
@@ -107,6 +103,7 @@ class RedisInboxStore:
         timeout: float = 2.0,
         pairs_per_call: int = 256,
         cluster: bool = False,
+        key_prefix: str = "inbox",
     ) -> None:
         self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._sha: str | None = None
@@ -117,6 +114,10 @@ class RedisInboxStore:
         # which saves most of the per-command cost on both sides.
         self._pairs_per_call = pairs_per_call
         self._cluster = cluster
+        self._prefix = key_prefix
+
+    def _key(self, owner: str) -> str:
+        return f"{self._prefix}:{{{owner}}}"
 
     async def write(self, batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> WriteResult:
         bodies: dict[int, bytes] = {}
@@ -146,14 +147,14 @@ class RedisInboxStore:
             chunk = pairs[start : start + step]
             keys: list[str] = []
             for user, _ in chunk:
-                inbox = _inbox_key(user)
+                inbox = self._key(user)
                 keys += (inbox, inbox + ":seq", inbox + ":trim")
             pipe.evalsha(self._sha, len(keys), *keys, self._max_entries, *(m for _, m in chunk))
         return list(await pipe.execute())
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._redis.zrange(
-            _inbox_key(user),
+            self._key(user),
             f"({after}",
             "+inf",
             byscore=True,
@@ -174,7 +175,7 @@ class RedisInboxStore:
         return entries
 
     async def last_cursor(self, user: str) -> int:
-        value = await self._redis.get(_inbox_key(user) + ":seq")
+        value = await self._redis.get(self._key(user) + ":seq")
         return int(value or 0)
 
     async def close(self) -> None:

@@ -101,7 +101,7 @@ class RedisMemberStore:
 
     async def sessions_of(self, user: str) -> dict[str, int]:
         rows = await self._redis.zrange(_groups_key(user), 0, -1, withscores=True)
-        return {session_id: int(joined) for session_id, joined in rows}  # type: ignore[misc]
+        return {str(s): int(joined) for s, joined in rows}  # type: ignore[str-unpack]
 
     async def close(self) -> None:
         await self._redis.aclose()

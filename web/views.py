@@ -1,7 +1,8 @@
 """The worker's HTTP views (Faust web server), JSON out.
 
 /health, /ready, /metrics, /routes/{user} (answered by the worker owning the user's
-routes partition), /gateways, /inbox/{user}?after=N&limit=M, /stats.
+routes partition), /gateways, /inbox/{user}?after=N&limit=M[&timelines=s1:N1,s2:N2],
+/stats.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pipeline.partitioning import partition_for
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from settings import Settings
 from stores.inbox import InboxEntry, InboxStore
+from stores.members import MemberStore
+from stores.timeline import TimelineStore
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
 
@@ -46,6 +49,44 @@ def message_json(message: PushMessage) -> dict[str, Any]:
     )
     for name in ("msg_id", "seq_id", "timestamp"):
         out[name] = int(out[name])
+    return out
+
+
+def parse_timeline_cursors(raw: str) -> dict[str, int]:
+    """`s1:N1,s2:N2` -> {s1: N1, s2: N2}: where the client's copy of each timeline ends."""
+    cursors: dict[str, int] = {}
+    for part in filter(None, raw.split(",")):
+        session_id, sep, value = part.rpartition(":")
+        if not sep or not session_id or not value.isdigit():
+            raise ValueError(f"timelines: expected session_id:cursor, got {part!r}")
+        cursors[session_id] = int(value)
+    return cursors
+
+
+async def timelines_of(
+    topology: Topology, user: str, cursors: dict[str, int], limit: int
+) -> list[dict[str, Any]]:
+    """The user's read-diffusion groups, each from the client's cursor on.
+
+    Huge groups keep one timeline instead of an entry in every member's inbox, so the one
+    sync call answers both. A member sees what was sent from the time it joined.
+    """
+    joined = await topology.members.sessions_of(user)
+    out = []
+    for session_id in sorted(await topology.timeline.existing(joined)):
+        after = cursors.get(session_id, 0)
+        entries = await topology.timeline.read(session_id, after, limit)
+        visible = [
+            e for e in entries if e.message is None or e.message.timestamp >= joined[session_id]
+        ]
+        out.append(
+            {
+                "session_id": session_id,
+                "entries": [entry_json(e) for e in visible],
+                # Past what was read, even if hidden: the client must not ask for it again.
+                "next": entries[-1].cursor if entries else after,
+            }
+        )
     return out
 
 
@@ -93,6 +134,8 @@ class Topology:
     routes: Any
     gateways: Any
     inbox: InboxStore
+    members: MemberStore
+    timeline: TimelineStore
     gateway_pool: GatewayPool
     storage_consumer: StorageConsumer
 
@@ -165,6 +208,7 @@ def register(app: Any, topology: Topology) -> None:
         try:
             after = _int_arg(request, "after", 0, 0, 2**62)
             limit = _int_arg(request, "limit", 100, 1, INBOX_LIMIT_MAX)
+            timeline_cursors = parse_timeline_cursors(request.query.get("timelines", ""))
         except ValueError as exc:
             return self.json({"error": str(exc)}, status=400)
         entries = await topology.inbox.read(user, after, limit)
@@ -173,6 +217,7 @@ def register(app: Any, topology: Topology) -> None:
                 "user": user,
                 "entries": [entry_json(e) for e in entries],
                 "next": entries[-1].cursor if entries else after,
+                "timelines": await timelines_of(topology, user, timeline_cursors, limit),
             }
         )
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Sequence
-
 import pytest
 
 from agents.fanout import Fanout
@@ -12,39 +9,9 @@ from pipeline.dlq import H_REASON, DeadLetters, SourceRecord
 from pipeline.partitioning import partition_for
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
+from tests.fakes import MemoryMembers as Members
 
 PARTITIONS = 8
-
-
-class Members:
-    def __init__(self, groups: dict[str, list[str]]) -> None:
-        self.groups = groups
-        self.pages = 0
-
-    async def page(self, session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
-        self.pages += 1
-        ordered = sorted(self.groups.get(session_id, []))
-        members = (
-            ordered[bisect.bisect_right(ordered, after) :][:count] if after else ordered[:count]
-        )
-        return members, members[-1] if len(members) == count else None
-
-    async def count(self, session_id: str) -> int:
-        return len(self.groups.get(session_id, []))
-
-    async def add(
-        self, session_id: str, users: Sequence[str], joined_at_ms: int | None = None
-    ) -> None:
-        self.groups.setdefault(session_id, []).extend(users)
-
-    async def remove(self, session_id: str, users: Sequence[str]) -> None:
-        self.groups[session_id] = [u for u in self.groups.get(session_id, []) if u not in users]
-
-    async def sessions_of(self, user: str) -> dict[str, int]:
-        return {s: 0 for s, users in self.groups.items() if user in users}
-
-    async def close(self) -> None:
-        return None
 
 
 class Sink:
@@ -153,10 +120,10 @@ async def test_member_store_errors_are_retried_not_fatal() -> None:
     real_page = members.page
     failures = [ConnectionError("redis down"), TimeoutError()]
 
-    async def flaky(session_id: str, cursor: str, count: int) -> tuple[list[str], str | None]:
+    async def flaky(session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
         if failures:
             raise failures.pop(0)
-        return await real_page(session_id, cursor, count)
+        return await real_page(session_id, after, count)
 
     members.page = flaky  # type: ignore[method-assign]
     await fanout.handle(record(PushEvent(msg_id=5, session_id="g", session_type=2)))

@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from proto.resonance.gateway.v1 import gateway_pb2 as _gateway_pb2
+from proto.resonance.mq.v1 import push_event_pb2 as _push_event_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -55,9 +56,15 @@ class Delivery(_message.Message):
     PERSIST_ONLY_FIELD_NUMBER: _builtins.int
     PUSH_ONLY_FIELD_NUMBER: _builtins.int
     TRACE_HEADERS_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    ONLINE_ONLY_FIELD_NUMBER: _builtins.int
     priority: _builtins.int
     persist_only: _builtins.bool
     push_only: _builtins.bool
+    page: _builtins.int
+    """large groups: the member page this record came from (0-based)"""
+    online_only: _builtins.bool
+    """read-diffusion: push the online users, no offline push"""
     @_builtins.property
     def message(self) -> _gateway_pb2.PushMessage: ...
     @_builtins.property
@@ -73,14 +80,73 @@ class Delivery(_message.Message):
         persist_only: _builtins.bool = ...,
         push_only: _builtins.bool = ...,
         trace_headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        page: _builtins.int = ...,
+        online_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "persist_only", b"persist_only", "priority", b"priority", "push_only", b"push_only", "trace_headers", b"trace_headers", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "online_only", b"online_only", "page", b"page", "persist_only", b"persist_only", "priority", b"priority", "push_only", b"push_only", "trace_headers", b"trace_headers", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
+
+@_typing.final
+class LargeGroupJob(_message.Message):
+    """A group message too large to fan out inline. Keyed by session_id, so one group's jobs
+    run in order on one partition; the large_group agent pages the members and keeps its
+    cursor in a table, so a crash resumes from the last finished page.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceHeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    READ_DIFFUSION_FIELD_NUMBER: _builtins.int
+    TRACE_HEADERS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    read_diffusion: _builtins.bool
+    """write the group timeline once; push online members only"""
+    members: _builtins.int
+    """the group's size when fanout handed it over"""
+    @_builtins.property
+    def event(self) -> _push_event_pb2.PushEvent: ...
+    @_builtins.property
+    def trace_headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        event: _push_event_pb2.PushEvent | None = ...,
+        read_diffusion: _builtins.bool = ...,
+        trace_headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        members: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "members", b"members", "read_diffusion", b"read_diffusion", "trace_headers", b"trace_headers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LargeGroupJob: _TypeAlias = LargeGroupJob  # noqa: Y015
 
 @_typing.final
 class GatewayPush(_message.Message):

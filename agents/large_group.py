@@ -1,0 +1,216 @@
+"""large_group: a big group's message, fanned out a member page at a time, resumably.
+
+Jobs come from fanout keyed by session_id, so one group's messages run in order on one
+partition and a user sees them in order. Each page becomes deliveries records (one per
+user-partition, the body once), exactly as fanout would make them. After a page's
+records are acknowledged by the broker, the cursor (the last member name of the page)
+goes to the `large-group-cursors` table and its changelog is flushed: a worker killed
+mid-group resumes after the last finished page, and at most the page in flight is sent
+twice (inbox writes are idempotent; gateways dedupe by msg_id).
+
+Read diffusion: the message is appended once to the group's timeline, and the pages
+carry push-only, online-only deliveries: storage skips them and route diverts nobody to
+offline push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, TypedDict
+
+from google.protobuf.message import DecodeError
+
+from agents.fanout import page_with_retry, push_message, retrying
+from pipeline import metrics
+from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
+from pipeline.partitioning import partition_for
+from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
+from stores.members import MemberStore
+from stores.timeline import TimelineStore
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "large-group-cursors"
+
+# (partition, key, value) -> the broker's acknowledgement, awaited after a page is sent.
+SendAcked = Callable[[int, bytes, bytes], Awaitable[Awaitable[object]]]
+
+
+class Cursor(TypedDict):
+    after: str  # last member of the last finished page; the next page starts after it
+    pages: int  # pages finished
+    done: bool
+    at: int  # wall clock, ms, of the last update
+    partition: int  # the jobs partition, whose changelog partition holds this entry
+
+
+def decode_job(value: bytes | None) -> LargeGroupJob:
+    try:
+        job = LargeGroupJob.FromString(value or b"")
+    except DecodeError as exc:
+        raise InvalidRecord("decode_error", f"not a LargeGroupJob: {exc}") from exc
+    if job.event.msg_id <= 0 or not job.event.session_id:
+        raise InvalidRecord("invalid", "job without msg_id or session_id")
+    return job
+
+
+class LargeGroups:
+    def __init__(
+        self,
+        *,
+        members: MemberStore,
+        timeline: TimelineStore,
+        cursors: MutableMapping[str, Cursor],
+        send: SendAcked,
+        flush: Callable[[], Awaitable[None]],
+        dead_letters: DeadLetters,
+        partitions: int,
+        page_size: int,
+        max_users_per_delivery: int,
+        pages_per_second: float = 0.0,
+        keep_done_seconds: float = 3600.0,
+    ) -> None:
+        self._members = members
+        self._timeline = timeline
+        self._cursors = cursors
+        self._send = send
+        self._flush = flush
+        self._dead_letters = dead_letters
+        self._partitions = partitions
+        self._page_size = page_size
+        self._max_users = max_users_per_delivery
+        self._page_interval = 1.0 / pages_per_second if pages_per_second > 0 else 0.0
+        self._keep_done_ms = int(keep_done_seconds * 1000)
+        self._pruned_at = 0.0
+
+    async def handle(self, record: SourceRecord) -> int:
+        """Run one job to its end (or resume it); returns the pages fanned out now."""
+        try:
+            job = decode_job(record.value)
+        except InvalidRecord as exc:
+            await self._dead_letters.put(record, exc.reason, exc)
+            return 0
+        key = str(job.event.msg_id)
+        saved = self._cursors.get(key)
+        if saved is not None and saved["done"]:
+            return 0  # a replay of a finished job: its effects are all in place
+        if saved is not None:
+            metrics.LARGE_GROUP_RESUMED.inc()
+            log.info(
+                "large group %s msg %s: resuming after page %d",
+                job.event.session_id,
+                key,
+                saved["pages"],
+            )
+        pages = await self._run(job, key, record.partition, saved)
+        self._prune(record.partition)
+        return pages
+
+    async def _run(self, job: LargeGroupJob, key: str, partition: int, saved: Cursor | None) -> int:
+        event = job.event
+        message = push_message(event)
+        if job.read_diffusion:
+            result = await retrying(lambda: self._timeline.append([message]), "timeline store")
+            metrics.TIMELINE_WRITES.inc(result.new)
+            if event.persist_only:
+                self._save(key, partition, "", 0, done=True)
+                return 0
+        template = Delivery(
+            message=message,
+            priority=event.priority,
+            persist_only=event.persist_only,
+            push_only=event.push_only or job.read_diffusion,
+            online_only=job.read_diffusion,
+        )
+        template.trace_headers.update(job.trace_headers)
+        template.trace_headers.update(event.trace_headers)
+        excluded = set(event.exclude_usernames)
+        after, page_no = (saved["after"], saved["pages"]) if saved else ("", 0)
+        session_id = event.session_id
+        done_now = 0
+        fetch = asyncio.ensure_future(
+            page_with_retry(self._members, session_id, after, self._page_size)
+        )
+        next_at = time.monotonic()
+        while True:
+            users, cursor = await fetch
+            if cursor is not None:
+                # The next page is read while this one is being sent.
+                fetch = asyncio.ensure_future(
+                    page_with_retry(self._members, session_id, cursor, self._page_size)
+                )
+            if page_no == 0 and event.from_username and not job.read_diffusion:
+                users = [event.from_username, *users]  # the sender's own inbox, as in fanout
+            await self._emit(template, session_id.encode(), users, excluded, page_no)
+            page_no += 1
+            done_now += 1
+            metrics.LARGE_GROUP_PAGES.inc()
+            self._save(key, partition, cursor or "", page_no, done=cursor is None)
+            # The changelog record must be out before the next page is sent: a cursor that
+            # dies in a buffer would make a restarted worker redo more than one page.
+            await self._flush()
+            if cursor is None:
+                return done_now
+            if self._page_interval:
+                next_at += self._page_interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    async def _emit(
+        self, template: Delivery, key: bytes, users: list[str], excluded: set[str], page: int
+    ) -> None:
+        buckets: dict[int, dict[str, None]] = {}
+        for user in users:
+            if user and user not in excluded:
+                buckets.setdefault(partition_for(user, self._partitions), {})[user] = None
+        acks: list[Awaitable[object]] = []
+        recipients = 0
+        for partition in sorted(buckets):
+            bucket = list(buckets[partition])
+            recipients += len(bucket)
+            for start in range(0, len(bucket), self._max_users):
+                delivery = Delivery()
+                delivery.CopyFrom(template)
+                delivery.page = page
+                delivery.users.extend(bucket[start : start + self._max_users])
+                acks.append(await self._send(partition, key, delivery.SerializeToString()))
+        # Every record of the page is acknowledged before the cursor moves past it.
+        await asyncio.gather(*acks)
+        metrics.DELIVERIES.inc(len(acks))
+        metrics.RECIPIENTS.inc(recipients)
+
+    def _save(self, key: str, partition: int, after: str, pages: int, *, done: bool) -> None:
+        self._cursors[key] = Cursor(
+            after=after, pages=pages, done=done, at=int(time.time() * 1000), partition=partition
+        )
+
+    def _prune(self, partition: int) -> None:
+        """Forget finished jobs older than the keep time, at most once a minute.
+
+        Only this event's partition: a table write goes to the changelog partition of the
+        event being handled, so a tombstone for another partition's key would miss it.
+        """
+        now = time.monotonic()
+        if now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        horizon = int(time.time() * 1000) - self._keep_done_ms
+        stale = [
+            key
+            for key, cursor in self._cursors.items()
+            if cursor["done"] and cursor["partition"] == partition and cursor["at"] < horizon
+        ]
+        for key in stale:
+            del self._cursors[key]
+
+
+def agent(groups: LargeGroups) -> Callable[[Any], Awaitable[None]]:
+    async def large_group_agent(stream: Any) -> None:
+        # One job at a time: the cursor table is written in the job's event context, and
+        # the job's offset is committed only after its last page (auto-ack on the next).
+        async for event in stream.events():
+            await groups.handle(source_of(event))
+
+    return large_group_agent
