@@ -22,6 +22,7 @@ import commands
 from agents import fanout, large_group, presence, push, registry, route, storage
 from embedded import tansu
 from gateway.client import GatewayPool, SessionConfig
+from pipeline import transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from settings import Settings
 from stores.inbox import RedisInboxStore
@@ -35,8 +36,9 @@ settings = Settings()
 
 
 def faust_config(s: Settings) -> dict[str, Any]:
+    transport.register()
     config: dict[str, Any] = {
-        "broker": s.kafka_broker_url,
+        "broker": transport.broker_url(s.kafka_broker_url),
         "store": "memory://",
         "topic_partitions": s.topic_partitions,
         "web_host": s.web_host,
@@ -277,6 +279,7 @@ views.register(
         timeline=timeline,
         gateway_pool=gateway_pool,
         storage_consumer=storage_consumer,
+        large_group_cursors=large_group_cursors,
     ),
 )
 commands.register(app, settings)

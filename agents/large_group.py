@@ -137,6 +137,11 @@ class LargeGroups:
         next_at = time.monotonic()
         while True:
             users, cursor = await fetch
+            if not users and cursor is None and page_no > 0:
+                # The previous page was full and happened to be the last one.
+                self._save(key, partition, "", page_no, done=True)
+                await self._flush()
+                return done_now
             if cursor is not None:
                 # The next page is read while this one is being sent.
                 fetch = asyncio.ensure_future(

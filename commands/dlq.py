@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -36,6 +37,9 @@ async def read_all(bootstrap_servers: list[str] | str, topic: str, limit: int) -
                 records.extend(rs)
         return records[:limit]
     finally:
+        # A group-less aiokafka consumer stopped before its background task ever ran
+        # (a topic that does not exist returns at once) raises CancelledError from stop().
+        await asyncio.sleep(0)
         await consumer.stop()
 
 

@@ -17,6 +17,8 @@ from typing import Any
 from faust.transport import drivers
 from faust.transport.drivers import aiokafka as kafka_driver
 
+from pipeline import transport
+
 SCHEME = "tansu"
 FETCH_MAX_WAIT_MS = 20
 CHANGELOG_SUFFIX = "-changelog"
@@ -35,10 +37,12 @@ class Consumer(kafka_driver.Consumer):
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
-class Producer(kafka_driver.Producer):
+class Producer(transport.Producer):
     _changelog_producer: Any = None
+    _changelog_tracked: set[str]
 
     async def on_start(self) -> None:
+        self._changelog_tracked = set()
         await super().on_start()
         settings = {**self._settings_default(), **self._settings_auth(), "max_batch_size": 1}
         self._changelog_producer = self._producer_type(**settings)
@@ -65,6 +69,7 @@ class Producer(kafka_driver.Producer):
             return await super().send(
                 topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
             )
+        await transport.track(self._changelog_producer, topic, self._changelog_tracked)
         return await self._changelog_producer.send(
             topic,
             value,
@@ -81,7 +86,7 @@ class Producer(kafka_driver.Producer):
             await self._changelog_producer.flush()
 
 
-class Transport(kafka_driver.Transport):
+class Transport(transport.Transport):
     Consumer = Consumer
     Producer = Producer
 
@@ -92,4 +97,4 @@ def register() -> None:
 
 
 def broker_url(kafka_url: str) -> str:
-    return ";".join(SCHEME + "://" + url.split("://", 1)[1] for url in kafka_url.split(";"))
+    return transport.broker_url(kafka_url, SCHEME)

@@ -1,7 +1,7 @@
 """The worker's HTTP views (Faust web server), JSON out.
 
 /health, /ready, /metrics, /routes/{user} (answered by the worker owning the user's
-routes partition), /gateways, /inbox/{user}?after=N&limit=M[&timelines=s1:N1,s2:N2],
+routes partition), /gateways, /large-groups, /inbox/{user}?after=N&limit=M[&timelines=s1:N1,s2:N2],
 /stats.
 """
 
@@ -138,6 +138,7 @@ class Topology:
     timeline: TimelineStore
     gateway_pool: GatewayPool
     storage_consumer: StorageConsumer
+    large_group_cursors: Any
 
 
 def register(app: Any, topology: Topology) -> None:
@@ -200,6 +201,20 @@ def register(app: Any, topology: Topology) -> None:
                     }
                     for gid, info in sorted(topology.gateways.items())
                 ]
+            }
+        )
+
+    @app.page("/large-groups")
+    async def large_groups(self: Any, request: Any) -> Any:
+        # This worker's jobs: in progress (resumable from `after`) and recently finished.
+        jobs = [
+            {"msg_id": int(key), **cursor}
+            for key, cursor in sorted(topology.large_group_cursors.items())
+        ]
+        return self.json(
+            {
+                "in_progress": [j for j in jobs if not j["done"]],
+                "finished": [j for j in jobs if j["done"]],
             }
         )
 
