@@ -154,6 +154,18 @@ def _producer_for(
     return send
 
 
+def _save_and_ack(table: Any, key: str, value: Any) -> Awaitable[object]:
+    """`table[key] = value`, returning the changelog record's acknowledgement.
+
+    Faust's __setitem__ does the same two steps but drops the future, and flushing the
+    whole producer to make one record durable costs every other record's wait too.
+    Must run in the event's context: the changelog partition is the event's.
+    """
+    table.data[key] = value
+    fut: Awaitable[object] = table.send_changelog(table.partition_for_key(key), key, value)
+    return fut
+
+
 to_deliveries = _producer_for(deliveries)
 to_presence_by_user = _producer_for(presence_by_user)
 to_gateway_pushes = _producer_for(gateway_pushes)
@@ -197,13 +209,14 @@ app.agent(large_group_jobs, name="large_group")(
             members=members,
             timeline=timeline,
             cursors=large_group_cursors,
+            save=lambda key, cursor: _save_and_ack(large_group_cursors, key, cursor),
             send=lambda partition, key, value: to_deliveries(key, value, partition),
-            flush=lambda: app.producer.flush(),
             dead_letters=dead_letters,
             partitions=settings.topic_partitions,
             page_size=settings.large_group_page_size,
             max_users_per_delivery=settings.delivery_max_users,
             pages_per_second=settings.large_group_pages_per_second,
+            pages_in_flight=settings.large_group_pages_in_flight,
             keep_done_seconds=settings.large_group_cursor_keep_seconds,
         )
     )

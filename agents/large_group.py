@@ -4,7 +4,8 @@ Jobs come from fanout keyed by session_id, so one group's messages run in order 
 partition and a user sees them in order. Each page becomes deliveries records (one per
 user-partition, the body once), exactly as fanout would make them. After a page's
 records are acknowledged by the broker, the cursor (the last member name of the page)
-goes to the `large-group-cursors` table and its changelog is flushed: a worker killed
+goes to the `large-group-cursors` table and its changelog record is acknowledged too
+before the next page is sent: a worker killed
 mid-group resumes after the last finished page, and at most the page in flight is sent
 twice (inbox writes are idempotent; gateways dedupe by msg_id).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypedDict
 
@@ -37,6 +39,8 @@ TABLE_NAME = "large-group-cursors"
 
 # (partition, key, value) -> the broker's acknowledgement, awaited after a page is sent.
 SendAcked = Callable[[int, bytes, bytes], Awaitable[Awaitable[object]]]
+# (key, cursor) -> sets the table entry, returns its changelog record's acknowledgement.
+SaveCursor = Callable[[str, "Cursor"], Awaitable[object]]
 
 
 class Cursor(TypedDict):
@@ -64,25 +68,27 @@ class LargeGroups:
         members: MemberStore,
         timeline: TimelineStore,
         cursors: MutableMapping[str, Cursor],
+        save: SaveCursor,
         send: SendAcked,
-        flush: Callable[[], Awaitable[None]],
         dead_letters: DeadLetters,
         partitions: int,
         page_size: int,
         max_users_per_delivery: int,
         pages_per_second: float = 0.0,
+        pages_in_flight: int = 1,
         keep_done_seconds: float = 3600.0,
     ) -> None:
         self._members = members
         self._timeline = timeline
         self._cursors = cursors
         self._send = send
-        self._flush = flush
+        self._save_cursor = save
         self._dead_letters = dead_letters
         self._partitions = partitions
         self._page_size = page_size
         self._max_users = max_users_per_delivery
         self._page_interval = 1.0 / pages_per_second if pages_per_second > 0 else 0.0
+        self._window = max(1, pages_in_flight)
         self._keep_done_ms = int(keep_done_seconds * 1000)
         self._pruned_at = 0.0
 
@@ -116,7 +122,7 @@ class LargeGroups:
             result = await retrying(lambda: self._timeline.append([message]), "timeline store")
             metrics.TIMELINE_WRITES.inc(result.new)
             if event.persist_only:
-                self._save(key, partition, "", 0, done=True)
+                await self._save(key, partition, "", 0, done=True)
                 return 0
         template = Delivery(
             message=message,
@@ -129,67 +135,71 @@ class LargeGroups:
         template.trace_headers.update(event.trace_headers)
         excluded = set(event.exclude_usernames)
         after, page_no = (saved["after"], saved["pages"]) if saved else ("", 0)
-        session_id = event.session_id
-        done_now = 0
-        fetch = asyncio.ensure_future(
-            page_with_retry(self._members, session_id, after, self._page_size)
-        )
+        session_id, key_bytes = event.session_id, event.session_id.encode()
+        users, cursor = await page_with_retry(self._members, session_id, after, self._page_size)
+        if page_no == 0 and event.from_username and not job.read_diffusion:
+            users = [event.from_username, *users]  # the sender's own inbox, as in fanout
+        records = self._build(template, users, excluded, page_no)
+        # Pages sent whose cursor is not saved yet, oldest first: (pages after it, cursor,
+        # acks). A crash redoes at most these, so their number is the window.
+        in_flight: deque[tuple[int, str, list[Awaitable[object]]]] = deque()
+        sent_now = 0
         next_at = time.monotonic()
         while True:
-            users, cursor = await fetch
-            if not users and cursor is None and page_no > 0:
-                # The previous page was full and happened to be the last one.
-                self._save(key, partition, "", page_no, done=True)
-                await self._flush()
-                return done_now
-            if cursor is not None:
-                # The next page is read while this one is being sent.
-                fetch = asyncio.ensure_future(
-                    page_with_retry(self._members, session_id, cursor, self._page_size)
+            if records or cursor is not None:
+                acks = [await self._send(p, key_bytes, value) for p, value in records]
+                page_no += 1
+                sent_now += 1
+                in_flight.append((page_no, cursor or "", acks))
+                metrics.LARGE_GROUP_PAGES.inc()
+                metrics.DELIVERIES.inc(len(records))
+            last = cursor is None
+            if not last:
+                # While the broker acknowledges sent pages, the next one is read and built.
+                users, cursor = await page_with_retry(
+                    self._members, session_id, cursor or "", self._page_size
                 )
-            if page_no == 0 and event.from_username and not job.read_diffusion:
-                users = [event.from_username, *users]  # the sender's own inbox, as in fanout
-            await self._emit(template, session_id.encode(), users, excluded, page_no)
-            page_no += 1
-            done_now += 1
-            metrics.LARGE_GROUP_PAGES.inc()
-            self._save(key, partition, cursor or "", page_no, done=cursor is None)
-            # The changelog record must be out before the next page is sent: a cursor that
-            # dies in a buffer would make a restarted worker redo more than one page.
-            await self._flush()
-            if cursor is None:
-                return done_now
+                last = not users and cursor is None  # the page before was full, and the end
+                records = self._build(template, users, excluded, page_no)
+            while in_flight and (last or len(in_flight) >= self._window):
+                pages, after, acks = in_flight.popleft()
+                await asyncio.gather(*acks)
+                # Saved in page order, each durable before another page is sent: the
+                # cursor never runs ahead of records that might still be lost.
+                await self._save(key, partition, after, pages, done=last and not in_flight)
+            if last:
+                if sent_now == 0:
+                    await self._save(key, partition, "", page_no, done=True)
+                return sent_now
             if self._page_interval:
                 next_at += self._page_interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
-    async def _emit(
-        self, template: Delivery, key: bytes, users: list[str], excluded: set[str], page: int
-    ) -> None:
+    def _build(
+        self, template: Delivery, users: list[str], excluded: set[str], page: int
+    ) -> list[tuple[int, bytes]]:
+        """A page's deliveries records: (partition, value), one per user-partition."""
         buckets: dict[int, dict[str, None]] = {}
         for user in users:
             if user and user not in excluded:
                 buckets.setdefault(partition_for(user, self._partitions), {})[user] = None
-        acks: list[Awaitable[object]] = []
-        recipients = 0
+        records = []
         for partition in sorted(buckets):
             bucket = list(buckets[partition])
-            recipients += len(bucket)
+            metrics.RECIPIENTS.inc(len(bucket))
             for start in range(0, len(bucket), self._max_users):
                 delivery = Delivery()
                 delivery.CopyFrom(template)
                 delivery.page = page
                 delivery.users.extend(bucket[start : start + self._max_users])
-                acks.append(await self._send(partition, key, delivery.SerializeToString()))
-        # Every record of the page is acknowledged before the cursor moves past it.
-        await asyncio.gather(*acks)
-        metrics.DELIVERIES.inc(len(acks))
-        metrics.RECIPIENTS.inc(recipients)
+                records.append((partition, delivery.SerializeToString()))
+        return records
 
-    def _save(self, key: str, partition: int, after: str, pages: int, *, done: bool) -> None:
-        self._cursors[key] = Cursor(
+    async def _save(self, key: str, partition: int, after: str, pages: int, *, done: bool) -> None:
+        cursor = Cursor(
             after=after, pages=pages, done=done, at=int(time.time() * 1000), partition=partition
         )
+        await self._save_cursor(key, cursor)
 
     def _prune(self, partition: int) -> None:
         """Forget finished jobs older than the keep time, at most once a minute.

@@ -44,7 +44,13 @@ class Producer(transport.Producer):
     async def on_start(self) -> None:
         self._changelog_tracked = set()
         await super().on_start()
-        settings = {**self._settings_default(), **self._settings_auth(), "max_batch_size": 1}
+        # One record a batch, so waiting to fill one only delays it.
+        settings = {
+            **self._settings_default(),
+            **self._settings_auth(),
+            "max_batch_size": 1,
+            "linger_ms": 0,
+        }
         self._changelog_producer = self._producer_type(**settings)
         await self._changelog_producer.start()
 

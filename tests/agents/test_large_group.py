@@ -43,18 +43,19 @@ class Harness:
         self.timeline = Timeline()
         self.cursors: dict[str, Cursor] = {}
         self.sent: list[tuple[int, Delivery]] = []
-        self.saves: list[int] = []  # pages finished, at each flush
+        self.saves: list[int] = []  # pages finished, at each cursor save
         self.dead: list[str] = []
         self.groups = LargeGroups(
             members=self.members,
             timeline=self.timeline,
             cursors=self.cursors,
+            save=self.save,
             send=self.send,
-            flush=self.flush,
             dead_letters=DeadLetters(self.send_raw),
             partitions=PARTITIONS,
             page_size=int(kw.get("page_size", 100)),
             max_users_per_delivery=int(kw.get("max_users", 5000)),
+            pages_in_flight=int(kw.get("window", 1)),
         )
 
     async def send(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[None]:
@@ -63,8 +64,9 @@ class Harness:
         done.set_result(None)
         return done
 
-    async def flush(self) -> None:
-        self.saves.append(next(iter(self.cursors.values()))["pages"])
+    async def save(self, key: str, cursor: Cursor) -> None:
+        self.cursors[key] = cursor
+        self.saves.append(cursor["pages"])
 
     async def send_raw(
         self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
@@ -96,6 +98,29 @@ async def test_pages_every_member_once_and_saves_the_cursor_per_page() -> None:
     # A finished job replayed (its offset commit was lost) does nothing.
     h.sent.clear()
     assert await h.run(job()) == 0 and h.sent == []
+
+
+async def test_a_window_of_pages_runs_ahead_of_the_saved_cursor() -> None:
+    h = Harness(GROUP, page_size=50, window=3)
+    sent_at_save: list[int] = []
+    save = h.save
+
+    async def recording_save(key: str, cursor: Cursor) -> None:
+        sent_at_save.append(len({d.page for _, d in h.sent}))
+        await save(key, cursor)
+
+    h.groups._save_cursor = recording_save
+    assert await h.run(job()) == 5
+    assert h.saves == [1, 2, 3, 4, 5] and h.cursors["99"]["done"]
+    # Page k's cursor is saved while pages k+1.. are already out, never more than 3 ahead.
+    assert [sent - saved for sent, saved in zip(sent_at_save, h.saves, strict=True)] == [
+        2,
+        2,
+        2,
+        1,
+        0,
+    ]
+    assert sorted(h.users()) == GROUP
 
 
 async def test_resumes_after_the_last_finished_page() -> None:
