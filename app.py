@@ -25,8 +25,9 @@ from gateway.client import GatewayPool, SessionConfig
 from pipeline import transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from settings import Settings
-from stores.inbox import RedisInboxStore
-from stores.members import RedisMemberStore
+from stores.inbox import InboxStore, RedisInboxStore
+from stores.members import MemberStore, RedisMemberStore
+from stores.postgres import PostgresInboxStore, PostgresMemberStore
 from stores.timeline import RedisTimelineStore
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
@@ -110,16 +111,33 @@ large_group_cursors = app.Table(
     large_group.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
 )
 
-members = RedisMemberStore(
-    settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
-)
-inbox = RedisInboxStore(
-    settings.inbox_redis,
-    max_entries=settings.inbox_max_entries,
-    message_ttl=settings.message_ttl_seconds,
-    timeout=settings.redis_timeout_seconds,
-    cluster=settings.inbox_redis_cluster,
-)
+members: MemberStore
+inbox: InboxStore
+if settings.member_backend == "postgres":
+    members = PostgresMemberStore(
+        settings.postgres_url,
+        search_path=settings.postgres_schema,
+        pool_size=settings.postgres_pool_size,
+    )
+else:
+    members = RedisMemberStore(
+        settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
+    )
+if settings.inbox_backend == "postgres":
+    inbox = PostgresInboxStore(
+        settings.postgres_url,
+        max_entries=settings.inbox_max_entries,
+        search_path=settings.postgres_schema,
+        pool_size=settings.postgres_pool_size,
+    )
+else:
+    inbox = RedisInboxStore(
+        settings.inbox_redis,
+        max_entries=settings.inbox_max_entries,
+        message_ttl=settings.message_ttl_seconds,
+        timeout=settings.redis_timeout_seconds,
+        cluster=settings.inbox_redis_cluster,
+    )
 timeline = RedisTimelineStore(
     settings.inbox_redis,
     max_entries=settings.timeline_max_entries,

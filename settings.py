@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     # "kafka" keeps Kafka's defaults; "tansu" applies the embedded broker's workarounds
     # (DESIGN.md section 6): short session timeouts, one record per producer batch.
     broker_profile: Literal["kafka", "tansu"] = "kafka"
+    # Where inboxes and group members live. PostgreSQL uses POSTGRES_DSN, in
+    # POSTGRES_SCHEMA; group timelines (read diffusion) stay on Redis either way.
+    inbox_backend: Literal["redis", "postgres"] = "redis"
+    member_backend: Literal["redis", "postgres"] = "redis"
+    postgres_schema: str = "public"
+    postgres_pool_size: int = Field(4, ge=1)
     # The inbox store may live on its own Redis; empty means REDIS_URL.
     inbox_redis_url: SecretStr | None = None
     # A Redis Cluster needs one write script call per user (keys of one slot a call).
@@ -91,6 +97,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{url!r}: expected kafka://host:port[;kafka://host:port...]")
         return value
 
+    @model_validator(mode="after")
+    def _postgres_has_a_dsn(self) -> Settings:
+        if "postgres" in (self.inbox_backend, self.member_backend) and self.postgres_dsn is None:
+            raise ValueError("INBOX_BACKEND/MEMBER_BACKEND=postgres needs POSTGRES_DSN")
+        return self
+
     @cached_property
     def bootstrap_servers(self) -> list[str]:
         """The broker URL as aiokafka wants it: host:port without the scheme."""
@@ -99,6 +111,12 @@ class Settings(BaseSettings):
     @property
     def inbox_redis(self) -> str:
         return (self.inbox_redis_url or self.redis_url).get_secret_value()
+
+    @property
+    def postgres_url(self) -> str:
+        if self.postgres_dsn is None:
+            raise ValueError("POSTGRES_DSN is not set")
+        return self.postgres_dsn.get_secret_value()
 
     @property
     def tansu(self) -> bool:

@@ -1,12 +1,14 @@
-"""Session fixtures: the real broker (Tansu), the machine's Redis, factories for workers."""
+"""Session fixtures: the real broker (Tansu), the machine's Redis and PostgreSQL, factories."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -15,6 +17,7 @@ from embedded.broker import EmbeddedBroker
 from embedded.redis import LocalRedis, answers
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+TEST_POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +54,31 @@ def tag() -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    try:
+        asyncio.run(_execute(TEST_POSTGRES_DSN, "SELECT 1"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(
+            f"PostgreSQL does not answer at {TEST_POSTGRES_DSN} ({exc}); set TEST_POSTGRES_DSN"
+        )
+    return TEST_POSTGRES_DSN
+
+
+@pytest.fixture(scope="session")
+def pg_schema(postgres_dsn: str) -> Iterator[str]:
+    """A fresh schema for this session's tables, dropped afterwards."""
+    schema = "rt_test_" + uuid.uuid4().hex[:8]
+    asyncio.run(_execute(postgres_dsn, f"CREATE SCHEMA {schema}"))
+    yield schema
+    asyncio.run(_execute(postgres_dsn, f"DROP SCHEMA {schema} CASCADE"))

@@ -1,29 +1,55 @@
-"""The Redis inbox store against the real Redis."""
+"""The inbox store: the same tests against the real Redis and the real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
 import pytest
 
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.inbox import RedisInboxStore
+from stores.inbox import InboxStore, RedisInboxStore
+from stores.postgres import PostgresInboxStore
 
 BASE = 7_300_000_000_000_000_000  # Snowflake-sized: beyond a double's exact range
 
 
-@pytest.fixture(params=[False, True], ids=["multi-user-calls", "cluster-safe"])
-async def store(redis_url: str, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    s = RedisInboxStore(redis_url, max_entries=0, message_ttl=600, cluster=request.param)
-    yield s
-    await s.close()
+BACKENDS = ["redis", "redis-cluster-safe", "postgres"]
+MakeStore = Callable[..., InboxStore]
+
+
+@pytest.fixture
+async def make_store(redis_url: str, postgres_dsn: str, pg_schema: str) -> AsyncIterator[MakeStore]:
+    made: list[InboxStore] = []
+
+    def make(backend: str, max_entries: int = 0) -> InboxStore:
+        s: InboxStore
+        if backend == "postgres":
+            s = PostgresInboxStore(postgres_dsn, max_entries=max_entries, search_path=pg_schema)
+        else:
+            cluster = backend == "redis-cluster-safe"
+            s = RedisInboxStore(
+                redis_url, max_entries=max_entries, message_ttl=600, cluster=cluster
+            )
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def store(make_store: MakeStore, request: pytest.FixtureRequest) -> InboxStore:
+    return make_store(request.param)
 
 
 def msg(i: int, session: str = "s") -> PushMessage:
     return PushMessage(msg_id=BASE + i, seq_id=i, session_id=session, content=f"m{i}")
 
 
-async def test_cursors_have_no_gaps_and_writes_are_idempotent(
-    store: RedisInboxStore, tag: str
-) -> None:
+async def test_cursors_have_no_gaps_and_writes_are_idempotent(store: InboxStore, tag: str) -> None:
     users = [f"{tag}-a", f"{tag}-b"]
     first = await store.write([(msg(i), users) for i in range(1, 6)])
     again = await store.write([(msg(i), users) for i in (3, 1, 5)] + [(msg(6), users[:1])])
@@ -37,13 +63,70 @@ async def test_cursors_have_no_gaps_and_writes_are_idempotent(
     assert [e.cursor for e in await store.read(users[0], 4, 1)] == [5]
 
 
-async def test_capped_inbox_does_not_readmit_trimmed_messages(redis_url: str, tag: str) -> None:
-    store = RedisInboxStore(redis_url, max_entries=3, message_ttl=600)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_capped_inbox_does_not_readmit_trimmed_messages(
+    make_store: MakeStore, backend: str, tag: str
+) -> None:
+    store = make_store(backend, max_entries=3)
     user = f"{tag}-capped"
     await store.write([(msg(i), [user]) for i in range(1, 8)])
     before = [(e.cursor, e.msg_id) for e in await store.read(user, 0, 10)]
     replay = await store.write([(msg(i), [user]) for i in range(1, 8)])
     after = [(e.cursor, e.msg_id) for e in await store.read(user, 0, 10)]
-    await store.close()
     assert before == after == [(5, BASE + 5), (6, BASE + 6), (7, BASE + 7)]
     assert replay.new == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_concurrent_writers_keep_cursors_gap_free(
+    make_store: MakeStore, backend: str, tag: str
+) -> None:
+    # Two stores, as two workers during a rebalance, writing overlapping batches at once.
+    a, b = make_store(backend), make_store(backend)
+    users = [f"{tag}-c{i}" for i in range(20)]
+    await asyncio.gather(
+        *(
+            store.write([(msg(i), users) for i in range(start, start + 10)])
+            for store in (a, b, a, b)
+            for start in (1, 6)
+        )
+    )
+    for user in users:
+        entries = await a.read(user, 0, 100)
+        assert [e.cursor for e in entries] == list(range(1, 16)), user
+        assert sorted(e.msg_id for e in entries) == [BASE + i for i in range(1, 16)], user
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_group_sized_batch_round_trips(
+    make_store: MakeStore, backend: str, tag: str
+) -> None:
+    store = make_store(backend)
+    users = [f"{tag}-g{i:04d}" for i in range(2000)]
+    result = await store.write([(msg(i, "group"), users) for i in (1, 2, 3)])
+    assert (result.new, result.duplicate) == (6000, 0)
+    entries = await store.read(users[1999], 0, 10)
+    assert [(e.cursor, e.msg_id) for e in entries] == [(c, BASE + c) for c in (1, 2, 3)]
+
+
+async def test_resonance_delta_sync_query_still_works(
+    make_store: MakeStore, postgres_dsn: str, pg_schema: str, tag: str
+) -> None:
+    store = make_store("postgres")
+    user = f"{tag}-legacy"
+    await store.write([(msg(i), [user]) for i in (1, 2, 3)])
+    conn = await asyncpg.connect(postgres_dsn, server_settings={"search_path": pg_schema})
+    try:
+        first = await conn.fetchval("SELECT min(id) FROM t_inbox WHERE owner_username = $1", user)
+        rows = await conn.fetch(
+            "SELECT msg_id, seq_id, is_read FROM t_inbox WHERE owner_username = $1 AND id > $2"
+            " ORDER BY id",
+            user,
+            first,
+        )
+    finally:
+        await conn.close()
+    assert [(r["msg_id"], r["seq_id"], r["is_read"]) for r in rows] == [
+        (BASE + 2, 2, False),
+        (BASE + 3, 3, False),
+    ]
