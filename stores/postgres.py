@@ -189,7 +189,10 @@ class PostgresInboxStore:
         await conn.execute(
             "INSERT INTO t_inbox (owner_username, session_id, msg_id, seq_id, inbox_cursor)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],"
-            " $5::bigint[])",
+            " $5::bigint[])"
+            # Checked above under the owners' locks; this only guards against a writer that
+            # does not take them (Resonance's own service writing the same row).
+            " ON CONFLICT DO NOTHING",
             *(list(column) for column in zip(*rows, strict=True)),
         )
         touched = sorted({row[0] for row in rows})
