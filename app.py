@@ -22,6 +22,9 @@ import commands
 from agents import fanout, large_group, presence, push, registry, route, storage
 from embedded import tansu
 from gateway.client import GatewayPool, SessionConfig
+from offline.processor import OfflinePushConsumer, OfflinePusher
+from offline.setup import providers_from
+from offline.tokens import RedisDeviceTokenStore
 from pipeline import transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from settings import Settings
@@ -274,10 +277,35 @@ storage_consumer = storage.StorageConsumer(
 )
 
 
+offline_providers, offline_clients = providers_from(settings)
+offline_consumer = (
+    OfflinePushConsumer(
+        topic=offline_pushes.get_topic_name(),
+        pusher=OfflinePusher(
+            tokens=RedisDeviceTokenStore(
+                settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
+            ),
+            providers=offline_providers,
+            dead_letters=dead_letters,
+            max_attempts=settings.offline_max_attempts,
+            backoff_min=settings.offline_backoff_min_seconds,
+            backoff_max=settings.offline_backoff_max_seconds,
+        ),
+        clients=offline_clients,
+        consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
+        batch_max_records=settings.offline_batch_max_records,
+    )
+    if offline_providers
+    else None
+)
+
+
 @app.task
-async def _start_storage() -> None:
-    # A child of the app: stopped, and its consumer closed, when the worker stops.
+async def _start_own_groups() -> None:
+    # Children of the app: stopped, and their consumers closed, when the worker stops.
     await app.add_runtime_dependency(storage_consumer)
+    if offline_consumer is not None:
+        await app.add_runtime_dependency(offline_consumer)
 
 
 @app.on_before_shutdown.connect  # type: ignore[arg-type]
@@ -296,6 +324,7 @@ for _source in (
     presence_by_user,
     gateway_pushes,
     large_group_jobs,
+    offline_pushes,
 ):
     _topic(dlq_topic(_source.get_topic_name()))
 
@@ -311,6 +340,7 @@ views.register(
         gateway_pool=gateway_pool,
         storage_consumer=storage_consumer,
         large_group_cursors=large_group_cursors,
+        offline_consumer=offline_consumer,
     ),
 )
 commands.register(app, settings)

@@ -89,6 +89,30 @@ class Settings(BaseSettings):
     push_max_attempts: int = Field(3, ge=1)
     push_drain_seconds: float = Field(10.0, ge=0)
 
+    # Offline push (offline/): a provider is on when its settings are set; the stage runs
+    # in its own consumer group when any is. Rates are HTTP requests per second.
+    offline_fcm_project_id: str = ""
+    offline_fcm_service_account_file: str = ""
+    offline_fcm_access_token: SecretStr | None = None
+    offline_fcm_base_url: str = "https://fcm.googleapis.com"
+    offline_fcm_rate: float = Field(500.0, gt=0)
+    offline_apns_team_id: str = ""
+    offline_apns_key_id: str = ""
+    offline_apns_key_file: str = ""
+    offline_apns_topic: str = ""
+    offline_apns_base_url: str = "https://api.push.apple.com"
+    offline_apns_rate: float = Field(500.0, gt=0)
+    offline_webhook_url: str = ""
+    offline_webhook_secret: SecretStr | None = None
+    offline_webhook_rate: float = Field(50.0, gt=0)
+    offline_webhook_batch: int = Field(500, ge=1)
+    offline_rate_burst: int = Field(10, ge=1)
+    offline_max_attempts: int = Field(5, ge=1)
+    offline_backoff_min_seconds: float = Field(0.5, gt=0)
+    offline_backoff_max_seconds: float = Field(30.0, gt=0)
+    offline_batch_max_records: int = Field(200, ge=1)
+    offline_http_timeout_seconds: float = Field(10.0, gt=0)
+
     @field_validator("kafka_broker_url")
     @classmethod
     def _broker_has_scheme(cls, value: str) -> str:

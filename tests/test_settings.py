@@ -9,12 +9,13 @@ from settings import Settings
 def test_environment_names_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAFKA_BROKER_URL", "kafka://10.0.0.1:9092;kafka://10.0.0.2:9092")
     monkeypatch.setenv("TOPIC_PARTITIONS", "12")
-    monkeypatch.setenv("REDIS_URL", "redis://:secret@cache:6379/0")
+    monkeypatch.setenv("REDIS_URL", "redis://:pw-8c1f@cache:6379/0")
+    monkeypatch.setenv("OFFLINE_WEBHOOK_SECRET", "hook-4e2a")
     s = Settings()
     assert s.bootstrap_servers == ["10.0.0.1:9092", "10.0.0.2:9092"]
     assert s.topic_partitions == 12
-    assert s.inbox_redis == "redis://:secret@cache:6379/0"
-    assert "secret" not in repr(s)
+    assert s.inbox_redis == "redis://:pw-8c1f@cache:6379/0"
+    assert "pw-8c1f" not in repr(s) and "hook-4e2a" not in repr(s)
     assert s.broker_profile == "kafka"
 
 
@@ -30,3 +31,9 @@ def test_readme_documents_every_knob() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [f for f in Settings.model_fields if f"`{f.upper()}`" not in readme]
     assert missing == [], f"add these to README.md's configuration table: {missing}"
+
+
+def test_postgres_backends_need_a_dsn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INBOX_BACKEND", "postgres")
+    with pytest.raises(ValidationError, match="POSTGRES_DSN"):
+        Settings()

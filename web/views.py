@@ -139,6 +139,7 @@ class Topology:
     gateway_pool: GatewayPool
     storage_consumer: StorageConsumer
     large_group_cursors: Any
+    offline_consumer: Any = None  # None when no push provider is configured
 
 
 def register(app: Any, topology: Topology) -> None:
@@ -250,6 +251,9 @@ def register(app: Any, topology: Topology) -> None:
                 "gateways_known": len(topology.gateways),
                 "gateway_sessions": topology.gateway_pool.stats(),
                 "storage": topology.storage_consumer.stats(),
+                "offline_push": topology.offline_consumer.stats()
+                if topology.offline_consumer is not None
+                else None,
                 "ready": readiness(app, topology.storage_consumer)[1],
                 "counters": pipeline_metrics.totals(),
             }

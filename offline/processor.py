@@ -1,0 +1,175 @@
+"""The offline push stage: offline-pushes records -> notifications at push providers.
+
+It reads the offline-pushes topic in a consumer group of its own (`<APP_ID>-offline`):
+providers are rate-limited and may be slow for minutes, and that must hold back nothing
+but offline push. For a fetched batch it reads the users' device tokens in one round
+trip, sends each provider its notifications (providers concurrently, each in chunks of
+its batch size, each under its own rate limit), retries what the provider says to retry
+with jittered exponential backoff, removes tokens the provider calls invalid, and puts
+every record with a notification that finally failed on `<topic>.dlq` with the reason.
+Offsets are committed after that, so a crash resends the batch: a device may then get a
+notification twice, which is what offline push has always promised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import httpx
+from google.protobuf.message import DecodeError
+
+from offline import metrics
+from offline.provider import Notification, Outcome, Provider
+from offline.tokens import DeviceTokenStore
+from pipeline.dlq import DeadLetters, SourceRecord
+from pipeline.group_consumer import GroupConsumer, Records, source_record
+from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+
+log = logging.getLogger(__name__)
+
+BODY_MAX = 180  # characters of the message in the notification; the app syncs the rest
+
+
+def notification_text(push: OfflinePush) -> tuple[str, str]:
+    message = push.message
+    title = message.session_meta.name or message.from_username or "New message"
+    if message.session_meta.type == 2 and message.from_username:
+        title = f"{message.from_username} in {title}"
+    body = message.content if message.type in ("", "text") else f"[{message.type}]"
+    return title, body if len(body) <= BODY_MAX else body[: BODY_MAX - 1] + "…"
+
+
+class OfflinePusher:
+    def __init__(
+        self,
+        *,
+        tokens: DeviceTokenStore,
+        providers: Mapping[str, Provider],
+        dead_letters: DeadLetters,
+        max_attempts: int = 5,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self._tokens = tokens
+        self._providers = providers
+        self._dead_letters = dead_letters
+        self._max_attempts = max_attempts
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+
+    @property
+    def provider_names(self) -> list[str]:
+        return sorted(self._providers)
+
+    async def handle(self, records: Sequence[SourceRecord]) -> None:
+        pushes: list[tuple[SourceRecord, OfflinePush]] = []
+        for record in records:
+            try:
+                pushes.append((record, OfflinePush.FromString(record.value or b"")))
+            except DecodeError as exc:
+                await self._dead_letters.put(record, "decode_error", exc)
+        if not pushes:
+            return
+        users = sorted({u for _, push in pushes for u in push.users})
+        devices = await _retrying(lambda: self._tokens.tokens(users))
+        by_provider: dict[str, list[Notification]] = defaultdict(list)
+        for index, (_, push) in enumerate(pushes):
+            title, body = notification_text(push)
+            data = {
+                "msg_id": str(push.message.msg_id),
+                "session_id": push.message.session_id,
+                "seq_id": str(push.message.seq_id),
+            }
+            for user in push.users:
+                found = devices.get(user, [])
+                if not found:
+                    metrics.SKIPPED.labels("no_device").inc()
+                for device in found:
+                    if device.provider not in self._providers:
+                        metrics.SKIPPED.labels("no_provider").inc()
+                        continue
+                    by_provider[device.provider].append(
+                        Notification(user, device, title, body, data, push.priority > 0, index)
+                    )
+        failures = await asyncio.gather(
+            *(self._deliver(self._providers[name], notes) for name, notes in by_provider.items())
+        )
+        errors: dict[int, list[str]] = defaultdict(list)
+        for failed in failures:
+            for note, outcome in failed:
+                errors[note.record].append(f"{note.device.provider}:{outcome.detail}")
+        for index, reasons in sorted(errors.items()):
+            detail = f"{len(reasons)} notification(s) failed: " + "; ".join(reasons[:5])
+            await self._dead_letters.put(pushes[index][0], "provider_failed", detail)
+
+    async def _deliver(
+        self, provider: Provider, notes: list[Notification]
+    ) -> list[tuple[Notification, Outcome]]:
+        """Send, retry, forget invalid tokens; returns what finally failed."""
+        failed: list[tuple[Notification, Outcome]] = []
+        pending = notes
+        for attempt in range(1, self._max_attempts + 1):
+            outcomes: list[Outcome] = []
+            for start in range(0, len(pending), provider.max_batch):
+                outcomes += await provider.send(pending[start : start + provider.max_batch])
+            retry: list[Notification] = []
+            wait = 0.0
+            for note, outcome in zip(pending, outcomes, strict=True):
+                metrics.NOTIFICATIONS.labels(provider.name, outcome.result).inc()
+                if outcome.result == "invalid_token":
+                    await _retrying(partial(self._tokens.remove, note.user, note.device))
+                elif outcome.result == "failed":
+                    failed.append((note, outcome))
+                elif outcome.result == "retry":
+                    if attempt == self._max_attempts:
+                        failed.append((note, outcome))
+                    else:
+                        retry.append(note)
+                        wait = max(wait, outcome.retry_after or 0.0)
+            if not retry:
+                break
+            backoff = min(self._backoff_max, self._backoff_min * 2 ** (attempt - 1))
+            delay = max(wait, backoff * random.uniform(0.5, 1.0))
+            log.info("%s: %d notifications to retry in %.2fs", provider.name, len(retry), delay)
+            await asyncio.sleep(delay)
+            pending = retry
+        return failed
+
+
+async def _retrying(call: Any) -> Any:
+    """Token-store calls: a store outage holds the batch (and its offsets) back."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            attempt += 1
+            delay = min(5.0, 0.05 * 2**attempt)
+            log.warning("device token store failed (attempt %d): %r", attempt, exc)
+            await asyncio.sleep(delay)
+
+
+class OfflinePushConsumer(GroupConsumer):
+    def __init__(
+        self, *, pusher: OfflinePusher, clients: Sequence[httpx.AsyncClient], **kwargs: Any
+    ) -> None:
+        self._pusher = pusher
+        self._clients = clients
+        super().__init__(lag_gauge=metrics.LAG, **kwargs)
+
+    def stats(self) -> dict[str, Any]:
+        return {"assigned": self.assigned_partitions(), "providers": self._pusher.provider_names}
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        for client in self._clients:
+            await client.aclose()
+
+    async def handle(self, records: Records) -> None:
+        await self._pusher.handle([source_record(r) for r in records])

@@ -1,0 +1,67 @@
+"""Offline push end to end: worker -> offline-pushes -> its own consumer group -> providers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from commands.traffic import group_chat
+from embedded.providers import ProviderServer
+from offline.tokens import DeviceToken, RedisDeviceTokenStore
+from tests.e2e.conftest import PipelineFactory, eventually
+from tests.offline.conftest import pem
+
+
+async def test_offline_members_reach_the_provider_server_with_their_tokens(
+    pipeline_factory: PipelineFactory, redis_url: str, workdir: Path
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    async with ProviderServer(webhook_secret="s3cret") as server:
+        account = workdir / "service-account.json"
+        account.write_text(
+            json.dumps(
+                {
+                    "client_email": "pusher@demo.iam.gserviceaccount.com",
+                    "private_key": pem(key),
+                    "token_uri": server.url + "/token",
+                }
+            )
+        )
+        p = pipeline_factory(
+            offline_fcm_project_id="demo",
+            offline_fcm_service_account_file=str(account),
+            offline_fcm_base_url=server.url,
+            offline_webhook_url=server.url + "/webhook",
+            offline_webhook_secret="s3cret",
+        )
+        users = [p.user(i) for i in range(10)]
+        tokens = RedisDeviceTokenStore(redis_url)
+        for user in users[4:8]:
+            await tokens.register(user, DeviceToken("fcm", f"{user}-phone", "android"))
+        await tokens.register(users[8], DeviceToken("webhook", f"{users[8]}-web", "web"))
+        await tokens.register(users[2], DeviceToken("fcm", f"{users[2]}-phone"))  # online
+        server.invalid_tokens.add(f"{users[7]}-phone")
+        worker = await p.start_worker()
+        group = f"{p.tag}-g"
+        await p.members.add(group, users)
+        await p.gateway("gw-off", users[:4])
+        await p.wait_online(worker, users[:4])
+        await p.publish([group_chat(users[0], group, 1, "see you offline")])
+
+        async def notified() -> bool:
+            return len(server.pushes("/v1/")) >= 4 and len(server.pushes("/webhook")) >= 1
+
+        await eventually(notified, 60, "notifications at the provider server")
+        fcm = server.pushes("/v1/projects/demo/messages:send")
+        assert sorted(r.body["message"]["token"] for r in fcm) == [f"{u}-phone" for u in users[4:8]]
+        assert {r.headers["authorization"] for r in fcm} == {"Bearer access-1"}
+        (hook,) = server.pushes("/webhook")
+        assert [n["user"] for n in hook.body["notifications"]] == [users[8]]
+
+        async def forgotten() -> bool:
+            return await tokens.tokens([users[7]]) == {}
+
+        await eventually(forgotten, 10, "the unregistered token to be removed")
+        await tokens.close()
