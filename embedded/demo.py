@@ -5,8 +5,9 @@
 Starts Tansu, one `faust -A app worker` process, two simulated gateways (real gRPC
 servers holding 40% of the users each; the rest are offline), publishes 1:1 and group
 messages, a few messages to one large group (all the users plus offline members, paged
-by the large_group agent), and one garbage record; waits for every inbox write and
-push, and reports.
+by the large_group agent), and one garbage record; offline users have a device
+registered with a webhook push provider (a local server). Waits for every inbox write,
+push and offline notification, and reports.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from commands.dlq import read_all
 from commands.traffic import group_chat, mixed_traffic
 from embedded.broker import EmbeddedBroker
 from embedded.expectations import expected, received
+from embedded.providers import ProviderServer
 from embedded.redis import LocalRedis, answers
 from embedded.worker import WorkerProcess, pipeline_env
 from gateway.simulator import GatewaySimulator
+from offline.tokens import DeviceToken, RedisDeviceTokenStore
 from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 from stores.inbox import RedisInboxStore
 from stores.members import RedisMemberStore
@@ -58,7 +61,16 @@ async def run(
     workdir: Path,
 ) -> int:
     tag = "demo" + uuid.uuid4().hex[:6]
-    env = pipeline_env(tag=tag, broker_url=broker.url, redis_url=redis_url, partitions=4)
+    providers = await ProviderServer(webhook_secret="demo-secret").start()
+    say(f"provider {providers.url}/webhook  (a local stand-in for the push providers)")
+    env = pipeline_env(
+        tag=tag,
+        broker_url=broker.url,
+        redis_url=redis_url,
+        partitions=4,
+        offline_webhook_url=providers.url + "/webhook",
+        offline_webhook_secret="demo-secret",
+    )
     worker = WorkerProcess(env, workdir, "worker").start()
     say(f"worker   http://127.0.0.1:{worker.port}  (log: {worker.log_path})")
     started = time.monotonic()
@@ -81,7 +93,12 @@ async def run(
         sims.append(sim)
         say(f"gateway  {sim.gateway_id} at {sim.address}: {len(holders)} users online")
     online = set(users[: 2 * split])
-    say(f"offline  {user_count - 2 * split} users")
+    with_device = users[2 * split :]
+    devices = RedisDeviceTokenStore(redis_url)
+    for user in with_device:
+        await devices.register(user, DeviceToken("webhook", f"{user}-browser", "web"))
+    await devices.close()
+    say(f"offline  {user_count - 2 * split} users, each with a device registered for offline push")
 
     rng = random.Random(1)
     groups = {f"{tag}-group-{g}": rng.sample(users, min(200, user_count)) for g in range(5)}
@@ -160,6 +177,14 @@ async def run(
     elapsed = time.monotonic() - t0
     await asyncio.sleep(1)
 
+    want_notified = sum(len(users_ & set(with_device)) for users_ in want.offline.values())
+
+    def notified() -> int:
+        return sum(len(r.body["notifications"]) for r in providers.pushes("/webhook"))
+
+    # Polled: the provider server records, it does not signal.
+    while notified() < want_notified and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.25)
     offline_records = await read_all(broker.bootstrap, env["TOPIC_OFFLINE_PUSHES"], 10**7)
     offline_users = sum(len(OfflinePush.FromString(r.value).users) for r in offline_records)
     dead = await read_all(broker.bootstrap, env["TOPIC_PUSH_EVENTS"] + ".dlq", 100)
@@ -176,8 +201,10 @@ async def run(
         await sim.stop()
     await asyncio.to_thread(worker.stop)
 
+    await providers.stop()
     ok = (
-        stored == want.inbox_total
+        notified() == want_notified
+        and stored == want.inbox_total
         and pushes() == want.pushed_total
         and duplicates == 0
         and offline_users == want.offline_total
@@ -189,6 +216,7 @@ async def run(
         ("pushes received by gateways", pushes(), want.pushed_total),
         ("duplicate pushes", duplicates, 0),
         ("users sent to offline push", offline_users, want.offline_total),
+        ("notifications at the webhook", notified(), want_notified),
         ("records dead-lettered", len(dead), 1),
     ]
     say("")
