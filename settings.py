@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # Smooths a huge group's burst for the stages downstream; 0 is as fast as it goes.
     large_group_pages_per_second: float = Field(0.0, ge=0)
     # Pages sent ahead of the saved cursor: a crash redoes at most this many.
-    large_group_pages_in_flight: int = Field(4, ge=1)
+    large_group_pages_in_flight: int = Field(1, ge=1)
     large_group_cursor_keep_seconds: float = Field(3600.0, ge=0)
     read_diffusion_min_members: int = Field(50_000, ge=0)
     timeline_max_entries: int = Field(10_000, ge=0)

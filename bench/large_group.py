@@ -7,8 +7,8 @@ write and to the last push (every online member acknowledged by its gateway, eve
 other member handed to offline push). Variants run one after the other in one run, each
 with a fresh worker (its own consumer group) over the same gateways and member store:
 - large_group: the large_group agent pages the group (LARGE_GROUP_MIN_MEMBERS=2000),
-  4 pages ahead of its saved cursor (the default);
-- large_group_strict: the same, each page's cursor saved before the next is sent;
+  each page's cursor saved before the next page is sent (the default);
+- large_group_window4: the same with 4 pages sent ahead of the saved cursor;
 - inline: fanout pages the group itself (LARGE_GROUP_MIN_MEMBERS=0), as before the agent;
 - read_diffusion: one timeline write, pushes to online members only.
 Tansu, Redis (database 12, flushed) and the gateways (real gRPC servers) share this
@@ -42,10 +42,10 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 GATEWAYS = 4
 VARIANTS: dict[str, dict[str, Any]] = {
     "large_group": {"large_group_min_members": 2000, "read_diffusion_min_members": 0},
-    "large_group_strict": {
+    "large_group_window4": {
         "large_group_min_members": 2000,
         "read_diffusion_min_members": 0,
-        "large_group_pages_in_flight": 1,
+        "large_group_pages_in_flight": 4,
     },
     "inline": {"large_group_min_members": 0, "read_diffusion_min_members": 0},
     "read_diffusion": {"large_group_min_members": 2000, "read_diffusion_min_members": 50_000},

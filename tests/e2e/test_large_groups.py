@@ -90,10 +90,8 @@ async def test_group_of_20000_every_inbox_once_every_online_member_pushed_once(
 async def test_worker_killed_mid_group_resumes_from_its_cursor(
     pipeline_factory: PipelineFactory,
 ) -> None:
-    # 100 pages at 10 a second: the kill lands mid-group. One page in flight at a time.
-    p: Pipeline = pipeline_factory(
-        large_group_page_size=100, large_group_pages_per_second=10, large_group_pages_in_flight=1
-    )
+    # 100 pages at 10 a second: the kill lands mid-group. One page in flight (the default).
+    p: Pipeline = pipeline_factory(large_group_page_size=100, large_group_pages_per_second=10)
     first = await p.start_worker("worker-1")
     members = [p.user(i) for i in range(10_000)]
     group = f"{p.tag}-resume"
