@@ -12,23 +12,20 @@ group whose first page is full costs the extra member count.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from pipeline import metrics
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
 from pipeline.partitioning import partition_for
+from pipeline.retry import retrying
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
 from stores.members import MemberStore
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
@@ -200,23 +197,6 @@ class Fanout:
 def is_group_event(event: PushEvent) -> bool:
     """Recipients come from the member store (no explicit recipients on the event)."""
     return not (event.to_usernames or event.to_username)
-
-
-async def retrying(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """Call until it succeeds, backing off up to 5 s between attempts.
-
-    A failing store holds this event (and its partition) back: Kafka is the buffer.
-    Crashing the agent would only restart the worker into the same wait.
-    """
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except Exception as exc:
-            attempt += 1
-            delay = min(5.0, 0.05 * 2**attempt)
-            log.warning("%s failed (attempt %d), retrying in %.2fs: %r", what, attempt, delay, exc)
-            await asyncio.sleep(delay)
 
 
 async def page_with_retry(

@@ -25,10 +25,11 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from agents.fanout import page_with_retry, push_message, retrying
+from agents.fanout import page_with_retry, push_message
 from pipeline import metrics
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
 from pipeline.partitioning import partition_for
+from pipeline.retry import retrying
 from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
 from stores.members import MemberStore
 from stores.timeline import TimelineStore

@@ -29,6 +29,7 @@ from offline.provider import Notification, Outcome, Provider
 from offline.tokens import DeviceTokenStore
 from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records, source_record
+from pipeline.retry import retrying
 from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class OfflinePusher:
         if not pushes:
             return
         users = sorted({u for _, push in pushes for u in push.users})
-        devices = await _retrying(lambda: self._tokens.tokens(users))
+        devices = await retrying(lambda: self._tokens.tokens(users), "device token store")
         by_provider: dict[str, list[Notification]] = defaultdict(list)
         for index, (_, push) in enumerate(pushes):
             title, body = notification_text(push)
@@ -123,7 +124,10 @@ class OfflinePusher:
             for note, outcome in zip(pending, outcomes, strict=True):
                 metrics.NOTIFICATIONS.labels(provider.name, outcome.result).inc()
                 if outcome.result == "invalid_token":
-                    await _retrying(partial(self._tokens.remove, note.user, note.device))
+                    await retrying(
+                        partial(self._tokens.remove, note.user, note.device),
+                        "device token store",
+                    )
                 elif outcome.result == "failed":
                     failed.append((note, outcome))
                 elif outcome.result == "retry":
@@ -140,19 +144,6 @@ class OfflinePusher:
             await asyncio.sleep(delay)
             pending = retry
         return failed
-
-
-async def _retrying(call: Any) -> Any:
-    """Token-store calls: a store outage holds the batch (and its offsets) back."""
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except Exception as exc:
-            attempt += 1
-            delay = min(5.0, 0.05 * 2**attempt)
-            log.warning("device token store failed (attempt %d): %r", attempt, exc)
-            await asyncio.sleep(delay)
 
 
 class OfflinePushConsumer(GroupConsumer):
