@@ -26,7 +26,6 @@ from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
 from stores.members import MemberStore
 
-
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
 
