@@ -274,6 +274,7 @@ storage_consumer = storage.StorageConsumer(
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-storage"),
     batch_max_records=settings.storage_batch_max_records,
     retry_max_seconds=settings.storage_retry_max_seconds,
+    before_commit=lambda: app.producer.flush(),
 )
 
 
@@ -294,6 +295,7 @@ offline_consumer = (
         clients=offline_clients,
         consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
         batch_max_records=settings.offline_batch_max_records,
+        before_commit=lambda: app.producer.flush(),
     )
     if offline_providers
     else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -40,9 +41,11 @@ class GroupConsumer(Service):
         consumer_config: dict[str, Any],
         batch_max_records: int,
         lag_gauge: Gauge,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
         **kwargs: Any,
     ) -> None:
         self._topic = topic
+        self._before_commit = before_commit
         self._consumer_config = consumer_config
         self._batch_max = batch_max_records
         self._lag = lag_gauge
@@ -98,6 +101,9 @@ class GroupConsumer(Service):
         offsets = {tp: o for tp, o in offsets.items() if tp in owned}
         if not offsets:
             return
+        if self._before_commit is not None:
+            # What handling sent elsewhere (dead letters) is out before the offsets say done.
+            await self._before_commit()
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
