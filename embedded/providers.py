@@ -40,7 +40,7 @@ class ProviderServer:
     webhook_secret: str = ""
     invalid_tokens: set[str] = field(default_factory=set)
     requests: list[Received] = field(default_factory=list)
-    _failures: list[tuple[int, float | None]] = field(default_factory=list)
+    _failures: list[tuple[str, int, float | None]] = field(default_factory=list)
     _issued: set[str] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -50,9 +50,15 @@ class ProviderServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def fail_next(self, count: int, status: int = 503, retry_after: float | None = None) -> None:
-        """The next `count` push requests are answered with `status`."""
-        self._failures += [(status, retry_after)] * count
+    def fail_next(
+        self, count: int, status: int = 503, retry_after: float | None = None, path_prefix: str = ""
+    ) -> None:
+        """The next `count` push requests (under `path_prefix`) are answered with `status`."""
+        self._failures += [(path_prefix, status, retry_after)] * count
+
+    def accept_access_token(self, token: str) -> None:
+        """Let FCM requests in with `token`, as for a deployment given a static one."""
+        self._issued.add(token)
 
     def pushes(self, path_prefix: str) -> list[Received]:
         return [r for r in self.requests if r.path.startswith(path_prefix)]
@@ -109,8 +115,10 @@ class ProviderServer:
             return
         body = json.loads(raw or b"null")
         self._record(scope, headers, body)
-        if self._failures:
-            status, retry_after = self._failures.pop(0)
+        injected = next((f for f in self._failures if path.startswith(f[0])), None)
+        if injected is not None:
+            self._failures.remove(injected)
+            _, status, retry_after = injected
             extra = {"retry-after": str(retry_after)} if retry_after is not None else {}
             await _answer(send, status, {"error": "injected"}, extra)
             return

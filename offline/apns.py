@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import httpx
 import jwt
 
-from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text
+from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text, json_object
 from offline.ratelimit import TokenBucket, Unlimited
 
 DEFAULT_BASE_URL = "https://api.push.apple.com"
@@ -17,6 +17,9 @@ DEFAULT_BASE_URL = "https://api.push.apple.com"
 # 20 minutes (TooManyProviderTokenUpdates).
 TOKEN_LIFETIME = 50 * 60
 INVALID_REASONS = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"}
+# How long APNs keeps a notification for a device that is off. 0 would mean "now or
+# never", and an offline user's phone is often off: a message should still show up later.
+DEFAULT_EXPIRATION = 24 * 3600
 
 
 def http2_client(timeout: float) -> httpx.AsyncClient:
@@ -39,6 +42,7 @@ class ApnsProvider:
         base_url: str = DEFAULT_BASE_URL,
         limiter: TokenBucket | Unlimited | None = None,
         concurrency: int = 50,
+        expiration_seconds: int = DEFAULT_EXPIRATION,
     ) -> None:
         self._client = client
         self._base = base_url.rstrip("/")
@@ -48,6 +52,7 @@ class ApnsProvider:
         self._topic = topic
         self._limiter = limiter or Unlimited()
         self._slots = asyncio.Semaphore(concurrency)
+        self._expiration = expiration_seconds
         self._jwt: str | None = None
         self._jwt_at = 0.0
 
@@ -75,12 +80,13 @@ class ApnsProvider:
             },
             **note.data,
         }
+        expires = int(time.time()) + self._expiration if self._expiration > 0 else 0
         headers = {
             "authorization": f"bearer {self._bearer()}",
             "apns-topic": self._topic,
             "apns-push-type": "alert",
             "apns-priority": "10" if note.high_priority else "5",
-            "apns-expiration": "0",
+            "apns-expiration": str(expires),
         }
         async with self._slots:
             await self._limiter.acquire()
@@ -92,10 +98,7 @@ class ApnsProvider:
                 return Outcome("retry", f"transport: {exc!r}")
         if response.status_code == 200:
             return DELIVERED
-        try:
-            reason = str(response.json().get("reason", ""))
-        except ValueError:
-            reason = response.text
+        reason = str(json_object(response.content).get("reason", "")) or response.text
         if response.status_code == 410 or reason in INVALID_REASONS:
             return Outcome("invalid_token", reason)
         if reason == "ExpiredProviderToken":

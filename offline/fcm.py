@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx
 import jwt
 
-from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text
+from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text, json_object
 from offline.ratelimit import TokenBucket, Unlimited
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -141,14 +141,15 @@ class FcmProvider:
 def classify(response: httpx.Response) -> Outcome:
     if response.status_code == 200:
         return DELIVERED
-    try:
-        error = response.json().get("error", {})
-    except ValueError:
+    error = json_object(response.content).get("error")
+    if not isinstance(error, dict):
         error = {}
-    codes = {d.get("errorCode") for d in error.get("details", []) if isinstance(d, dict)}
-    status = error.get("status", "")
+    details = error.get("details")
+    codes = {d.get("errorCode") for d in details or [] if isinstance(d, dict)}
+    status = str(error.get("status", ""))
+    message = str(error.get("message", ""))
     if "UNREGISTERED" in codes or (
-        status == "INVALID_ARGUMENT" and "registration token" in error.get("message", "").lower()
+        status == "INVALID_ARGUMENT" and "registration token" in message.lower()
     ):
-        return Outcome("invalid_token", error_text(error.get("message", status)))
+        return Outcome("invalid_token", error_text(message or status))
     return by_status(response.status_code, response.headers, error_text(error or response.text))

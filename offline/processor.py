@@ -118,7 +118,7 @@ class OfflinePusher:
         for attempt in range(1, self._max_attempts + 1):
             outcomes: list[Outcome] = []
             for start in range(0, len(pending), provider.max_batch):
-                outcomes += await provider.send(pending[start : start + provider.max_batch])
+                outcomes += await _send(provider, pending[start : start + provider.max_batch])
             retry: list[Notification] = []
             wait = 0.0
             for note, outcome in zip(pending, outcomes, strict=True):
@@ -139,11 +139,29 @@ class OfflinePusher:
             if not retry:
                 break
             backoff = min(self._backoff_max, self._backoff_min * 2 ** (attempt - 1))
-            delay = max(wait, backoff * random.uniform(0.5, 1.0))
+            # Retry-After is honoured up to backoff_max: a provider asking for an hour
+            # would otherwise hold the batch (and its partitions) past the consumer's
+            # max.poll.interval. Retrying early costs a 429; the last one dead-letters.
+            delay = max(min(wait, self._backoff_max), backoff * random.uniform(0.5, 1.0))
             log.info("%s: %d notifications to retry in %.2fs", provider.name, len(retry), delay)
             await asyncio.sleep(delay)
             pending = retry
         return failed
+
+
+async def _send(provider: Provider, chunk: list[Notification]) -> list[Outcome]:
+    # A provider that raises (a token endpoint answering HTML, a key that will not sign)
+    # fails its own notifications, to be retried then dead-lettered; it does not stop the
+    # stage or take the other providers' outcomes with it.
+    try:
+        outcomes = await provider.send(chunk)
+    except Exception as exc:
+        log.exception("%s: send raised", provider.name)
+        return [Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])] * len(chunk)
+    if len(outcomes) != len(chunk):
+        detail = f"{len(outcomes)} outcomes for {len(chunk)} notifications"
+        return [Outcome("failed", detail)] * len(chunk)
+    return outcomes
 
 
 class OfflinePushConsumer(GroupConsumer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -59,3 +60,13 @@ def by_status(status: int, headers: Mapping[str, str], detail: str) -> Outcome:
 
 def error_text(payload: Any) -> str:
     return str(payload)[:300]
+
+
+def json_object(content: bytes) -> dict[str, Any]:
+    """A response body as a JSON object, or {}: error bodies from proxies and load
+    balancers in front of a provider are HTML or plain text as often as not."""
+    try:
+        value = json.loads(content) if content else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

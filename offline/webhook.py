@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text
+from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text, json_object
 from offline.ratelimit import TokenBucket, Unlimited
 
 SIGNATURE_HEADER = "X-Resonance-Signature"
@@ -72,12 +72,16 @@ class WebhookProvider:
         if not response.is_success:
             outcome = by_status(response.status_code, response.headers, error_text(response.text))
             return [outcome] * len(batch)
-        try:
-            answer = response.json() if response.content else {}
-        except ValueError:
-            answer = {}
-        invalid = set(answer.get("invalid_tokens", []))
-        failed = {f.get("token"): str(f.get("error", "")) for f in answer.get("failed", [])}
+        # The batch was taken: an answer we cannot read names no exceptions.
+        answer = json_object(response.content)
+        named = answer.get("invalid_tokens")
+        invalid = {str(t) for t in named} if isinstance(named, list) else set()
+        listed = answer.get("failed")
+        failed = {
+            str(f.get("token")): str(f.get("error", ""))
+            for f in (listed if isinstance(listed, list) else [])
+            if isinstance(f, dict)
+        }
         out = []
         for n in batch:
             if n.device.token in invalid:

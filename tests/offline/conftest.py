@@ -13,8 +13,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from embedded.providers import ProviderServer
 from offline.apns import ApnsProvider, http2_client
 from offline.fcm import FcmProvider, ServiceAccount
+from offline.processor import OfflinePusher
+from offline.provider import Notification
 from offline.ratelimit import TokenBucket
+from offline.tokens import DeviceToken, RedisDeviceTokenStore
 from offline.webhook import WebhookProvider
+from pipeline.dlq import DeadLetters, SourceRecord
+from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
+from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 
 SECRET = "webhook-secret"
 
@@ -89,3 +95,60 @@ async def providers(server: ProviderServer) -> AsyncIterator[Providers]:
     yield made
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+async def tokens(redis_url: str) -> AsyncIterator[RedisDeviceTokenStore]:
+    store = RedisDeviceTokenStore(redis_url)
+    yield store
+    await store.close()
+
+
+def note(provider: str, token: str, user: str = "alice") -> Notification:
+    return Notification(
+        user=user,
+        device=DeviceToken(provider, token, "android"),
+        title="bob",
+        body="hi there",
+        data={"msg_id": "42", "session_id": "single:alice:bob"},
+        high_priority=True,
+    )
+
+
+class DeadSink:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, dict[str, bytes]]] = []
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
+        self.records.append((topic, value, dict(headers)))
+
+
+def record(users: list[str], msg_id: int = 7, offset: int = 0) -> SourceRecord:
+    push = OfflinePush(
+        message=PushMessage(
+            msg_id=msg_id,
+            session_id="g1",
+            from_username="bob",
+            content="lunch?",
+            type="text",
+            session_meta=SessionMeta(name="team", type=2),
+        ),
+        users=users,
+        reason="not_online",
+    )
+    return SourceRecord("offline", 0, offset, str(msg_id).encode(), push.SerializeToString())
+
+
+def pusher(
+    p: Providers, tokens: RedisDeviceTokenStore, dead: DeadSink, **kw: float
+) -> OfflinePusher:
+    return OfflinePusher(
+        tokens=tokens,
+        providers={"fcm": p.fcm, "apns": p.apns, "webhook": p.webhook},
+        dead_letters=DeadLetters(dead.send),
+        max_attempts=int(kw.get("max_attempts", 3)),
+        backoff_min=0.01,
+        backoff_max=kw.get("backoff_max", 0.05),
+    )

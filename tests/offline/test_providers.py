@@ -8,20 +8,7 @@ import json
 
 import jwt
 
-from offline.provider import Notification
-from offline.tokens import DeviceToken
-from tests.offline.conftest import SECRET, Providers
-
-
-def note(provider: str, token: str, user: str = "alice") -> Notification:
-    return Notification(
-        user=user,
-        device=DeviceToken(provider, token, "android"),
-        title="bob",
-        body="hi there",
-        data={"msg_id": "42", "session_id": "single:alice:bob"},
-        high_priority=True,
-    )
+from tests.offline.conftest import SECRET, Providers, note
 
 
 async def test_fcm_trades_a_service_account_jwt_then_sends_per_token(

@@ -24,3 +24,40 @@ async def test_rate_after_the_burst() -> None:
 def test_rate_must_be_positive() -> None:
     with pytest.raises(ValueError):
         TokenBucket(rate=0)
+
+
+async def test_waiters_go_in_arrival_order() -> None:
+    bucket = TokenBucket(rate=100, burst=1)
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await bucket.acquire()
+        order.append(i)
+
+    await asyncio.gather(*(take(i) for i in range(20)))
+    assert order == list(range(20))
+
+
+async def test_a_late_wake_up_does_not_slow_the_rate() -> None:
+    # Sustained rate at 1000/s, where each sleep's overshoot is a sizeable part of the
+    # 1 ms between requests: the measured rate must still be the configured one.
+    bucket = TokenBucket(rate=1000, burst=1)
+    stamps: list[float] = []
+
+    async def take() -> None:
+        await bucket.acquire()
+        stamps.append(time.monotonic())
+
+    await asyncio.gather(*(take() for _ in range(600)))
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    assert abs(rate - 1000) / 1000 <= 0.05, rate
+
+
+async def test_acquiring_several_tokens_waits_for_all_of_them() -> None:
+    bucket = TokenBucket(rate=100, burst=1)
+    await bucket.acquire()
+    started = time.monotonic()
+    await bucket.acquire(5)
+    assert 0.045 <= time.monotonic() - started <= 0.1
+    with pytest.raises(ValueError):
+        await bucket.acquire(0)
