@@ -12,7 +12,7 @@ group whose first page is full costs the extra member count.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -33,6 +33,26 @@ SESSION_GROUP = 2
 SendDelivery = Callable[[int, bytes, bytes], Awaitable[object]]
 # (key, value): the large-group-jobs topic, keyed by session_id.
 SendJob = Callable[[bytes, bytes], Awaitable[object]]
+
+
+def delivery_template(
+    event: PushEvent, headers: Mapping[str, str], *, read_diffusion: bool = False
+) -> Delivery:
+    """The Delivery every record of this event copies; only `users` (and `page`) differ.
+
+    Read diffusion: the timeline holds the message, so the deliveries only push, and only
+    to users who are online.
+    """
+    template = Delivery(
+        message=push_message(event),
+        priority=event.priority,
+        persist_only=event.persist_only,
+        push_only=event.push_only or read_diffusion,
+        online_only=read_diffusion,
+    )
+    template.trace_headers.update(headers)
+    template.trace_headers.update(event.trace_headers)
+    return template
 
 
 class Diffusion:
@@ -120,14 +140,7 @@ class Fanout:
             first_page = await page_with_retry(self._members, event.session_id, "", size)
             if first_page[1] is not None and await self._hand_over(event, headers):
                 return 0
-        template = Delivery(
-            message=push_message(event),
-            priority=event.priority,
-            persist_only=event.persist_only,
-            push_only=event.push_only,
-        )
-        template.trace_headers.update(headers)
-        template.trace_headers.update(event.trace_headers)
+        template = delivery_template(event, headers)
         key = event.session_id.encode()
         excluded = set(event.exclude_usernames)
         # Sets, not lists: explicit recipient lists may repeat a name or name the sender.

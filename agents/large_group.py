@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from agents.fanout import page_with_retry, push_message
+from agents.fanout import delivery_template, page_with_retry
 from pipeline import metrics
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
 from pipeline.partitioning import partition_for
@@ -118,22 +118,15 @@ class LargeGroups:
 
     async def _run(self, job: LargeGroupJob, key: str, partition: int, saved: Cursor | None) -> int:
         event = job.event
-        message = push_message(event)
+        template = delivery_template(event, job.trace_headers, read_diffusion=job.read_diffusion)
         if job.read_diffusion:
-            result = await retrying(lambda: self._timeline.append([message]), "timeline store")
+            result = await retrying(
+                lambda: self._timeline.append([template.message]), "timeline store"
+            )
             metrics.TIMELINE_WRITES.inc(result.new)
             if event.persist_only:
                 await self._save(key, partition, "", 0, done=True)
                 return 0
-        template = Delivery(
-            message=message,
-            priority=event.priority,
-            persist_only=event.persist_only,
-            push_only=event.push_only or job.read_diffusion,
-            online_only=job.read_diffusion,
-        )
-        template.trace_headers.update(job.trace_headers)
-        template.trace_headers.update(event.trace_headers)
         excluded = set(event.exclude_usernames)
         after, page_no = (saved["after"], saved["pages"]) if saved else ("", 0)
         session_id, key_bytes = event.session_id, event.session_id.encode()
