@@ -42,6 +42,9 @@ class InboxStore(Protocol):
 
     async def last_cursor(self, user: str) -> int: ...
 
+    async def last_cursors(self, users: Sequence[str]) -> dict[str, int]:
+        """Each user's last cursor (0: never written), in one round trip."""
+
     async def close(self) -> None: ...
 
 
@@ -177,6 +180,12 @@ class RedisInboxStore:
     async def last_cursor(self, user: str) -> int:
         value = await self._redis.get(self._key(user) + ":seq")
         return int(value or 0)
+
+    async def last_cursors(self, users: Sequence[str]) -> dict[str, int]:
+        pipe = self._redis.pipeline(transaction=False)
+        for user in users:
+            pipe.get(self._key(user) + ":seq")
+        return {u: int(v or 0) for u, v in zip(users, await pipe.execute(), strict=True)}
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -244,6 +244,16 @@ class PostgresInboxStore:
         )
         return int(value or 0)
 
+    async def last_cursors(self, users: Sequence[str]) -> dict[str, int]:
+        pool = await self._pool.get()
+        rows = await pool.fetch(
+            "SELECT owner_username, last_cursor FROM t_inbox_cursor"
+            " WHERE owner_username = ANY($1::text[])",
+            list(users),
+        )
+        found = {r["owner_username"]: int(r["last_cursor"]) for r in rows}
+        return {u: found.get(u, 0) for u in users}
+
     async def close(self) -> None:
         await self._pool.close()
 

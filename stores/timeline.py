@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-import redis.asyncio as aioredis
-
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from stores.inbox import InboxEntry, RedisInboxStore, WriteResult
 
@@ -49,7 +47,6 @@ class RedisTimelineStore:
             cluster=cluster,
             key_prefix=KEY_PREFIX,
         )
-        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
     async def append(self, messages: Sequence[PushMessage]) -> WriteResult:
         return await self._entries.write([(m, (m.session_id,)) for m in messages])
@@ -58,15 +55,9 @@ class RedisTimelineStore:
         return await self._entries.read(session_id, after, limit)
 
     async def existing(self, session_ids: Iterable[str]) -> set[str]:
-        candidates = list(session_ids)
-        if not candidates:
-            return set()
-        pipe = self._redis.pipeline(transaction=False)
-        for session_id in candidates:
-            pipe.exists(f"{KEY_PREFIX}:{{{session_id}}}:seq")
-        found = await pipe.execute()
-        return {s for s, hit in zip(candidates, found, strict=True) if hit}
+        # A timeline exists once a message got a cursor in it.
+        cursors = await self._entries.last_cursors(list(session_ids))
+        return {session_id for session_id, last in cursors.items() if last > 0}
 
     async def close(self) -> None:
         await self._entries.close()
-        await self._redis.aclose()

@@ -130,3 +130,14 @@ async def test_resonance_delta_sync_query_still_works(
         (BASE + 2, 2, False),
         (BASE + 3, 3, False),
     ]
+
+
+async def test_last_cursors_of_many_users_in_one_call(store: InboxStore, tag: str) -> None:
+    users = [f"{tag}-l{i}" for i in range(3)]
+    await store.write([(msg(i), users[: 3 - i]) for i in range(3)])
+    assert await store.last_cursors([*users, f"{tag}-never"]) == {
+        users[0]: 3,
+        users[1]: 2,
+        users[2]: 1,
+        f"{tag}-never": 0,
+    }
