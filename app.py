@@ -1,19 +1,26 @@
 """Resonance Task: the Faust app and its whole topology, on one screen.
 
-    push-events --[fanout]-------------------> deliveries --[storage] (own group) --> inboxes
-         | groups of LARGE_GROUP_MIN_MEMBERS+  ^        \\-[route]--> gateway-pushes --[push]
-         v                                     |                  |                  |
-    large-group-jobs --[large_group]-----------+                  v                  v
-      (cursor table; read diffusion: group timelines)      offline-pushes        gateways
-    presence --[presence]--> presence-by-user --[routes]--> routes table  (read by route)
-    gateway-heartbeats --[registry]--> gateways GlobalTable               (read by route)
+    push-events --[fanout]--+--> deliveries -------[storage]--> inboxes
+        |   (own group)     +--> gateway-pushes ---[push]-----> gateways (gRPC streams)
+        |                   +--> offline-pushes    (own group)   |
+        |                             ^                          v
+        |                             +------------------- offline-pushes
+        +--> large-group-jobs --[large_group]--> deliveries, gateway-pushes, offline-pushes
+               (cursor table; read diffusion: group timelines)
+    presence --[presence]--> presence-by-user --[routes]--> routes table
+    routes changelog -------> online routes view   (every worker: fanout routes with it)
+    gateway-heartbeats -----> gateways view        (every worker; [registry] dead-letters)
 
-Run it with `faust -A app worker`; scale it with workers and Kafka partitions.
+fanout, push and storage read their topics in consumer groups of their own, a fetched
+batch at a time (pipeline/group_consumer.py); presence, routes and large_group are Faust
+agents, with the tables they write. Run it with `faust -A app worker`; scale it with
+workers and Kafka partitions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import faust
@@ -27,6 +34,7 @@ from offline.setup import providers_from
 from offline.tokens import RedisDeviceTokenStore
 from pipeline import transport
 from pipeline.dlq import DeadLetters, dlq_topic
+from pipeline.topic_view import TopicView
 from settings import Settings
 from stores.inbox import InboxStore, RedisInboxStore
 from stores.members import MemberStore, RedisMemberStore
@@ -64,14 +72,14 @@ def faust_config(s: Settings) -> dict[str, Any]:
     return config
 
 
-def kafka_consumer_config(s: Settings, group: str) -> dict[str, Any]:
+def kafka_consumer_config(s: Settings, group: str | None, *, hot: bool = False) -> dict[str, Any]:
+    """An aiokafka consumer's settings: `hot` for the stages on a message's way to a gateway."""
     config: dict[str, Any] = {"bootstrap_servers": s.bootstrap_servers, "group_id": group}
+    if hot:
+        config["fetch_max_wait_ms"] = s.hot_fetch_max_wait_ms
     if s.tansu:
-        config.update(
-            session_timeout_ms=2000,
-            heartbeat_interval_ms=500,
-            fetch_max_wait_ms=tansu.FETCH_MAX_WAIT_MS,
-        )
+        config.update(session_timeout_ms=2000, heartbeat_interval_ms=500)
+        config.setdefault("fetch_max_wait_ms", tansu.FETCH_MAX_WAIT_MS)
     return config
 
 
@@ -99,6 +107,17 @@ deliveries = _topic(settings.topic_name("deliveries"))
 presence_by_user = _topic(settings.topic_name("presence-by-user"))
 gateway_pushes = _topic(settings.topic_name("gateway-pushes"))
 large_group_jobs = _topic(settings.topic_name("large-group-jobs"))
+sources = (
+    push_events,
+    presence_updates,
+    gateway_heartbeats,
+    deliveries,
+    presence_by_user,
+    gateway_pushes,
+    large_group_jobs,
+    offline_pushes,
+)
+dead_letter_topics = [_topic(dlq_topic(t.get_topic_name())) for t in sources]
 
 _table_schema: faust.Schema[str, Any] = faust.Schema(
     key_type=str, key_serializer="raw", value_serializer="json"
@@ -106,12 +125,24 @@ _table_schema: faust.Schema[str, Any] = faust.Schema(
 routes = app.Table(
     route_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
 )
-gateways = app.GlobalTable(
-    gateway_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
-)
 # Co-partitioned with large-group-jobs: a job's cursor is on the worker running the job.
 large_group_cursors = app.Table(
     large_group.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
+)
+
+# Every worker's own views of whole topics (not Faust GlobalTables: faust-streaming #283).
+online_routes = route_rules.OnlineRoutes()
+routes_view = TopicView(
+    topic=routes.changelog_topic.get_topic_name(),
+    apply=online_routes.apply,
+    consumer_config=kafka_consumer_config(settings, None, hot=True),
+)
+gateways = gateway_rules.Gateways()
+gateways_view = TopicView(
+    topic=gateway_heartbeats.get_topic_name(),
+    apply=gateways.apply,
+    consumer_config=kafka_consumer_config(settings, None),
+    lookback_seconds=settings.gateway_view_lookback_seconds,
 )
 
 members: MemberStore
@@ -121,6 +152,10 @@ if settings.member_backend == "postgres":
         settings.postgres_url,
         search_path=settings.postgres_schema,
         pool_size=settings.postgres_pool_size,
+        table=settings.member_pg_table,
+        session_column=settings.member_pg_session_column,
+        user_column=settings.member_pg_user_column,
+        joined_at_column=settings.member_pg_joined_at_column,
     )
 else:
     members = RedisMemberStore(
@@ -158,10 +193,8 @@ async def _send_raw(
     )
 
 
-def _producer_for(
-    topic: Any,
-) -> Callable[[bytes, bytes, int | None], Awaitable[Awaitable[object]]]:
-    """Send bytes to `topic` straight through the app's producer.
+def _producer_for(topic: Any) -> fanout.SendRecord:
+    """Send bytes to `topic` straight through the app's producer; returns the broker's ack.
 
     The hot path skips Faust's channel machinery (a future, callbacks and sensor hooks per
     record: most of a send's cost). It is the same producer Faust flushes before every
@@ -169,7 +202,7 @@ def _producer_for(
     """
     name = topic.get_topic_name()
 
-    async def send(key: bytes, value: bytes, partition: int | None) -> Awaitable[object]:
+    async def send(key: bytes | None, value: bytes, partition: int | None) -> Awaitable[object]:
         return await app.producer.send(name, key, value, partition, None, None)
 
     return send
@@ -187,12 +220,20 @@ def _save_and_ack(table: Any, key: str, value: Any) -> Awaitable[object]:
     return fut
 
 
-to_deliveries = _producer_for(deliveries)
+outputs = fanout.Outputs(
+    deliveries=_producer_for(deliveries),
+    gateway_pushes=_producer_for(gateway_pushes),
+    offline_pushes=_producer_for(offline_pushes),
+    large_group_jobs=_producer_for(large_group_jobs),
+)
 to_presence_by_user = _producer_for(presence_by_user)
-to_gateway_pushes = _producer_for(gateway_pushes)
-to_offline_pushes = _producer_for(offline_pushes)
-to_large_group_jobs = _producer_for(large_group_jobs)
 dead_letters = DeadLetters(_send_raw)
+router = route.Router(
+    routes=online_routes,
+    gateways=gateways,
+    gateway_timeout_seconds=settings.gateway_timeout_seconds,
+    record_max_bytes=settings.record_max_bytes,
+)
 gateway_pool = GatewayPool(
     SessionConfig(
         batch_max_items=settings.push_batch_max_items,
@@ -206,24 +247,7 @@ gateway_pool = GatewayPool(
         max_attempts=settings.push_max_attempts,
     )
 )
-offline = push.OfflineSink(lambda key, value: to_offline_pushes(key, value, None))
 
-app.agent(push_events, name="fanout")(
-    fanout.agent(
-        fanout.Fanout(
-            members=members,
-            send=lambda partition, key, value: to_deliveries(key, value, partition),
-            dead_letters=dead_letters,
-            partitions=settings.topic_partitions,
-            page_size=settings.member_page_size,
-            max_users_per_delivery=settings.delivery_max_users,
-            diffusion=fanout.Diffusion(
-                settings.large_group_min_members, settings.read_diffusion_min_members
-            ),
-            send_job=lambda key, value: to_large_group_jobs(key, value, None),
-        )
-    )
-)
 app.agent(large_group_jobs, name="large_group")(
     large_group.agent(
         large_group.LargeGroups(
@@ -231,11 +255,13 @@ app.agent(large_group_jobs, name="large_group")(
             timeline=timeline,
             cursors=large_group_cursors,
             save=lambda key, cursor: _save_and_ack(large_group_cursors, key, cursor),
-            send=lambda partition, key, value: to_deliveries(key, value, partition),
+            router=router,
+            outputs=outputs,
             dead_letters=dead_letters,
             partitions=settings.topic_partitions,
             page_size=settings.large_group_page_size,
             max_users_per_delivery=settings.delivery_max_users,
+            record_max_bytes=settings.record_max_bytes,
             pages_per_second=settings.large_group_pages_per_second,
             pages_in_flight=settings.large_group_pages_in_flight,
             keep_done_seconds=settings.large_group_cursor_keep_seconds,
@@ -252,21 +278,39 @@ app.agent(presence_updates, name="presence")(
 app.agent(presence_by_user, name="routes")(
     presence.apply_agent(routes, dead_letters, settings.route_offline_keep_seconds)
 )
-app.agent(gateway_heartbeats, name="registry")(registry.agent(gateways, dead_letters))
-app.agent(deliveries, name="route")(
-    route.agent(
-        route.Router(
-            routes=routes,
-            gateways=gateways,
-            send_push=lambda gateway_id, value: to_gateway_pushes(gateway_id.encode(), value, None),
-            send_offline=lambda key, value: to_offline_pushes(key, value, None),
-            gateway_timeout_seconds=settings.gateway_timeout_seconds,
-        ),
-        dead_letters,
-    )
-)
-app.agent(gateway_pushes, name="push")(push.agent(gateway_pool, offline, dead_letters))
+app.agent(gateway_heartbeats, name="registry")(registry.agent(dead_letters))
 
+fanout_consumer = fanout.FanoutConsumer(
+    fanout=fanout.Fanout(
+        members=members,
+        router=router,
+        outputs=outputs,
+        dead_letters=dead_letters,
+        partitions=settings.topic_partitions,
+        page_size=settings.member_page_size,
+        max_users_per_delivery=settings.delivery_max_users,
+        record_max_bytes=settings.record_max_bytes,
+        diffusion=fanout.Diffusion(
+            settings.large_group_min_members, settings.read_diffusion_min_members
+        ),
+    ),
+    topic=push_events.get_topic_name(),
+    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-fanout", hot=True),
+    batch_max_records=settings.fanout_batch_max_records,
+    max_pending_batches=4,
+    before_commit=lambda: app.producer.flush(),
+)
+push_consumer = push.PushConsumer(
+    pool=gateway_pool,
+    offline=push.OfflineSink(outputs.offline_pushes),
+    dead_letters=dead_letters,
+    topic=gateway_pushes.get_topic_name(),
+    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-push", hot=True),
+    batch_max_records=settings.push_batch_max_records,
+    max_pending_batches=settings.push_pending_batches,
+    drain_seconds=settings.push_drain_seconds,
+    before_commit=lambda: app.producer.flush(),
+)
 storage_consumer = storage.StorageConsumer(
     topic=deliveries.get_topic_name(),
     inbox=inbox,
@@ -300,46 +344,40 @@ offline_consumer = (
     if offline_providers
     else None
 )
+own_group_stages = [
+    stage
+    for stage in (storage_consumer, fanout_consumer, push_consumer, offline_consumer)
+    if stage is not None
+]
 
 
 @app.task
 async def _start_own_groups() -> None:
-    # Children of the app: stopped, and their consumers closed, when the worker stops.
-    await app.add_runtime_dependency(storage_consumer)
+    # Topics only our own consumers read are not declared by Faust: create them first.
+    for topic in (*sources, *dead_letter_topics):
+        await topic.maybe_declare()
+    # Children of the app, stopped with it; started together, because a consumer's start
+    # waits for its group join. At shutdown children stop in reverse order: fanout stops
+    # feeding push before push drains its gateways, and the views it routes with go last.
+    services = [gateways_view, routes_view, storage_consumer, push_consumer, fanout_consumer]
     if offline_consumer is not None:
-        await app.add_runtime_dependency(offline_consumer)
+        services.append(offline_consumer)
+    await asyncio.gather(*(app.add_runtime_dependency(service) for service in services))
 
-
-@app.on_before_shutdown.connect  # type: ignore[arg-type]
-async def _close_gateways(app: faust.App, **kwargs: Any) -> None:
-    # The consumer has stopped by now, after waiting for every in-flight push to be acked
-    # or diverted (stream_wait_empty); what is still queued gets the drain deadline.
-    await gateway_pool.drain(settings.push_drain_seconds)
-
-
-# Declared so the dead-letter topics exist before anything is dead-lettered.
-for _source in (
-    push_events,
-    presence_updates,
-    gateway_heartbeats,
-    deliveries,
-    presence_by_user,
-    gateway_pushes,
-    large_group_jobs,
-    offline_pushes,
-):
-    _topic(dlq_topic(_source.get_topic_name()))
 
 views.register(
     app,
     views.Topology(
         settings=settings,
         routes=routes,
+        online_routes=online_routes,
         gateways=gateways,
+        topic_views=(gateways_view, routes_view),
         inbox=inbox,
         members=members,
         timeline=timeline,
         gateway_pool=gateway_pool,
+        stages=own_group_stages,
         storage_consumer=storage_consumer,
         large_group_cursors=large_group_cursors,
         offline_consumer=offline_consumer,

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     inbox_backend: Literal["redis", "postgres"] = "redis"
     member_backend: Literal["redis", "postgres"] = "redis"
     postgres_schema: str = "public"
+    # The member table another service owns (MEMBER_BACKEND=postgres): its name and
+    # columns. With the defaults the worker creates it if missing; a configured table must
+    # exist, and the worker refuses to page one that lacks a column.
+    member_pg_table: str = "t_group_member"
+    member_pg_session_column: str = "session_id"
+    member_pg_user_column: str = "username"
+    member_pg_joined_at_column: str = "joined_at"
     postgres_pool_size: int = Field(4, ge=1)
     # The inbox store may live on its own Redis; empty means REDIS_URL.
     inbox_redis_url: SecretStr | None = None
@@ -46,12 +53,22 @@ class Settings(BaseSettings):
     topic_heartbeats: str = "resonance.gateway.heartbeat.v1"
     topic_offline_pushes: str = "resonance.offline.push.v1"
 
-    # Kafka producer: time to fill a batch. Kafka 4's default; fewer, larger requests.
-    producer_linger_ms: float = Field(5.0, ge=0)
+    # Kafka producer: time to fill a batch. Under load batches fill while a request is in
+    # flight anyway; a linger only adds to every hop's latency.
+    producer_linger_ms: float = Field(1.0, ge=0)
+    # The hot path's consumers (fanout, push): how long a fetch may wait for records.
+    # Kafka answers a fetch as soon as records arrive, so its default costs nothing;
+    # Tansu holds every fetch for the whole wait, so its profile waits 2 ms (a hop costs
+    # about 2.5 ms; each idle consumer then asks ~400 times a second, measured in bench/).
+    fetch_max_wait_ms: int | None = Field(None, ge=0)
+    # The largest record we produce (bytes, after the protobuf encoding). Kafka's default
+    # max.request.size is 1 MiB; records above this are split.
+    record_max_bytes: int = Field(512 * 1024, ge=16 * 1024)
 
     # Fan-out.
     member_page_size: int = Field(1000, ge=1)
     delivery_max_users: int = Field(5000, ge=1)
+    fanout_batch_max_records: int = Field(500, ge=1)
 
     # Large groups: from this many members a group message is paged by the large_group
     # agent with a resumable cursor (0: never); from the second threshold it is written
@@ -88,6 +105,9 @@ class Settings(BaseSettings):
     push_backoff_max_seconds: float = Field(5.0, gt=0)
     push_max_attempts: int = Field(3, ge=1)
     push_drain_seconds: float = Field(10.0, ge=0)
+    push_batch_max_records: int = Field(100, ge=1)
+    # gateway-pushes batches handled at once while gateways acknowledge earlier ones.
+    push_pending_batches: int = Field(8, ge=1)
 
     # Offline push (offline/): a provider is on when its settings are set; the stage runs
     # in its own consumer group when any is. Rates are HTTP requests per second.
@@ -145,6 +165,17 @@ class Settings(BaseSettings):
     @property
     def tansu(self) -> bool:
         return self.broker_profile == "tansu"
+
+    @property
+    def hot_fetch_max_wait_ms(self) -> int:
+        if self.fetch_max_wait_ms is not None:
+            return self.fetch_max_wait_ms
+        return 2 if self.tansu else 500
+
+    @property
+    def gateway_view_lookback_seconds(self) -> float:
+        """How far back a starting worker reads heartbeats: older ones mean "down" anyway."""
+        return max(60.0, 4 * self.gateway_timeout_seconds)
 
     def topic_name(self, internal: str) -> str:
         """Name of an internal topic: prefixed with APP_ID, as Faust names its own."""

@@ -1,58 +1,59 @@
-"""fanout: one PushEvent -> one Delivery per user-partition, the body once, users as a list.
+"""fanout: push events -> inbox deliveries, gateway pushes and offline pushes, in one hop.
 
-Recipients are `to_usernames`, else `to_username` (single chat), else the members of
-`session_id` read a page at a time from the member store. The sender's inbox gets the
-message too (their other devices sync it); route, not fanout, leaves the sender out of
-the push. `exclude_usernames` are dropped here, for both.
+It reads push-events in a consumer group of its own (`<APP_ID>-fanout`, a fetched batch
+at a time: pipeline/group_consumer.py). Recipients are `to_usernames`, else
+`to_username` (single chat), else the members of `session_id`, read a page at a time
+from the member store (each session once per batch). The sender's inbox gets the message
+too (their other devices sync it) but the push leaves the sender out; `exclude_usernames`
+get neither. A batch becomes, per partition of the deliveries topic, one record of inbox
+writes for storage; per gateway, one gateway-pushes record routed with this worker's
+views of routes and gateways (agents/route.py); and offline pushes for recipients with
+no pushable gateway. The batch's offsets commit once the broker has every record.
 
-A group of at least `large_group_min_members` is not fanned out here: it becomes a
+A group of at least `large_min_members` is not fanned out here: it becomes a
 LargeGroupJob for the large_group agent, which pages it with a resumable cursor. Only a
 group whose first page is full costs the extra member count.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from agents.route import Router
 from pipeline import metrics
-from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
-from pipeline.partitioning import partition_for
+from pipeline.deliveries import DeliveryRecords
+from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
+from pipeline.group_consumer import GroupConsumer, Records, source_record
 from pipeline.retry import retrying
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
-from stores.members import MemberStore
+from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
+from stores.members import MemberStore, UnpageableGroup
+
+log = logging.getLogger(__name__)
 
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
+TRACE_HEADERS = ("traceparent", "tracestate")
 
-# (partition, key, value) -> awaitable: the deliveries topic, partition chosen by us.
-SendDelivery = Callable[[int, bytes, bytes], Awaitable[object]]
-# (key, value): the large-group-jobs topic, keyed by session_id.
-SendJob = Callable[[bytes, bytes], Awaitable[object]]
+# (key, value, partition or None) -> the broker's acknowledgement, once the record is queued.
+SendRecord = Callable[[bytes | None, bytes, int | None], Awaitable[Awaitable[object]]]
 
 
-def delivery_template(
-    event: PushEvent, headers: Mapping[str, str], *, read_diffusion: bool = False
-) -> Delivery:
-    """The Delivery every record of this event copies; only `users` (and `page`) differ.
+@dataclass(frozen=True)
+class Outputs:
+    """Where fan-out writes: each a producer send straight to one topic."""
 
-    Read diffusion: the timeline holds the message, so the deliveries only push, and only
-    to users who are online.
-    """
-    template = Delivery(
-        message=push_message(event),
-        priority=event.priority,
-        persist_only=event.persist_only,
-        push_only=event.push_only or read_diffusion,
-        online_only=read_diffusion,
-    )
-    template.trace_headers.update(headers)
-    template.trace_headers.update(event.trace_headers)
-    return template
+    deliveries: SendRecord
+    gateway_pushes: SendRecord
+    offline_pushes: SendRecord
+    large_group_jobs: SendRecord
 
 
 class Diffusion:
@@ -100,110 +101,27 @@ def push_message(event: PushEvent) -> PushMessage:
     )
 
 
-class Fanout:
-    def __init__(
-        self,
-        *,
-        members: MemberStore,
-        send: SendDelivery,
-        dead_letters: DeadLetters,
-        partitions: int,
-        page_size: int,
-        max_users_per_delivery: int,
-        diffusion: Diffusion | None = None,
-        send_job: SendJob | None = None,
-    ) -> None:
-        self._members = members
-        self._send = send
-        self._diffusion = diffusion or Diffusion()
-        self._send_job = send_job
-        self._dead_letters = dead_letters
-        self._partitions = partitions
-        self._page_size = page_size
-        self._max_users = max_users_per_delivery
+def trace_context(event: PushEvent, headers: Mapping[str, str]) -> dict[str, str]:
+    """W3C trace context: the Kafka record's headers, overridden by the event's own."""
+    context = dict(headers)
+    context.update(event.trace_headers)
+    return context
 
-    async def handle(self, record: SourceRecord, headers: dict[str, str] | None = None) -> int:
-        """Fan one record out; returns the deliveries records produced."""
-        try:
-            event = decode_event(record.value)
-        except InvalidRecord as exc:
-            await self._dead_letters.put(record, exc.reason, exc)
-            return 0
-        return await self.fan_out(event, headers or {})
 
-    async def fan_out(self, event: PushEvent, headers: dict[str, str]) -> int:
-        first_page: tuple[list[str], str | None] | None = None
-        if is_group_event(event):
-            # A full first page is what makes a group a candidate for large_group, so the
-            # page is no larger than the large-group threshold.
-            size = min(self._page_size, self._diffusion.large_min or self._page_size)
-            first_page = await page_with_retry(self._members, event.session_id, "", size)
-            if first_page[1] is not None and await self._hand_over(event, headers):
-                return 0
-        template = delivery_template(event, headers)
-        key = event.session_id.encode()
-        excluded = set(event.exclude_usernames)
-        # Sets, not lists: explicit recipient lists may repeat a name or name the sender.
-        buckets: dict[int, dict[str, None]] = {}
-        produced = recipients = 0
-
-        async def flush(partition: int) -> None:
-            nonlocal produced
-            delivery = Delivery()
-            delivery.CopyFrom(template)
-            delivery.users.extend(buckets.pop(partition))
-            await self._send(partition, key, delivery.SerializeToString())
-            produced += 1
-
-        async for page in self._recipient_pages(event, first_page):
-            for user in page:
-                if user in excluded or not user:
-                    continue
-                partition = partition_for(user, self._partitions)
-                bucket = buckets.setdefault(partition, {})
-                if user not in bucket:
-                    bucket[user] = None
-                    recipients += 1
-                    if len(bucket) >= self._max_users:
-                        # Bounded memory and record size for groups of any size.
-                        await flush(partition)
-        for partition in sorted(buckets):
-            await flush(partition)
-        metrics.EVENTS.inc()
-        metrics.DELIVERIES.inc(produced)
-        metrics.RECIPIENTS.inc(recipients)
-        return produced
-
-    async def _hand_over(self, event: PushEvent, headers: dict[str, str]) -> bool:
-        """Give a large group to the large_group agent; False if it is not large."""
-        if self._send_job is None:
-            return False
-        size = await retrying(lambda: self._members.count(event.session_id), "member store")
-        if not self._diffusion.is_large(size):
-            return False
-        job = LargeGroupJob(event=event, read_diffusion=self._diffusion.is_read(size), members=size)
-        job.trace_headers.update(headers)
-        await self._send_job(event.session_id.encode(), job.SerializeToString())
-        metrics.LARGE_GROUP_JOBS.labels("read" if job.read_diffusion else "write").inc()
-        return True
-
-    async def _recipient_pages(
-        self, event: PushEvent, first_page: tuple[list[str], str | None] | None
-    ) -> AsyncIterator[Iterable[str]]:
-        if event.from_username:
-            yield (event.from_username,)
-        if event.to_usernames:
-            yield event.to_usernames
-        elif event.to_username:
-            yield (event.to_username,)
-        else:
-            page, cursor = first_page or ([], None)
-            yield page
-            while cursor is not None:
-                page, cursor = await page_with_retry(
-                    self._members, event.session_id, cursor, self._page_size
-                )
-                yield page
+def recipients(event: PushEvent, members: Iterable[str] = ()) -> list[str]:
+    """Everyone whose inbox gets the message, sender first, once each, none excluded."""
+    if event.to_usernames:
+        listed: Iterable[str] = event.to_usernames
+    elif event.to_username:
+        listed = (event.to_username,)
+    else:
+        listed = members
+    # A dict, not a set: explicit lists may repeat a name or name the sender, and the
+    # order is kept so record contents are reproducible.
+    chosen = dict.fromkeys((event.from_username, *listed))
+    for name in (*event.exclude_usernames, ""):
+        chosen.pop(name, None)
+    return list(chosen)
 
 
 def is_group_event(event: PushEvent) -> bool:
@@ -211,24 +129,154 @@ def is_group_event(event: PushEvent) -> bool:
     return not (event.to_usernames or event.to_username)
 
 
-async def page_with_retry(
-    members: MemberStore, session_id: str, cursor: str, count: int
-) -> tuple[list[str], str | None]:
-    return await retrying(lambda: members.page(session_id, cursor, count), "member store")
+class _Large:
+    """A session whose messages go to the large_group agent."""
+
+    def __init__(self, members: int, read_diffusion: bool) -> None:
+        self.members = members
+        self.read_diffusion = read_diffusion
 
 
-def agent(fanout: Fanout) -> Callable[[Any], Awaitable[None]]:
-    async def fanout_agent(stream: Any) -> None:
-        async for event in stream.events():
-            await fanout.handle(source_of(event), _trace_headers(event))
-
-    return fanout_agent
+Resolved = list[str] | _Large | UnpageableGroup
 
 
-def _trace_headers(event: Any) -> dict[str, str]:
-    """W3C trace context from the Kafka record's headers, if the producer put it there."""
+class Fanout:
+    def __init__(
+        self,
+        *,
+        members: MemberStore,
+        router: Router,
+        outputs: Outputs,
+        dead_letters: DeadLetters,
+        partitions: int,
+        page_size: int,
+        max_users_per_delivery: int,
+        record_max_bytes: int = 512 * 1024,
+        diffusion: Diffusion | None = None,
+        member_concurrency: int = 16,
+    ) -> None:
+        self._members = members
+        self._router = router
+        self._out = outputs
+        self._diffusion = diffusion or Diffusion()
+        self._dead_letters = dead_letters
+        self._partitions = partitions
+        self._page_size = page_size
+        self._max_users = max_users_per_delivery
+        self._max_bytes = record_max_bytes
+        self._member_reads = asyncio.Semaphore(member_concurrency)
+
+    async def handle(self, records: Sequence[SourceRecord]) -> list[Awaitable[object]]:
+        """Fan a batch of push-events records out; returns the produced records' acks."""
+        events: list[tuple[SourceRecord, PushEvent]] = []
+        for record in records:
+            try:
+                events.append((record, decode_event(record.value)))
+            except InvalidRecord as exc:
+                await self._dead_letters.put(record, exc.reason, exc)
+        groups = await self._resolve_groups({e.session_id for _, e in events if is_group_event(e)})
+
+        deliveries = DeliveryRecords(
+            partitions=self._partitions, max_users=self._max_users, max_bytes=self._max_bytes
+        )
+        plan = self._router.plan()
+        acks: list[Awaitable[object]] = []
+        fanned = 0
+        for record, event in events:
+            context = trace_context(event, record.headers)
+            group = groups.get(event.session_id) if is_group_event(event) else None
+            if isinstance(group, UnpageableGroup):
+                metrics.MEMBER_STORE_REFUSED.labels(group.reason).inc()
+                await self._dead_letters.put(record, group.reason, group)
+                continue
+            if isinstance(group, _Large):
+                acks.append(await self._hand_over(event, group, context))
+                continue
+            users = recipients(event, group or ())
+            message = push_message(event)
+            if not event.push_only:
+                deliveries.add(message, users, priority=event.priority, trace_headers=context)
+            if not event.persist_only:
+                plan.add(message, users, priority=event.priority, trace_headers=context)
+            fanned += 1
+
+        for partition, value in deliveries.records():
+            acks.append(await self._out.deliveries(None, value, partition))
+        for key, value in plan.gateway_records():
+            acks.append(await self._out.gateway_pushes(key, value, None))
+        for key, value in plan.offline_records():
+            acks.append(await self._out.offline_pushes(key, value, None))
+        plan.count()
+        metrics.EVENTS.inc(fanned)
+        metrics.DELIVERIES.inc(deliveries.deliveries)
+        metrics.RECIPIENTS.inc(deliveries.recipients)
+        return acks
+
+    async def _resolve_groups(self, sessions: set[str]) -> dict[str, Resolved]:
+        """Each group session of the batch read once, the sessions concurrently."""
+        if not sessions:
+            return {}
+        ordered = sorted(sessions)
+        found = await asyncio.gather(*(self._resolve(s) for s in ordered))
+        return dict(zip(ordered, found, strict=True))
+
+    async def _resolve(self, session_id: str) -> Resolved:
+        async with self._member_reads:
+            try:
+                # A full first page is what makes a group a candidate for large_group, so
+                # the page is no larger than the large-group threshold.
+                first = min(self._page_size, self._diffusion.large_min or self._page_size)
+                page, cursor = await self._page(session_id, "", first)
+                if cursor is not None and self._diffusion.large_min:
+                    size = await retrying(lambda: self._members.count(session_id), "member store")
+                    if self._diffusion.is_large(size):
+                        return _Large(size, self._diffusion.is_read(size))
+                members = list(page)
+                while cursor is not None:
+                    page, cursor = await self._page(session_id, cursor, self._page_size)
+                    members += page
+                return members
+            except UnpageableGroup as exc:
+                log.error("group %s: %s", session_id, exc)
+                return exc
+
+    async def _page(self, session_id: str, cursor: str, count: int) -> tuple[list[str], str | None]:
+        return await retrying(
+            lambda: self._members.page(session_id, cursor, count),
+            "member store",
+            permanent=(UnpageableGroup,),
+        )
+
+    async def _hand_over(
+        self, event: PushEvent, group: _Large, context: dict[str, str]
+    ) -> Awaitable[object]:
+        job = LargeGroupJob(event=event, read_diffusion=group.read_diffusion, members=group.members)
+        job.trace_headers.update(context)
+        ack = await self._out.large_group_jobs(
+            event.session_id.encode(), job.SerializeToString(), None
+        )
+        metrics.LARGE_GROUP_JOBS.labels("read" if job.read_diffusion else "write").inc()
+        return ack
+
+
+def kafka_trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    """W3C trace context from a Kafka record's headers, if its producer put it there."""
     found: dict[str, str] = {}
-    for name, value in event.message.headers or ():
-        if name in ("traceparent", "tracestate") and value is not None:
-            found[name] = value.decode() if isinstance(value, bytes) else str(value)
+    for name, value in headers or ():
+        if name.lower() in TRACE_HEADERS and value is not None:
+            found[name.lower()] = value.decode(errors="replace")
     return found
+
+
+class FanoutConsumer(GroupConsumer):
+    """The fanout stage: push-events in its own consumer group, a fetched batch at a time."""
+
+    def __init__(self, *, fanout: Fanout, **kwargs: Any) -> None:
+        self._fanout = fanout
+        super().__init__(stage="fanout", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        acks = await self._fanout.handle(
+            [source_record(r, kafka_trace_headers(r.headers)) for r in records]
+        )
+        return asyncio.gather(*acks) if acks else None

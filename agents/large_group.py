@@ -1,17 +1,17 @@
 """large_group: a big group's message, fanned out a member page at a time, resumably.
 
 Jobs come from fanout keyed by session_id, so one group's messages run in order on one
-partition and a user sees them in order. Each page becomes deliveries records (one per
-user-partition, the body once), exactly as fanout would make them. After a page's
-records are acknowledged by the broker, the cursor (the last member name of the page)
-goes to the `large-group-cursors` table and its changelog record is acknowledged too
-before the next page is sent: a worker killed
-mid-group resumes after the last finished page, and at most the page in flight is sent
-twice (inbox writes are idempotent; gateways dedupe by msg_id).
+partition and a user sees them in order. Each page becomes what fanout would make of
+it: inbox deliveries (the body once per record), gateway-pushes records routed with
+this worker's views, offline pushes. After a page's records are acknowledged by the
+broker, the cursor (the member store's opaque position after the page) goes to the
+`large-group-cursors` table and its changelog record is acknowledged too before the next
+page is sent: a worker killed mid-group resumes after the last finished page, and at
+most the page in flight is sent twice (inbox writes are idempotent; gateways dedupe by
+msg_id).
 
-Read diffusion: the message is appended once to the group's timeline, and the pages
-carry push-only, online-only deliveries: storage skips them and route diverts nobody to
-offline push.
+Read diffusion: the message is appended once to the group's timeline; the pages only
+push, to online members, and divert nobody to offline push.
 """
 
 from __future__ import annotations
@@ -25,27 +25,27 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from agents.fanout import delivery_template, page_with_retry
+from agents.fanout import Outputs, SendRecord, push_message
+from agents.route import Router
 from pipeline import metrics
+from pipeline.deliveries import DeliveryRecords
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
-from pipeline.partitioning import partition_for
 from pipeline.retry import retrying
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
-from stores.members import MemberStore
+from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
+from stores.members import MemberStore, UnpageableGroup
 from stores.timeline import TimelineStore
 
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "large-group-cursors"
 
-# (partition, key, value) -> the broker's acknowledgement, awaited after a page is sent.
-SendAcked = Callable[[int, bytes, bytes], Awaitable[Awaitable[object]]]
 # (key, cursor) -> sets the table entry, returns its changelog record's acknowledgement.
 SaveCursor = Callable[[str, "Cursor"], Awaitable[object]]
 
 
 class Cursor(TypedDict):
-    after: str  # last member of the last finished page; the next page starts after it
+    after: str  # the member store's cursor after the last finished page ("" = the start)
     pages: int  # pages finished
     done: bool
     at: int  # wall clock, ms, of the last update
@@ -70,11 +70,13 @@ class LargeGroups:
         timeline: TimelineStore,
         cursors: MutableMapping[str, Cursor],
         save: SaveCursor,
-        send: SendAcked,
+        router: Router,
+        outputs: Outputs,
         dead_letters: DeadLetters,
         partitions: int,
         page_size: int,
         max_users_per_delivery: int,
+        record_max_bytes: int = 512 * 1024,
         pages_per_second: float = 0.0,
         pages_in_flight: int = 1,
         keep_done_seconds: float = 3600.0,
@@ -82,12 +84,14 @@ class LargeGroups:
         self._members = members
         self._timeline = timeline
         self._cursors = cursors
-        self._send = send
+        self._router = router
+        self._out = outputs
         self._save_cursor = save
         self._dead_letters = dead_letters
         self._partitions = partitions
         self._page_size = page_size
         self._max_users = max_users_per_delivery
+        self._max_bytes = record_max_bytes
         self._page_interval = 1.0 / pages_per_second if pages_per_second > 0 else 0.0
         self._window = max(1, pages_in_flight)
         self._keep_done_ms = int(keep_done_seconds * 1000)
@@ -112,28 +116,39 @@ class LargeGroups:
                 key,
                 saved["pages"],
             )
-        pages = await self._run(job, key, record.partition, saved)
+        try:
+            pages = await self._run(job, key, record.partition, saved)
+        except UnpageableGroup as exc:
+            # Pages already sent stay sent; the rest of the group cannot be read at all.
+            metrics.MEMBER_STORE_REFUSED.labels(exc.reason).inc()
+            await self._dead_letters.put(record, exc.reason, exc)
+            pages = 0
         self._prune(record.partition)
         return pages
 
+    async def _page(self, session_id: str, cursor: str) -> tuple[list[str], str | None]:
+        return await retrying(
+            lambda: self._members.page(session_id, cursor, self._page_size),
+            "member store",
+            permanent=(UnpageableGroup,),
+        )
+
     async def _run(self, job: LargeGroupJob, key: str, partition: int, saved: Cursor | None) -> int:
         event = job.event
-        template = delivery_template(event, job.trace_headers, read_diffusion=job.read_diffusion)
+        message = push_message(event)
         if job.read_diffusion:
-            result = await retrying(
-                lambda: self._timeline.append([template.message]), "timeline store"
-            )
+            result = await retrying(lambda: self._timeline.append([message]), "timeline store")
             metrics.TIMELINE_WRITES.inc(result.new)
             if event.persist_only:
                 await self._save(key, partition, "", 0, done=True)
                 return 0
         excluded = set(event.exclude_usernames)
         after, page_no = (saved["after"], saved["pages"]) if saved else ("", 0)
-        session_id, key_bytes = event.session_id, event.session_id.encode()
-        users, cursor = await page_with_retry(self._members, session_id, after, self._page_size)
+        session_id = event.session_id
+        users, cursor = await self._page(session_id, after)
         if page_no == 0 and event.from_username and not job.read_diffusion:
             users = [event.from_username, *users]  # the sender's own inbox, as in fanout
-        records = self._build(template, users, excluded, page_no)
+        records = self._build(job, message, users, excluded, page_no)
         # Pages sent whose cursor is not saved yet, oldest first: (pages after it, cursor,
         # acks). A crash redoes at most these, so their number is the window.
         in_flight: deque[tuple[int, str, list[Awaitable[object]]]] = deque()
@@ -141,20 +156,17 @@ class LargeGroups:
         next_at = time.monotonic()
         while True:
             if records or cursor is not None:
-                acks = [await self._send(p, key_bytes, value) for p, value in records]
+                acks = [await send(k, value, p) for send, k, value, p in records]
                 page_no += 1
                 sent_now += 1
                 in_flight.append((page_no, cursor or "", acks))
                 metrics.LARGE_GROUP_PAGES.inc()
-                metrics.DELIVERIES.inc(len(records))
             last = cursor is None
             if not last:
                 # While the broker acknowledges sent pages, the next one is read and built.
-                users, cursor = await page_with_retry(
-                    self._members, session_id, cursor or "", self._page_size
-                )
+                users, cursor = await self._page(session_id, cursor or "")
                 last = not users and cursor is None  # the page before was full, and the end
-                records = self._build(template, users, excluded, page_no)
+                records = self._build(job, message, users, excluded, page_no)
             while in_flight and (last or len(in_flight) >= self._window):
                 pages, after, acks = in_flight.popleft()
                 await asyncio.gather(*acks)
@@ -170,24 +182,40 @@ class LargeGroups:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     def _build(
-        self, template: Delivery, users: list[str], excluded: set[str], page: int
-    ) -> list[tuple[int, bytes]]:
-        """A page's deliveries records: (partition, value), one per user-partition."""
-        buckets: dict[int, dict[str, None]] = {}
-        for user in users:
-            if user and user not in excluded:
-                buckets.setdefault(partition_for(user, self._partitions), {})[user] = None
-        records = []
-        for partition in sorted(buckets):
-            bucket = list(buckets[partition])
-            metrics.RECIPIENTS.inc(len(bucket))
-            for start in range(0, len(bucket), self._max_users):
-                delivery = Delivery()
-                delivery.CopyFrom(template)
-                delivery.page = page
-                delivery.users.extend(bucket[start : start + self._max_users])
-                records.append((partition, delivery.SerializeToString()))
-        return records
+        self,
+        job: LargeGroupJob,
+        message: PushMessage,
+        users: list[str],
+        excluded: set[str],
+        page: int,
+    ) -> list[tuple[SendRecord, bytes | None, bytes, int | None]]:
+        """A page's records, as fanout would make them: (send, key, value, partition)."""
+        event, context = job.event, dict(job.trace_headers)
+        chosen = list(dict.fromkeys(u for u in users if u and u not in excluded))
+        out: list[tuple[SendRecord, bytes | None, bytes, int | None]] = []
+        if not (event.push_only or job.read_diffusion):
+            deliveries = DeliveryRecords(
+                partitions=self._partitions, max_users=self._max_users, max_bytes=self._max_bytes
+            )
+            deliveries.add(
+                message, chosen, priority=event.priority, trace_headers=context, page=page
+            )
+            out += [(self._out.deliveries, None, v, p) for p, v in deliveries.records()]
+            metrics.DELIVERIES.inc(deliveries.deliveries)
+        if not event.persist_only:
+            plan = self._router.plan()
+            plan.add(
+                message,
+                chosen,
+                priority=event.priority,
+                trace_headers=context,
+                online_only=job.read_diffusion,
+            )
+            out += [(self._out.gateway_pushes, k, v, None) for k, v in plan.gateway_records()]
+            out += [(self._out.offline_pushes, k, v, None) for k, v in plan.offline_records()]
+            plan.count()
+        metrics.RECIPIENTS.inc(len(chosen))
+        return out
 
     async def _save(self, key: str, partition: int, after: str, pages: int, *, done: bool) -> None:
         cursor = Cursor(

@@ -1,12 +1,18 @@
-"""push: gateway-keyed pushes -> each gateway's persistent stream; offsets after its ack.
+"""push: gateway-pushes records -> each gateway's persistent stream; offsets after its ack.
 
-The stream runs without auto-ack: an event is acked only once its gateway acknowledged
-the batch that carried it, or once its users were handed to offline push. Faust commits
-per partition up to the lowest unacked offset, so acks may arrive out of order.
+It reads gateway-pushes (keyed by gateway_id, so one worker owns each gateway's records
+and its stream) in a consumer group of its own (`<APP_ID>-push`), a fetched batch at a
+time. A batch is done once every push it carried was acknowledged by its gateway or its
+users were handed to offline push (and the broker has those records); only then do its
+offsets commit. Batches overlap: the next is fetched while gateways answer the last.
+A full gateway queue diverts to offline push instead of waiting, so a slow gateway never
+holds up the others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,15 +20,17 @@ from google.protobuf.message import DecodeError
 
 from gateway.client import GatewayPool, PushItem, PushOutcome
 from pipeline import metrics
-from pipeline.dlq import DeadLetters, source_of
+from pipeline.dlq import DeadLetters
+from pipeline.group_consumer import GroupConsumer, Records, source_record
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPush, GatewayPushBatch, OfflinePush
 
-SendOffline = Callable[[bytes, bytes], Awaitable[object]]  # (key, value)
+# (key, value, partition or None) -> the broker's acknowledgement, once the record is queued.
+SendRecord = Callable[[bytes | None, bytes, int | None], Awaitable[Awaitable[object]]]
 
 
 class OfflineSink:
-    def __init__(self, send: SendOffline) -> None:
+    def __init__(self, send: SendRecord) -> None:
         self._send = send
 
     async def put(
@@ -32,73 +40,100 @@ class OfflineSink:
         reason: str,
         gateway_id: str = "",
         push: GatewayPush | None = None,
-    ) -> None:
+    ) -> Awaitable[object]:
         record = OfflinePush(message=message, users=users, reason=reason, gateway_id=gateway_id)
         if push is not None:
             record.priority = push.priority
             record.trace_headers.update(push.trace_headers)
-        await self._send(str(message.msg_id).encode(), record.SerializeToString())
+        ack = await self._send(str(message.msg_id).encode(), record.SerializeToString(), None)
         metrics.OFFLINE_USERS.labels(reason).inc(len(users))
+        return ack
 
 
-def agent(
-    pool: GatewayPool, offline: OfflineSink, dead_letters: DeadLetters
-) -> Callable[[Any], Awaitable[None]]:
-    async def push_agent(stream: Any) -> None:
-        manual = stream.noack()
-        async for event in manual.events():
-            record = source_of(event)
-            try:
-                batch = GatewayPushBatch.FromString(record.value or b"")
-            except DecodeError as exc:
-                await dead_letters.put(record, "decode_error", exc)
-                await manual.ack(event)
-                continue
-            await _offer(pool, offline, batch, _AckWhenAllSettled(manual, event, len(batch.pushes)))
+class _Settlement:
+    """A batch's pushes: done when every one is settled and its offline records are acked."""
 
-    return push_agent
+    def __init__(self) -> None:
+        self._pending = 1  # the batch itself, until every push of it was offered
+        self._all = asyncio.get_running_loop().create_future()
+        self.acks: list[Awaitable[object]] = []
 
+    def add(self) -> None:
+        self._pending += 1
 
-class _AckWhenAllSettled:
-    """Acks one gateway-pushes record once every push it carried is settled."""
-
-    def __init__(self, stream: Any, event: Any, pending: int) -> None:
-        self._stream = stream
-        self._event = event
-        self._pending = pending
-
-    async def settled(self) -> None:
+    def settled(self) -> None:
         self._pending -= 1
-        if self._pending <= 0:
-            await self._stream.ack(self._event)
+        if self._pending == 0 and not self._all.done():
+            self._all.set_result(None)
+
+    async def wait(self) -> None:
+        await self._all
+        if self.acks:
+            await asyncio.gather(*self.acks)
 
 
-async def _offer(
-    pool: GatewayPool, offline: OfflineSink, batch: GatewayPushBatch, ack: _AckWhenAllSettled
-) -> None:
-    if not batch.pushes:
-        await ack.settled()
-        return
-    session = pool.session(batch.gateway_id, batch.address)
-    for push in batch.pushes:
+class PushConsumer(GroupConsumer):
+    def __init__(
+        self,
+        *,
+        pool: GatewayPool,
+        offline: OfflineSink,
+        dead_letters: DeadLetters,
+        **kwargs: Any,
+    ) -> None:
+        self._pool = pool
+        self._offline = offline
+        self._dead_letters = dead_letters
+        super().__init__(stage="push", **kwargs)
 
-        async def settle(outcome: PushOutcome, push: GatewayPush = push) -> None:
-            metrics.PUSHED_USERS.inc(len(outcome.delivered))
-            if outcome.failed:
-                await offline.put(
-                    push.message, outcome.failed, outcome.reason, batch.gateway_id, push
+    async def drain(self, deadline: float) -> None:
+        # Queued pushes get until the deadline to be acknowledged; what is left then is
+        # not committed, and the next owner of the partition sends it again.
+        await self._pool.drain(max(0.0, deadline - time.monotonic()))
+        await super().drain(deadline)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        batch = _Settlement()
+        for record in records:
+            try:
+                pushes = GatewayPushBatch.FromString(record.value or b"")
+            except DecodeError as exc:
+                await self._dead_letters.put(source_record(record), "decode_error", exc)
+                continue
+            await self._offer(pushes, batch)
+        batch.settled()
+        return batch.wait()
+
+    async def _offer(self, pushes: GatewayPushBatch, batch: _Settlement) -> None:
+        if not pushes.pushes:
+            return
+        gateway_id = pushes.gateway_id
+        session = self._pool.session(gateway_id, pushes.address)
+        offline = self._offline
+        for push in pushes.pushes:
+
+            async def settle(outcome: PushOutcome, push: GatewayPush = push) -> None:
+                metrics.PUSHED_USERS.inc(len(outcome.delivered))
+                if outcome.failed:
+                    batch.acks.append(
+                        await offline.put(
+                            push.message, outcome.failed, outcome.reason, gateway_id, push
+                        )
+                    )
+                batch.settled()
+
+            item = PushItem(
+                message=push.message,
+                users=list(push.users),
+                on_done=settle,
+                metadata=list(push.trace_headers.items()),
+            )
+            batch.add()
+            if session.offer(item):
+                metrics.PUSH_ENQUEUE.labels(gateway_id).inc()
+            else:
+                # A slow gateway must not hold up the others on this partition: divert.
+                metrics.PUSH_ENQUEUE_FAILED.labels(gateway_id, "queue_full").inc()
+                await settle(
+                    PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
                 )
-            await ack.settled()
-
-        item = PushItem(
-            message=push.message,
-            users=list(push.users),
-            on_done=settle,
-            metadata=list(push.trace_headers.items()),
-        )
-        if session.offer(item):
-            metrics.PUSH_ENQUEUE.labels(batch.gateway_id).inc()
-        else:
-            # A slow gateway must not hold up the others on this partition: divert.
-            metrics.PUSH_ENQUEUE_FAILED.labels(batch.gateway_id, "queue_full").inc()
-            await settle(PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded"))

@@ -1,150 +1,193 @@
-"""route: deliveries -> gateway pushes, grouped by gateway, looked up on the owning worker.
+"""route: messages and their recipients -> one gateway-pushes record per gateway, and offline.
 
-The deliveries topic and the routes table share partition count and partitioner, so a
-record's users are all in routes partitions this worker owns: the lookup is a local dict
-read. Users with no pushable gateway go to offline push, unless the delivery is
-online-only (a read-diffusion group's: its members sync the group timeline instead).
+Not a stage of its own any more: fanout and large_group route as they fan out, with the
+worker's views of the routes changelog and of the gateways' heartbeats (every worker
+holds both), so a 1:1 message goes from push-events to gateway-pushes in one hop. A
+`PushPlan` collects one batch's pushes: for each gateway, the batch's messages in order,
+each with the users that gateway holds (the body once per gateway record). Users with no
+pushable gateway go to offline push, unless the message is online-only (a
+read-diffusion group's: its members sync the group timeline instead). Records are split
+by bytes so none exceeds what the producer may send.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
-
-from google.protobuf.message import DecodeError
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from pipeline import metrics
-from pipeline.dlq import DeadLetters, source_of
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, GatewayPushBatch, OfflinePush
+from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch, OfflinePush
 from tables import gateways as gateway_rules
-from tables import routes as route_rules
 from tables.gateways import GatewayInfo
 
-SendGatewayPush = Callable[[str, bytes], Awaitable[object]]  # (gateway_id, value)
-SendOffline = Callable[[bytes, bytes], Awaitable[object]]  # (key, value)
+# Per record, beyond its pushes: the gateway's id and address, protobuf framing.
+_RECORD_OVERHEAD = 512
+_USER_OVERHEAD = 2  # a repeated string's tag and length
+
+
+class OnlineGateways(Protocol):
+    def get(self, user: str) -> tuple[str, ...]: ...
 
 
 class Router:
     def __init__(
         self,
         *,
-        routes: Any,
-        gateways: Any,
-        send_push: SendGatewayPush,
-        send_offline: SendOffline,
+        routes: OnlineGateways,
+        gateways: Mapping[str, GatewayInfo],
         gateway_timeout_seconds: float,
+        record_max_bytes: int = 512 * 1024,
     ) -> None:
         self._routes = routes
         self._gateways = gateways
-        self._send_push = send_push
-        self._send_offline = send_offline
         self._timeout_ms = int(gateway_timeout_seconds * 1000)
+        self.record_max_bytes = record_max_bytes
         self._clock_cache: gateway_rules.Clock | None = None
-        self._pushable: dict[str, GatewayInfo | None] = {}
         self._clock_at = 0.0
 
-    def forget_liveness(self) -> None:
-        self._pushable.clear()
-
-    def _clock(self) -> gateway_rules.Clock:
-        # The newest heartbeat is a scan of the (small) gateways table: once per 200 ms,
-        # and the liveness verdicts computed from it live as long.
+    def clock(self) -> gateway_rules.Clock:
+        # The newest heartbeat is a scan of the (small) gateways view: once per 200 ms.
         now = time.monotonic()
         if self._clock_cache is None or now - self._clock_at > 0.2:
             self._clock_cache = gateway_rules.clock(
                 self._gateways.values(), int(time.time() * 1000), self._timeout_ms
             )
             self._clock_at = now
-            self.forget_liveness()
         return self._clock_cache
 
-    async def route(self, delivery: Delivery) -> None:
-        await self.route_batch([delivery])
+    def plan(self) -> PushPlan:
+        return PushPlan(self)
 
-    async def route_batch(self, deliveries: Sequence[Delivery]) -> None:
-        """Route a batch of deliveries: one gateway-pushes record per gateway, in order."""
-        at = self._clock()
-        batches: dict[str, GatewayPushBatch] = {}
-        for delivery in deliveries:
-            if delivery.persist_only:
-                continue
-            by_gateway, offline = self._targets(delivery, at)
-            for gateway_id, users in by_gateway.items():
-                batch = batches.get(gateway_id)
-                if batch is None:
-                    info = self._pushable[gateway_id]
-                    assert info is not None
-                    batch = batches[gateway_id] = GatewayPushBatch(
-                        gateway_id=gateway_id, address=info["address"]
-                    )
-                batch.pushes.add(
-                    message=delivery.message,
-                    users=users,
-                    priority=delivery.priority,
-                    trace_headers=delivery.trace_headers,
-                )
-            if offline and not delivery.online_only:
-                await self._send_offline(
-                    str(delivery.message.msg_id).encode(),
-                    OfflinePush(
-                        message=delivery.message,
-                        users=offline,
-                        reason="not_online",
-                        priority=delivery.priority,
-                        trace_headers=delivery.trace_headers,
-                    ).SerializeToString(),
-                )
-                metrics.OFFLINE_USERS.labels("not_online").inc(len(offline))
-        for gateway_id, batch in batches.items():
-            await self._send_push(gateway_id, batch.SerializeToString())
+    def pushable(self, gateway_id: str, at: gateway_rules.Clock) -> GatewayInfo | None:
+        info = self._gateways.get(gateway_id)
+        return info if gateway_rules.is_pushable(info, at) else None
 
-    def _targets(
-        self, delivery: Delivery, at: gateway_rules.Clock
-    ) -> tuple[dict[str, list[str]], list[str]]:
-        """Online recipients by gateway, and the recipients with no pushable gateway."""
-        sender = delivery.message.from_username
-        # Gateway liveness is looked up once per batch, not once per recipient.
-        pushable = self._pushable
+    def online(self, user: str) -> tuple[str, ...]:
+        return self._routes.get(user)
+
+
+class PushPlan:
+    """The pushes of one batch of messages: per gateway in message order, and offline."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._at = router.clock()
+        # Gateway liveness is decided once per batch, not once per recipient.
+        self._pushable: dict[str, GatewayInfo | None] = {}
+        self._records: dict[str, list[GatewayPushBatch]] = {}
+        self._sizes: dict[str, int] = {}
+        self._offline: list[OfflinePush] = []
+        self.pushed_users = 0
+        self.offline_users = 0
+
+    def add(
+        self,
+        message: PushMessage,
+        users: Iterable[str],
+        *,
+        priority: int = 0,
+        trace_headers: Mapping[str, str] | None = None,
+        online_only: bool = False,
+    ) -> None:
+        """Route `message` to `users`, leaving out its sender."""
+        sender = message.from_username
+        router, pushable = self._router, self._pushable
         by_gateway: dict[str, list[str]] = {}
         offline: list[str] = []
-        for user in delivery.users:
+        for user in users:
             if user == sender:
                 continue
-            route = self._routes.get(user)
-            targets = []
-            for gateway_id in route_rules.online_gateways(route):
+            reached = False
+            for gateway_id in router.online(user):
                 if gateway_id not in pushable:
-                    info = self._gateways.get(gateway_id)
-                    ok = gateway_rules.is_pushable(info, at)
-                    pushable[gateway_id] = info if ok else None
+                    pushable[gateway_id] = router.pushable(gateway_id, self._at)
                 if pushable[gateway_id] is not None:
-                    targets.append(gateway_id)
-            if not targets:
+                    by_gateway.setdefault(gateway_id, []).append(user)
+                    reached = True
+            if not reached:
                 offline.append(user)
-            for gateway_id in targets:
-                by_gateway.setdefault(gateway_id, []).append(user)
-        return by_gateway, offline
+        if by_gateway:
+            body = message.ByteSize()
+            for gateway_id, reached_users in by_gateway.items():
+                self._push(gateway_id, message, reached_users, body, priority, trace_headers)
+                self.pushed_users += len(reached_users)
+        if offline and not online_only:
+            self._divert(message, offline, priority, trace_headers)
+
+    def _push(
+        self,
+        gateway_id: str,
+        message: PushMessage,
+        users: list[str],
+        body: int,
+        priority: int,
+        trace_headers: Mapping[str, str] | None,
+    ) -> None:
+        limit = self._router.record_max_bytes
+        for chunk in _chunks(users, limit - body - _RECORD_OVERHEAD):
+            size = body + sum(_cost(u) for u in chunk) + 16
+            records = self._records.get(gateway_id)
+            if records is None or self._sizes[gateway_id] + size > limit:
+                info = self._pushable[gateway_id]
+                assert info is not None
+                batch = GatewayPushBatch(gateway_id=gateway_id, address=info["address"])
+                records = self._records.setdefault(gateway_id, [])
+                records.append(batch)
+                self._sizes[gateway_id] = _RECORD_OVERHEAD
+            push = records[-1].pushes.add(message=message, users=chunk, priority=priority)
+            if trace_headers:
+                push.trace_headers.update(trace_headers)
+            self._sizes[gateway_id] += size
+
+    def _divert(
+        self,
+        message: PushMessage,
+        users: list[str],
+        priority: int,
+        trace_headers: Mapping[str, str] | None,
+    ) -> None:
+        budget = self._router.record_max_bytes - message.ByteSize() - _RECORD_OVERHEAD
+        for chunk in _chunks(users, budget):
+            record = OfflinePush(
+                message=message, users=chunk, reason="not_online", priority=priority
+            )
+            if trace_headers:
+                record.trace_headers.update(trace_headers)
+            self._offline.append(record)
+        self.offline_users += len(users)
+
+    def gateway_records(self) -> list[tuple[bytes, bytes]]:
+        """(key, value) of each gateway-pushes record: keyed by gateway_id, in order."""
+        return [
+            (gateway_id.encode(), batch.SerializeToString())
+            for gateway_id, batches in self._records.items()
+            for batch in batches
+        ]
+
+    def offline_records(self) -> list[tuple[bytes, bytes]]:
+        """(key, value) of each offline-pushes record: keyed by msg_id."""
+        return [(str(o.message.msg_id).encode(), o.SerializeToString()) for o in self._offline]
+
+    def count(self) -> None:
+        if self.offline_users:
+            metrics.OFFLINE_USERS.labels("not_online").inc(self.offline_users)
 
 
-def agent(
-    router: Router, dead_letters: DeadLetters, batch_max: int = 256, linger: float = 0.002
-) -> Callable[[Any], Awaitable[None]]:
-    async def route_agent(stream: Any) -> None:
-        # Batches of deliveries records, so one gateway-pushes record carries everything
-        # for a gateway. Acked by hand after the batch was sent: take() would ack a batch
-        # even when handling it raised (faust-streaming #189).
-        async for events in stream.noack_take(batch_max, within=linger):
-            deliveries = []
-            for event in events:
-                record = source_of(event)
-                try:
-                    deliveries.append(Delivery.FromString(record.value or b""))
-                except DecodeError as exc:
-                    await dead_letters.put(record, "decode_error", exc)
-            router.forget_liveness()
-            await router.route_batch(deliveries)
-            for event in events:
-                await stream.ack(event)
+def _chunks(users: list[str], budget: int) -> Iterable[list[str]]:
+    """`users` in runs whose names fit in `budget` bytes (at least one name a run)."""
+    budget = max(budget, 1)
+    start, size = 0, 0
+    for i, user in enumerate(users):
+        cost = _cost(user)
+        if size + cost > budget and i > start:
+            yield users[start:i]
+            start, size = i, 0
+        size += cost
+    if start < len(users):
+        yield users[start:]
 
-    return route_agent
+
+def _cost(user: str) -> int:
+    return len(user.encode()) + _USER_OVERHEAD

@@ -1,11 +1,11 @@
 """storage: deliveries -> inboxes, in a consumer group of its own.
 
-Storage reads the same deliveries topic as route, but in the group `<APP_ID>-storage`
-(pipeline/group_consumer.py), so a stalled inbox store never holds back online pushes
-(and a slow gateway never holds back inbox writes). A fetched batch is written as one
-store call; offsets are committed only after the store acknowledged the whole batch.
-While the store is failing, the batch is retried with backoff and nothing more is
-fetched: Kafka is the buffer.
+Storage reads the deliveries topic fanout and large_group write, in the group
+`<APP_ID>-storage` (pipeline/group_consumer.py), so a stalled inbox store never holds
+back online pushes (and a slow gateway never holds back inbox writes). A fetched batch
+is written as one store call; offsets are committed only after the store acknowledged
+the whole batch. While the store is failing, the batch is retried with backoff and
+nothing more is fetched: Kafka is the buffer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipeline import metrics
 from pipeline.dlq import DeadLetters
 from pipeline.group_consumer import GroupConsumer, Records, source_record
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
+from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
 from stores.inbox import InboxStore
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,11 @@ class StorageConsumer(GroupConsumer):
         self.new = 0
         self.duplicates = 0
         self.pending_since: float | None = None
-        super().__init__(lag_gauge=metrics.STORAGE_LAG, **kwargs)
+        super().__init__(stage="storage", **kwargs)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "assigned": self.assigned_partitions(),
+            **super().stats(),
             "batches_written": self.written_batches,
             "new": self.new,
             "duplicates": self.duplicates,
@@ -63,12 +63,11 @@ class StorageConsumer(GroupConsumer):
         batch: list[tuple[PushMessage, Sequence[str]]] = []
         for record in records:
             try:
-                delivery = Delivery.FromString(record.value or b"")
+                deliveries = DeliveryBatch.FromString(record.value or b"").deliveries
             except DecodeError as exc:
                 await self._dead_letters.put(source_record(record), "decode_error", exc)
                 continue
-            if not delivery.push_only:
-                batch.append((delivery.message, delivery.users))
+            batch.extend((d.message, d.users) for d in deliveries if not d.push_only)
         if batch:
             await self._store(batch)
 

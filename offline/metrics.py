@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 NOTIFICATIONS = Counter(
     "resonance_offline_notifications_total",
@@ -14,4 +14,3 @@ SKIPPED = Counter(
     "Offline users or devices not notified: no registered device, or no such provider",
     ["reason"],
 )
-LAG = Gauge("resonance_offline_consumer_lag", "Offline-push records not yet handled", ["partition"])

@@ -170,10 +170,10 @@ class OfflinePushConsumer(GroupConsumer):
     ) -> None:
         self._pusher = pusher
         self._clients = clients
-        super().__init__(lag_gauge=metrics.LAG, **kwargs)
+        super().__init__(stage="offline", **kwargs)
 
     def stats(self) -> dict[str, Any]:
-        return {"assigned": self.assigned_partitions(), "providers": self._pusher.provider_names}
+        return {**super().stats(), "providers": self._pusher.provider_names}
 
     async def on_stop(self) -> None:
         await super().on_stop()

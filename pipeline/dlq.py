@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import metrics
@@ -44,6 +44,7 @@ class SourceRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: dict[str, str] = field(default_factory=dict)  # W3C trace context, if any
 
 
 def dlq_topic(topic: str) -> str:

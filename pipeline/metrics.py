@@ -55,8 +55,20 @@ DEAD_LETTERS = Counter(
 PRESENCE_CHANGES = Counter(
     "resonance_presence_changes_total", "Presence changes applied to routes", ["result"]
 )
-STORAGE_LAG = Gauge(
-    "resonance_storage_consumer_lag", "Deliveries records not yet written to inboxes", ["partition"]
+CONSUMER_LAG = Gauge(
+    "resonance_consumer_lag",
+    "Records of a stage's own consumer group not yet committed (high watermark - committed)",
+    ["stage", "partition"],
+)
+MEMBER_STORE_REFUSED = Counter(
+    "resonance_member_store_refused_total",
+    "Group messages dead-lettered because the member store holds something we cannot page",
+    ["reason"],
+)
+STAGE_RESTARTS = Counter(
+    "resonance_stage_restarts_total",
+    "Own-group stages restarted from their committed offsets after a failed batch",
+    ["stage"],
 )
 
 

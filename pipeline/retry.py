@@ -11,16 +11,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def retrying(call: Callable[[], Awaitable[T]], what: str) -> T:
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    permanent: tuple[type[BaseException], ...] = (),
+) -> T:
     """Call until it succeeds, backing off up to 5 s between attempts.
 
     A failing store holds the event or batch in hand (and its partition) back. Crashing
-    the stage instead would only restart the worker into the same wait.
+    the stage instead would only restart the worker into the same wait. Errors of the
+    `permanent` types are not the store being down: they are raised at once.
     """
     attempt = 0
     while True:
         try:
             return await call()
+        except permanent:
+            raise
         except Exception as exc:
             attempt += 1
             delay = min(5.0, 0.05 * 2**attempt)

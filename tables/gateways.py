@@ -1,4 +1,8 @@
-"""Gateways: gateway_id -> its last heartbeat, in a GlobalTable every worker reads.
+"""Gateways: gateway_id -> its last heartbeat, in a view every worker builds for itself.
+
+Every worker reads the whole heartbeat topic into its own `Gateways` view (a TopicView,
+no consumer group): gateways are few, and Faust's GlobalTable left one of two workers
+with no gateways at all (faust-streaming #283).
 
 A gateway is pushable while it is not draining and not silent longer than the timeout.
 Silence is measured in event time: how far its last heartbeat is behind the newest
@@ -11,20 +15,23 @@ it allows LAG_ALLOWANCE timeouts before it counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
+from google.protobuf.message import DecodeError
+
+from pipeline.dlq import InvalidRecord
 from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
 
-TABLE_NAME = "gateways"
 LAG_ALLOWANCE = 3
 
 
 class GatewayInfo(TypedDict):
     address: str
     ts: int  # the heartbeat's own timestamp, ms (event time)
-    seen: int  # when the registry read it, ms (wall clock)
+    seen: int  # when this worker read it, ms (wall clock)
     connections: int
     draining: bool
 
@@ -68,3 +75,46 @@ def status(info: GatewayInfo, at: Clock) -> str:
     if info["draining"]:
         return "draining"
     return "up" if silent_ms(info, at) <= at.timeout_ms else "down"
+
+
+def decode_heartbeat(value: bytes | None) -> GatewayHeartbeat:
+    try:
+        heartbeat = GatewayHeartbeat.FromString(value or b"")
+    except DecodeError as exc:
+        raise InvalidRecord(
+            "decode_error", f"not a resonance.gateway.v1.GatewayHeartbeat: {exc}"
+        ) from exc
+    if not heartbeat.gateway_id or not heartbeat.address:
+        raise InvalidRecord("invalid", "gateway_id and address are required")
+    return heartbeat
+
+
+class Gateways(Mapping[str, GatewayInfo]):
+    """This worker's view of every gateway's last heartbeat, fed from the heartbeat topic.
+
+    Invalid heartbeats are skipped here (and counted); the registry agent dead-letters
+    them once, on the one worker that owns their partition.
+    """
+
+    def __init__(self) -> None:
+        self._infos: dict[str, GatewayInfo] = {}
+        self.rejected = 0
+
+    def apply(self, record: Any) -> None:
+        try:
+            heartbeat = decode_heartbeat(record.value)
+        except InvalidRecord:
+            self.rejected += 1
+            return
+        info = from_heartbeat(heartbeat, record.timestamp, int(time.time() * 1000))
+        if is_newer(info, self._infos.get(heartbeat.gateway_id)):
+            self._infos[heartbeat.gateway_id] = info
+
+    def __getitem__(self, gateway_id: str) -> GatewayInfo:
+        return self._infos[gateway_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)

@@ -3,10 +3,16 @@
 A route is a dict `{conn_id: {"gw": gateway_id, "ts": ms, "on": bool, "pf": platform}}`
 (JSON in the table's changelog). Offline connections stay a while as tombstones so a
 late, older "online" for the same connection is recognised as stale and ignored.
+
+The routes table is written by the routes agent on the worker owning the user's
+partition. Fan-out runs wherever a conversation's partition is, so every worker also
+keeps `OnlineRoutes`, a compact view of the table's changelog: user -> the gateways
+holding a live connection of the user.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypedDict
 
 from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
@@ -62,3 +68,31 @@ def without_gateways(route: Route, gateways: set[str]) -> Route:
 
 def as_json(route: Route | None) -> list[dict[str, Any]]:
     return [{"conn_id": k, **c} for k, c in sorted((route or {}).items())]
+
+
+class OnlineRoutes:
+    """user -> the gateways of the user's live connections, from the routes changelog.
+
+    Compact on purpose (a worker holds every online user): one str key per user, and the
+    gateway tuple shared by every user on the same gateways.
+    """
+
+    def __init__(self) -> None:
+        self._online: dict[str, tuple[str, ...]] = {}
+        self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def apply(self, record: Any) -> None:
+        # Faust writes a table's changelog keys through the table's key serializer, JSON.
+        user = json.loads(record.key)
+        route = json.loads(record.value) if record.value is not None else None
+        gateways = tuple(sorted(online_gateways(route)))
+        if gateways:
+            self._online[user] = self._shared.setdefault(gateways, gateways)
+        else:
+            self._online.pop(user, None)
+
+    def get(self, user: str) -> tuple[str, ...]:
+        return self._online.get(user, ())
+
+    def __len__(self) -> int:
+        return len(self._online)

@@ -7,7 +7,11 @@ from collections.abc import Sequence
 
 
 class MemoryMembers:
-    """A MemberStore with the Redis one's keyset paging; counts the pages read."""
+    """A MemberStore paging in name order by keyset, like the stores; counts pages read.
+
+    Its cursor is the last name read (the real stores' cursors are opaque strings); as
+    theirs, it is None once nothing is left after the page.
+    """
 
     def __init__(self, groups: dict[str, list[str]]) -> None:
         self.groups = groups
@@ -19,7 +23,8 @@ class MemoryMembers:
         members = (
             ordered[bisect.bisect_right(ordered, after) :][:count] if after else ordered[:count]
         )
-        return members, members[-1] if len(members) == count else None
+        rest = ordered[bisect.bisect_right(ordered, members[-1]) :] if members else []
+        return members, members[-1] if rest else None
 
     async def count(self, session_id: str) -> int:
         return len(self.groups.get(session_id, []))

@@ -8,6 +8,7 @@ routes partition), /gateways, /large-groups, /inbox/{user}?after=N&limit=M[&time
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,9 @@ from yarl import URL
 from agents.storage import StorageConsumer
 from gateway.client import GatewayPool
 from pipeline import metrics as pipeline_metrics
+from pipeline.group_consumer import GroupConsumer
 from pipeline.partitioning import partition_for
+from pipeline.topic_view import TopicView
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from settings import Settings
 from stores.inbox import InboxEntry, InboxStore
@@ -27,6 +30,8 @@ from stores.members import MemberStore
 from stores.timeline import TimelineStore
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
+from tables.gateways import GatewayInfo
+from tables.routes import OnlineRoutes
 
 INBOX_LIMIT_MAX = 1000
 
@@ -110,18 +115,19 @@ def _owner_of(metadata: dict[str, dict[str, list[int]]], topic: str, partition: 
     return None
 
 
-def readiness(app: Any, storage: Any) -> tuple[bool, dict[str, Any]]:
-    """Ready = this worker has partitions, its tables are recovered, storage is assigned."""
-    try:
-        assignment = app.consumer.assignment()
-    except Exception:
-        assignment = set()
+def readiness(app: Any, topology: Topology) -> tuple[bool, dict[str, Any]]:
+    """Ready = every consumer group joined, tables recovered, the whole-topic views current.
+
+    A worker may own no partition of some topic (more workers than partitions): it is
+    still ready, as a standby. It is not ready while it cannot see every gateway and
+    every online user: it would send online users to offline push.
+    """
     recovery = app.tables.recovery
     checks = {
-        "partitions_assigned": bool(assignment),
         "tables_recovered": recovery.completed.is_set() and not recovery.in_recovery,
         "not_rebalancing": not app.rebalancing,
-        "storage_assigned": storage.assigned,
+        **{f"{stage.stage}_joined": stage.joined for stage in topology.stages},
+        **{f"view_caught_up:{view.topic}": view.caught_up for view in topology.topic_views},
     }
     return all(checks.values()), checks
 
@@ -132,11 +138,14 @@ class Topology:
 
     settings: Settings
     routes: Any
-    gateways: Any
+    online_routes: OnlineRoutes
+    gateways: Mapping[str, GatewayInfo]
+    topic_views: Sequence[TopicView]
     inbox: InboxStore
     members: MemberStore
     timeline: TimelineStore
     gateway_pool: GatewayPool
+    stages: Sequence[GroupConsumer]
     storage_consumer: StorageConsumer
     large_group_cursors: Any
     offline_consumer: Any = None  # None when no push provider is configured
@@ -149,7 +158,7 @@ def register(app: Any, topology: Topology) -> None:
 
     @app.page("/ready")
     async def ready(self: Any, request: Any) -> Any:
-        ok, checks = readiness(app, topology.storage_consumer)
+        ok, checks = readiness(app, topology)
         return self.json({"ready": ok, **checks}, status=200 if ok else 503)
 
     @app.page("/metrics")
@@ -248,13 +257,16 @@ def register(app: Any, topology: Topology) -> None:
                 "app_id": topology.settings.app_id,
                 "assignment": assignment,
                 "routes_local": len(topology.routes),
+                "online_users": len(topology.online_routes),
                 "gateways_known": len(topology.gateways),
+                "views": [view.stats() for view in topology.topic_views],
+                "stages": {stage.stage: stage.stats() for stage in topology.stages},
                 "gateway_sessions": topology.gateway_pool.stats(),
                 "storage": topology.storage_consumer.stats(),
                 "offline_push": topology.offline_consumer.stats()
                 if topology.offline_consumer is not None
                 else None,
-                "ready": readiness(app, topology.storage_consumer)[1],
+                "ready": readiness(app, topology)[1],
                 "counters": pipeline_metrics.totals(),
             }
         )

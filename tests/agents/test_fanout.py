@@ -1,88 +1,123 @@
-"""Fanout unit tests: recipients, who gets what, one record per partition (no broker)."""
+"""Fanout unit tests: recipients, who gets what, one record per partition and gateway."""
 
 from __future__ import annotations
 
 import pytest
 
-from agents.fanout import Fanout
-from pipeline.dlq import H_REASON, DeadLetters, SourceRecord
+from agents.fanout import Diffusion, Fanout
+from agents.route import Router
+from pipeline.dlq import H_REASON, SourceRecord
 from pipeline.partitioning import partition_for
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
+from stores.members import UnpageableGroup
+from tests.agents.conftest import Sink, router
 from tests.fakes import MemoryMembers as Members
 
 PARTITIONS = 8
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[tuple[int, Delivery]] = []
-        self.dead: list[tuple[str, list[tuple[str, bytes]]]] = []
-
-    async def send(self, partition: int, key: bytes, value: bytes) -> None:
-        self.records.append((partition, Delivery.FromString(value)))
-
-    async def send_raw(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> None:
-        self.dead.append((topic, headers))
-
-
-def make(groups: dict[str, list[str]] | None = None, **kw: int) -> tuple[Fanout, Sink, Members]:
+def make(
+    groups: dict[str, list[str]] | None = None, route: Router | None = None, **kw: int
+) -> tuple[Fanout, Sink, Members]:
     sink, members = Sink(), Members(groups or {})
     fanout = Fanout(
         members=members,
-        send=sink.send,
-        dead_letters=DeadLetters(sink.send_raw),
+        router=route or router(),
+        outputs=sink.outputs(),
+        dead_letters=sink.dead_letters(),
         partitions=PARTITIONS,
         page_size=kw.get("page_size", 100),
         max_users_per_delivery=kw.get("max_users", 5000),
+        record_max_bytes=kw.get("max_bytes", 512 * 1024),
+        diffusion=Diffusion(kw.get("large", 0), kw.get("read", 0)),
     )
     return fanout, sink, members
 
 
-def record(event: PushEvent | bytes) -> SourceRecord:
+def record(event: PushEvent | bytes, offset: int = 0) -> SourceRecord:
     value = event if isinstance(event, bytes) else event.SerializeToString()
-    return SourceRecord("push", 0, 0, b"k", value)
+    return SourceRecord("push", 0, offset, b"k", value, {"traceparent": "00-abc-def-01"})
 
 
-def users_of(sink: Sink) -> list[str]:
-    return sorted(u for _, d in sink.records for u in d.users)
+def chat(msg_id: int, sender: str, to: str, session: str = "s") -> PushEvent:
+    return PushEvent(
+        msg_id=msg_id, seq_id=msg_id, session_id=session, from_username=sender, to_username=to
+    )
 
 
-async def test_single_chat_reaches_recipient_and_senders_inbox() -> None:
-    fanout, sink, _ = make()
-    event = PushEvent(msg_id=1, session_id="s", from_username="a", to_username="b", session_type=1)
-    await fanout.handle(record(event))
-    assert users_of(sink) == ["a", "b"]
-    for partition, delivery in sink.records:
-        assert all(partition_for(u, PARTITIONS) == partition for u in delivery.users)
-        assert delivery.message.msg_id == 1
+async def test_single_chat_stores_both_pushes_the_recipient_routed_by_the_views() -> None:
+    fanout, sink, _ = make(route=router({"a": ["g1"], "b": ["g1", "g2"]}, "g1", "g2"))
+    acks = await fanout.handle([record(chat(1, "a", "b"))])
+    assert sink.stored() == ["a", "b"]
+    assert sink.pushed() == {"g1": ["b"], "g2": ["b"]}  # both of b's devices, never the sender
+    assert sink.offline == [] and len(acks) == 3
+    (delivery,) = sink.delivered()
+    assert delivery.message.msg_id == 1
+    assert dict(delivery.trace_headers) == {"traceparent": "00-abc-def-01"}
 
 
-async def test_group_one_record_per_partition_and_paged() -> None:
+async def test_a_batch_is_one_deliveries_record_per_partition_and_one_push_record_per_gateway() -> (
+    None
+):
+    route = router({f"u{i}": ["g1"] for i in range(50)}, "g1")
+    fanout, sink, _ = make(route=route)
+    events = [chat(i, f"u{i % 50}", f"u{(i + 1) % 50}", f"s{i % 7}") for i in range(1, 201)]
+    await fanout.handle([record(e, i) for i, e in enumerate(events)])
+    partitions = [p for p, _ in sink.deliveries]
+    assert len(partitions) == len(set(partitions)) <= PARTITIONS
+    for partition, batch in sink.deliveries:
+        assert {partition_for(d.message.session_id, PARTITIONS) for d in batch.deliveries} == {
+            partition
+        }
+    ((key, pushes),) = sink.pushes
+    assert key == b"g1" and pushes.address == "g1:1"
+    # In the batch's order, so each conversation reaches the gateway in order.
+    assert [p.message.msg_id for p in pushes.pushes] == list(range(1, 201))
+
+
+async def test_users_without_a_pushable_gateway_go_offline() -> None:
+    route = router(
+        {"a": ["old"], "b": ["drain"], "c": ["up"], "d": ["old", "up"]},
+        "up",
+        silent=("old",),
+        draining=("drain",),
+    )
+    fanout, sink, _ = make({"g": ["a", "b", "c", "d", "e"]}, route=route)
+    await fanout.handle([record(PushEvent(msg_id=9, session_id="g", from_username="c"))])
+    assert sink.pushed() == {"up": ["d"]}
+    assert sink.offline_users() == ["a", "b", "e"]
+    assert {o.reason for o in sink.offline} == {"not_online"}
+
+
+async def test_group_is_paged_and_read_once_per_batch() -> None:
     members = [f"m{i}" for i in range(1000)]
     fanout, sink, store = make({"g": members}, page_size=100)
-    event = PushEvent(
-        msg_id=2, session_id="g", from_username="m0", session_type=2, exclude_usernames=["m5"]
-    )
-    await fanout.handle(record(event))
-    partitions = [p for p, _ in sink.records]
-    assert len(partitions) == len(set(partitions)) <= PARTITIONS
-    assert users_of(sink) == sorted(set(members) - {"m5"})
-    assert store.pages == 11  # ten full pages and the empty one that ends it
+    events = [
+        PushEvent(msg_id=i, session_id="g", from_username="m0", exclude_usernames=["m5"])
+        for i in (1, 2)
+    ]
+    await fanout.handle([record(e) for e in events])
+    assert sink.stored() == sorted(2 * [m for m in members if m != "m5"])
+    assert store.pages == 10  # ten full pages, the last one known to be the last, read once
 
 
-async def test_big_partitions_are_split_but_bounded() -> None:
-    members = [f"m{i}" for i in range(3000)]
-    fanout, sink, _ = make({"g": members}, max_users=100)
-    await fanout.handle(record(PushEvent(msg_id=3, session_id="g", session_type=2)))
-    assert all(len(d.users) <= 100 for _, d in sink.records)
-    assert users_of(sink) == sorted(members)
+async def test_big_recipient_lists_are_split_by_count_and_by_bytes() -> None:
+    members = [f"m{i:05d}" for i in range(3000)]
+    fanout, sink, _ = make({"g": members}, page_size=1000, max_users=100)
+    await fanout.handle([record(PushEvent(msg_id=3, session_id="g"))])
+    assert all(len(d.users) <= 100 for d in sink.delivered())
+    assert sink.stored() == members
+
+    fanout, sink, _ = make({"g": members}, page_size=1000, max_bytes=16 * 1024)
+    big = PushEvent(msg_id=4, session_id="g", content="x" * 4000)
+    await fanout.handle([record(big)])
+    assert sink.stored() == members
+    assert all(batch.ByteSize() <= 16 * 1024 for _, batch in sink.deliveries)
+    assert len(sink.deliveries) > 1
 
 
 async def test_explicit_recipients_deduplicated_and_flags_carried() -> None:
-    fanout, sink, _ = make()
+    fanout, sink, _ = make(route=router({"b": ["g1"]}, "g1"))
     event = PushEvent(
         msg_id=4,
         session_id="g",
@@ -92,9 +127,16 @@ async def test_explicit_recipients_deduplicated_and_flags_carried() -> None:
         persist_only=True,
         priority=1,
     )
-    await fanout.handle(record(event))
-    assert users_of(sink) == ["a", "b"]
-    assert all(d.persist_only and d.priority == 1 for _, d in sink.records)
+    await fanout.handle([record(event)])
+    assert sink.stored() == ["a", "b"]
+    assert all(d.priority == 1 for d in sink.delivered())
+    assert sink.pushes == [] and sink.offline == []  # persist_only: stored, not pushed
+
+    push_only = PushEvent(msg_id=5, session_id="t", from_username="a", to_username="b")
+    push_only.push_only = True
+    await fanout.handle([record(push_only)])
+    assert sink.stored() == ["a", "b"]  # nothing more stored
+    assert sink.pushed() == {"g1": ["b"]}
 
 
 @pytest.mark.parametrize(
@@ -106,13 +148,15 @@ async def test_explicit_recipients_deduplicated_and_flags_carried() -> None:
         (PushEvent(msg_id=1, session_id="s", session_type=1).SerializeToString(), "invalid"),
     ],
 )
-async def test_bad_records_go_to_dead_letters(value: bytes, reason: str) -> None:
+async def test_bad_records_go_to_dead_letters_and_the_rest_of_the_batch_flows(
+    value: bytes, reason: str
+) -> None:
     fanout, sink, _ = make()
-    assert await fanout.handle(record(value)) == 0
-    assert sink.records == []
+    await fanout.handle([record(value), record(chat(7, "a", "b"), 1)])
+    assert sink.stored() == ["a", "b"]
     ((topic, headers),) = sink.dead
     assert topic == "push.dlq"
-    assert dict(headers)[H_REASON] == reason.encode()
+    assert headers[H_REASON] == reason.encode()
 
 
 async def test_member_store_errors_are_retried_not_fatal() -> None:
@@ -126,5 +170,46 @@ async def test_member_store_errors_are_retried_not_fatal() -> None:
         return await real_page(session_id, after, count)
 
     members.page = flaky  # type: ignore[method-assign]
-    await fanout.handle(record(PushEvent(msg_id=5, session_id="g", session_type=2)))
-    assert users_of(sink) == ["a", "b"]
+    await fanout.handle([record(PushEvent(msg_id=5, session_id="g", session_type=2))])
+    assert sink.stored() == ["a", "b"]
+
+
+async def test_a_group_the_store_cannot_page_is_dead_lettered_not_retried() -> None:
+    fanout, sink, members = make({"ok": ["a", "b"]})
+    real_page = members.page
+
+    async def refuse(session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
+        if session_id == "bad":
+            raise UnpageableGroup("member_store_wrong_type", "group:{bad}:members is a string")
+        return await real_page(session_id, after, count)
+
+    members.page = refuse  # type: ignore[method-assign]
+    await fanout.handle(
+        [
+            record(PushEvent(msg_id=1, session_id="bad")),
+            record(PushEvent(msg_id=2, session_id="ok")),
+        ]
+    )
+    assert sink.stored() == ["a", "b"]
+    ((_, headers),) = sink.dead
+    assert headers[H_REASON] == b"member_store_wrong_type"
+
+
+async def test_large_groups_are_handed_over_small_ones_fanned_out() -> None:
+    group = [f"m{i:04d}" for i in range(250)]
+    fanout, sink, members = make(
+        {"big": group, "small": group[:150]}, page_size=1000, large=200, read=240
+    )
+    await fanout.handle(
+        [
+            record(PushEvent(msg_id=1, session_id="big", trace_headers={"tracestate": "x"})),
+            record(PushEvent(msg_id=2, session_id="small")),
+        ]
+    )
+    ((key, job),) = sink.jobs
+    assert key == b"big" and job.event.msg_id == 1
+    assert job.read_diffusion and job.members == 250
+    assert dict(job.trace_headers) == {"traceparent": "00-abc-def-01", "tracestate": "x"}
+    assert sink.stored() == group[:150]
+    # Only the group whose first page was full paid for a count; each read its first page.
+    assert members.pages == 2

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
-from agents.fanout import Diffusion, Fanout
 from agents.large_group import Cursor, LargeGroups
-from pipeline.dlq import DeadLetters, SourceRecord
+from pipeline.dlq import SourceRecord
 from pipeline.partitioning import partition_for
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, LargeGroupJob
+from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
 from stores.inbox import InboxEntry, WriteResult
+from stores.members import UnpageableGroup
+from tests.agents.conftest import Sink, router
 from tests.fakes import MemoryMembers
 
 PARTITIONS = 4
@@ -42,42 +42,39 @@ class Harness:
         self.members = MemoryMembers({"big": list(members)})
         self.timeline = Timeline()
         self.cursors: dict[str, Cursor] = {}
-        self.sent: list[tuple[int, Delivery]] = []
+        self.sink = Sink()
         self.saves: list[int] = []  # pages finished, at each cursor save
-        self.dead: list[str] = []
+        online = {u: ["g1"] for u in members[::2]}  # every other member online
         self.groups = LargeGroups(
             members=self.members,
             timeline=self.timeline,
             cursors=self.cursors,
             save=self.save,
-            send=self.send,
-            dead_letters=DeadLetters(self.send_raw),
+            router=router(online, "g1"),
+            outputs=self.sink.outputs(),
+            dead_letters=self.sink.dead_letters(),
             partitions=PARTITIONS,
             page_size=int(kw.get("page_size", 100)),
             max_users_per_delivery=int(kw.get("max_users", 5000)),
             pages_in_flight=int(kw.get("window", 1)),
         )
 
-    async def send(self, partition: int, key: bytes, value: bytes) -> asyncio.Future[None]:
-        self.sent.append((partition, Delivery.FromString(value)))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
     async def save(self, key: str, cursor: Cursor) -> None:
         self.cursors[key] = cursor
         self.saves.append(cursor["pages"])
-
-    async def send_raw(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
-    ) -> None:
-        self.dead.append(dict(headers)["dlq.reason"].decode())
 
     async def run(self, job: LargeGroupJob) -> int:
         return await self.groups.handle(SourceRecord("jobs", 2, 7, b"big", job.SerializeToString()))
 
     def users(self) -> list[str]:
-        return [u for _, d in self.sent for u in d.users]
+        return [u for d in self.sink.delivered() for u in d.users]
+
+    def pages(self) -> set[int]:
+        return {d.page for d in self.sink.delivered()}
+
+    @property
+    def dead(self) -> list[str]:
+        return [headers["dlq.reason"].decode() for _, headers in self.sink.dead]
 
 
 def job(read: bool = False, **fields: object) -> LargeGroupJob:
@@ -91,13 +88,16 @@ async def test_pages_every_member_once_and_saves_the_cursor_per_page() -> None:
     assert sorted(h.users()) == sorted([*GROUP, "admin"])  # the sender's inbox too, once
     assert h.saves == [1, 2, 3]
     assert h.cursors["99"]["done"] and h.cursors["99"]["partition"] == 2
-    for partition, delivery in h.sent:
-        assert {partition_for(u, PARTITIONS) for u in delivery.users} == {partition}
-        assert delivery.message.msg_id == 99 and not delivery.push_only
-    assert sorted({d.page for _, d in h.sent}) == [0, 1, 2]
+    for partition, batch in h.sink.deliveries:
+        assert partition == partition_for("big", PARTITIONS)
+        assert all(d.message.msg_id == 99 for d in batch.deliveries)
+    assert sorted(h.pages()) == [0, 1, 2]
+    # Pages are pushed as fanout would: online members, the rest offline, never the sender.
+    assert sorted(h.sink.pushed()["g1"]) == GROUP[::2]
+    assert h.sink.offline_users() == sorted(GROUP[1::2])
     # A finished job replayed (its offset commit was lost) does nothing.
-    h.sent.clear()
-    assert await h.run(job()) == 0 and h.sent == []
+    h.sink.deliveries.clear()
+    assert await h.run(job()) == 0 and h.sink.deliveries == []
 
 
 async def test_a_window_of_pages_runs_ahead_of_the_saved_cursor() -> None:
@@ -106,7 +106,7 @@ async def test_a_window_of_pages_runs_ahead_of_the_saved_cursor() -> None:
     save = h.save
 
     async def recording_save(key: str, cursor: Cursor) -> None:
-        sent_at_save.append(len({d.page for _, d in h.sent}))
+        sent_at_save.append(len(h.pages()))
         await save(key, cursor)
 
     h.groups._save_cursor = recording_save
@@ -128,22 +128,23 @@ async def test_resumes_after_the_last_finished_page() -> None:
     h.cursors["99"] = Cursor(after="m0099", pages=1, done=False, at=0, partition=2)
     assert await h.run(job(from_username="m0007")) == 2
     assert sorted(h.users()) == GROUP[100:]  # neither page 0 nor the sender again
-    assert {d.page for _, d in h.sent} == {1, 2}
+    assert h.pages() == {1, 2}
 
 
 async def test_excluded_members_and_record_size_bound() -> None:
     h = Harness(GROUP, page_size=250, max_users=10)
     await h.run(job(exclude_usernames=["m0001", "m0002"]))
     assert sorted(h.users()) == [u for u in GROUP if u not in ("m0001", "m0002")]
-    assert max(len(d.users) for _, d in h.sent) == 10
+    assert max(len(d.users) for d in h.sink.delivered()) == 10
 
 
 async def test_read_diffusion_writes_the_timeline_once_and_pushes_online_only() -> None:
     h = Harness(GROUP)
     await h.run(job(read=True, from_username="m0007"))
     assert h.timeline.appended == [99]
-    assert sorted(h.users()) == GROUP  # no extra inbox copy for the sender
-    assert all(d.push_only and d.online_only for _, d in h.sent)
+    assert h.sink.deliveries == []  # the timeline holds it: no inbox copies
+    assert sorted(h.sink.pushed()["g1"]) == [u for u in GROUP[::2] if u != "m0007"]
+    assert h.sink.offline == []  # online members only
 
     persist_only = Harness(GROUP)
     await persist_only.run(
@@ -152,45 +153,22 @@ async def test_read_diffusion_writes_the_timeline_once_and_pushes_online_only() 
             read_diffusion=True,
         )
     )
-    assert persist_only.timeline.appended == [5] and persist_only.sent == []
+    assert persist_only.timeline.appended == [5]
+    assert persist_only.sink.deliveries == [] and persist_only.sink.pushes == []
 
 
 async def test_undecodable_job_is_dead_lettered() -> None:
     h = Harness(GROUP)
     await h.groups.handle(SourceRecord("jobs", 0, 1, None, b"\xff\xff"))
-    assert h.dead == ["decode_error"] and h.sent == []
+    assert h.dead == ["decode_error"] and h.sink.deliveries == []
 
 
-async def test_fanout_hands_large_groups_over_and_keeps_small_ones() -> None:
-    members = MemoryMembers({"big": GROUP, "small": GROUP[:150]})
-    jobs: list[tuple[bytes, LargeGroupJob]] = []
-    inline: list[Delivery] = []
+async def test_a_group_the_store_cannot_page_is_dead_lettered() -> None:
+    h = Harness(GROUP)
 
-    async def send(partition: int, key: bytes, value: bytes) -> None:
-        inline.append(Delivery.FromString(value))
+    async def refuse(session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
+        raise UnpageableGroup("member_store_wrong_type", "group:{big}:members is a hash")
 
-    async def send_job(key: bytes, value: bytes) -> None:
-        jobs.append((key, LargeGroupJob.FromString(value)))
-
-    async def dead(*_: object) -> None:
-        raise AssertionError("nothing is dead-lettered")
-
-    fanout = Fanout(
-        members=members,
-        send=send,
-        dead_letters=DeadLetters(dead),
-        partitions=PARTITIONS,
-        page_size=1000,
-        max_users_per_delivery=5000,
-        diffusion=Diffusion(large_min_members=200, read_min_members=240),
-        send_job=send_job,
-    )
-    for msg_id, session in ((1, "big"), (2, "small")):
-        event = PushEvent(msg_id=msg_id, session_id=session, session_type=2)
-        await fanout.handle(SourceRecord("push", 0, msg_id, None, event.SerializeToString()))
-    ((key, handed),) = jobs
-    assert key == b"big" and handed.event.msg_id == 1
-    assert handed.read_diffusion and handed.members == 250
-    assert sorted(u for d in inline for u in d.users) == GROUP[:150]
-    # Only the group whose first page was full paid for a count.
-    assert members.pages == 2
+    h.members.page = refuse  # type: ignore[method-assign]
+    assert await h.run(job()) == 0
+    assert h.dead == ["member_store_wrong_type"]

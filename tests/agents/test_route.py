@@ -1,119 +1,69 @@
-"""Router unit tests, with dicts standing in for the routes and gateways tables."""
+"""Router unit tests: the routes and gateways views decide who is pushed where."""
 
 from __future__ import annotations
 
-import time
-
-from agents.route import Router
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import (
-    Delivery,
-    GatewayPush,
-    GatewayPushBatch,
-    OfflinePush,
-)
-from tables.gateways import GatewayInfo
+from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch, OfflinePush
+from tests.agents.conftest import router
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def gateway(ts: int, draining: bool = False) -> GatewayInfo:
-    return GatewayInfo(address="127.0.0.1:1", ts=ts, seen=ts, connections=1, draining=draining)
-
-
-def conn(gw: str, on: bool = True) -> dict[str, object]:
-    return {"gw": gw, "ts": 1, "on": on, "pf": ""}
-
-
-class Sent:
-    def __init__(self) -> None:
-        self.pushes: list[GatewayPush] = []
-        self.offline: list[OfflinePush] = []
-
-    async def push(self, gateway_id: str, value: bytes) -> None:
+def pushed(records: list[tuple[bytes, bytes]]) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    for key, value in records:
         batch = GatewayPushBatch.FromString(value)
-        assert all(p.message.msg_id for p in batch.pushes)
-        self.pushes.extend(
-            GatewayPush(gateway_id=batch.gateway_id, message=p.message, users=p.users)
-            for p in batch.pushes
-        )
-
-    async def off(self, key: bytes, value: bytes) -> None:
-        self.offline.append(OfflinePush.FromString(value))
+        assert key == batch.gateway_id.encode()
+        out.setdefault(batch.gateway_id, []).extend(list(p.users) for p in batch.pushes)
+    return out
 
 
-def router(routes: dict[str, object], gateways: dict[str, GatewayInfo], sent: Sent) -> Router:
-    return Router(
-        routes=routes,
-        gateways=gateways,
-        send_push=sent.push,
-        send_offline=sent.off,
-        gateway_timeout_seconds=5,
-    )
+def test_groups_by_gateway_skips_sender_and_sends_the_rest_offline() -> None:
+    plan = router({"a": ["g1"], "b": ["g1", "g2"], "s": ["g1"]}, "g1", "g2").plan()
+    plan.add(PushMessage(msg_id=1, from_username="s"), ["s", "a", "b", "c", "d"])
+    assert pushed(plan.gateway_records()) == {"g1": [["a", "b"]], "g2": [["b"]]}
+    (offline,) = [OfflinePush.FromString(v) for _, v in plan.offline_records()]
+    assert sorted(offline.users) == ["c", "d"] and offline.reason == "not_online"
 
 
-async def test_groups_by_gateway_skips_sender_and_sends_the_rest_offline() -> None:
-    t = now_ms()
-    routes: dict[str, object] = {
-        "a": {"c1": conn("g1")},
-        "b": {"c1": conn("g1"), "c2": conn("g2")},
-        "c": {"c1": conn("g2", on=False)},
-        "s": {"c1": conn("g1")},
-    }
-    sent = Sent()
-    msg = PushMessage(msg_id=1, from_username="s")
-    await router(routes, {"g1": gateway(t), "g2": gateway(t)}, sent).route(
-        Delivery(message=msg, users=["s", "a", "b", "c", "d"])
-    )
-    by_gw = {p.gateway_id: sorted(p.users) for p in sent.pushes}
-    assert by_gw == {"g1": ["a", "b"], "g2": ["b"]}
-    assert [sorted(o.users) for o in sent.offline] == [["c", "d"]]
+def test_draining_and_long_silent_gateways_get_nothing() -> None:
+    plan = router(
+        {"a": ["old", "drain"], "b": ["old"], "c": ["live"]},
+        "live",
+        silent=("old",),
+        draining=("drain",),
+    ).plan()
+    plan.add(PushMessage(msg_id=3), ["a", "b", "c"])
+    assert pushed(plan.gateway_records()) == {"live": [["c"]]}
+    assert sorted(OfflinePush.FromString(plan.offline_records()[0][1]).users) == ["a", "b"]
 
 
-async def test_persist_only_pushes_nothing() -> None:
-    sent = Sent()
-    await router({"a": {"c": conn("g1")}}, {"g1": gateway(now_ms())}, sent).route(
-        Delivery(message=PushMessage(msg_id=2), users=["a"], persist_only=True)
-    )
-    assert sent.pushes == [] and sent.offline == []
+def test_online_only_diverts_nobody() -> None:
+    plan = router({"a": ["g1"]}, "g1").plan()
+    plan.add(PushMessage(msg_id=4), ["a", "b"], online_only=True)
+    assert pushed(plan.gateway_records()) == {"g1": [["a"]]}
+    assert plan.offline_records() == []
 
 
-async def test_draining_and_long_silent_gateways_get_nothing_and_are_collected() -> None:
-    t = now_ms()
-    routes: dict[str, object] = {
-        "a": {"c1": conn("old"), "c2": conn("drain")},
-        "b": {"c1": conn("old")},
-        "c": {"c1": conn("live")},
-    }
-    gateways = {"old": gateway(t - 120_000), "drain": gateway(t, draining=True), "live": gateway(t)}
-    sent = Sent()
-    await router(routes, gateways, sent).route(
-        Delivery(message=PushMessage(msg_id=3), users=["a", "b", "c"])
-    )
-    assert [p.users for p in sent.pushes] == [["c"]]
-    assert sorted(sent.offline[0].users) == ["a", "b"]
-    assert routes["a"] == {"c1": conn("old"), "c2": conn("drain")}  # left for presence to clean
+def test_a_batch_is_one_record_per_gateway_in_message_order() -> None:
+    plan = router({"a": ["g1"], "b": ["g1"]}, "g1").plan()
+    for i in (1, 2, 3):
+        plan.add(PushMessage(msg_id=i, seq_id=i), ["a", "b"])
+    ((_, value),) = plan.gateway_records()
+    assert [p.message.seq_id for p in GatewayPushBatch.FromString(value).pushes] == [1, 2, 3]
 
 
-async def test_a_batch_sends_one_record_per_gateway_in_order() -> None:
-    t = now_ms()
-    routes: dict[str, object] = {"a": {"c": conn("g1")}, "b": {"c": conn("g1")}}
-    records: list[GatewayPushBatch] = []
-
-    async def push(gateway_id: str, value: bytes) -> None:
-        records.append(GatewayPushBatch.FromString(value))
-
-    r = Router(
-        routes=routes,
-        gateways={"g1": gateway(t)},
-        send_push=push,
-        send_offline=Sent().off,
-        gateway_timeout_seconds=5,
-    )
-    await r.route_batch(
-        [Delivery(message=PushMessage(msg_id=i, seq_id=i), users=["a", "b"]) for i in (1, 2, 3)]
-    )
-    (record,) = records
-    assert [p.message.seq_id for p in record.pushes] == [1, 2, 3]
+def test_records_are_split_by_bytes_and_keep_their_order() -> None:
+    users = [f"user-{i:06d}" for i in range(20_000)]
+    route = router({u: ["g1"] for u in users}, "g1")
+    route.record_max_bytes = 64 * 1024
+    plan = route.plan()
+    for i in (1, 2):
+        plan.add(PushMessage(msg_id=i, content="x" * 1000), users)
+    records = plan.gateway_records()
+    assert len(records) > 2 and all(len(v) <= 64 * 1024 for _, v in records)
+    seen = [
+        (p.message.msg_id, u)
+        for _, v in records
+        for p in GatewayPushBatch.FromString(v).pushes
+        for u in p.users
+    ]
+    assert seen == [(i, u) for i in (1, 2) for u in users]

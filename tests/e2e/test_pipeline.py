@@ -10,7 +10,7 @@ from commands.traffic import group_chat, single_chat, snowflake
 from embedded.expectations import expected, pushed_in_order, received
 from pipeline.dlq import H_REASON
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery
+from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch, GatewayPushBatch
 from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
 
 
@@ -128,7 +128,7 @@ async def test_every_recipient_once_in_order_with_offline_dlq_and_replay(
     assert {u: [(e.cursor, e.msg_id) for e in await p.inbox(u)] for u in users} == snapshot
 
 
-async def test_group_of_1000_sends_the_body_once_per_partition_and_batch(
+async def test_group_of_1000_sends_the_body_once_per_record_and_batch(
     pipeline: Pipeline,
 ) -> None:
     p = pipeline
@@ -144,15 +144,21 @@ async def test_group_of_1000_sends_the_body_once_per_partition_and_batch(
 
     await eventually(lambda: _true(len(sim.recorder.deliveries) >= 499), 30, "499 pushes")
     deliveries = [
-        (r.partition, Delivery.FromString(r.value))
+        d
         for r in await p.read_topic(f"rt-{p.tag}-deliveries")
+        for d in DeliveryBatch.FromString(r.value).deliveries
     ]
-    partitions = [part for part, d in deliveries if d.message.msg_id == event.msg_id]
-    assert len(partitions) == len(set(partitions)) <= int(p.env["TOPIC_PARTITIONS"])
-    assert sum(len(d.users) for _, d in deliveries) == 1000
+    # The inbox side: the body once for all thousand members.
+    assert [(d.message.msg_id, len(d.users)) for d in deliveries] == [(event.msg_id, 1000)]
+    pushes = [
+        push
+        for r in await p.read_topic(f"rt-{p.tag}-gateway-pushes")
+        for push in GatewayPushBatch.FromString(r.value).pushes
+    ]
+    assert [(push.message.msg_id, len(push.users)) for push in pushes] == [(event.msg_id, 499)]
     # The gateway got the body once per call that carried it, never once per user.
     assert all(len(call) == len(set(call)) for call in sim.recorder.calls)
-    assert sim.recorder.bodies <= len(partitions)
+    assert sim.recorder.bodies <= 4  # one per PushBatch: 499 users in batches of 128
     assert Counter(r.user for r in sim.recorder.deliveries) == Counter(members[1:500])
 
 

@@ -26,7 +26,7 @@ from proto.resonance.gateway.v1 import gateway_pb2 as proto_dot_resonance_dot_ga
 from proto.resonance.mq.v1 import push_event_pb2 as proto_dot_resonance_dot_mq_dot_v1_dot_push__event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*proto/resonance/pipeline/v1/pipeline.proto\x12\x15resonance.pipeline.v1\x1a(proto/resonance/gateway/v1/gateway.proto\x1a&proto/resonance/mq/v1/push_event.proto\"\xaa\x02\n\x08\x44\x65livery\x12\x32\n\x07message\x18\x01 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12\r\n\x05users\x18\x02 \x03(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x14\n\x0cpersist_only\x18\x04 \x01(\x08\x12\x11\n\tpush_only\x18\x05 \x01(\x08\x12H\n\rtrace_headers\x18\x06 \x03(\x0b\x32\x31.resonance.pipeline.v1.Delivery.TraceHeadersEntry\x12\x0c\n\x04page\x18\x07 \x01(\x05\x12\x13\n\x0bonline_only\x18\x08 \x01(\x08\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe7\x01\n\rLargeGroupJob\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.resonance.mq.v1.PushEvent\x12\x16\n\x0eread_diffusion\x18\x02 \x01(\x08\x12M\n\rtrace_headers\x18\x03 \x03(\x0b\x32\x36.resonance.pipeline.v1.LargeGroupJob.TraceHeadersEntry\x12\x0f\n\x07members\x18\x04 \x01(\x03\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x02\n\x0bGatewayPush\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x07message\x18\x03 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12\r\n\x05users\x18\x04 \x03(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12K\n\rtrace_headers\x18\x06 \x03(\x0b\x32\x34.resonance.pipeline.v1.GatewayPush.TraceHeadersEntry\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x10GatewayPushBatch\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x06pushes\x18\x03 \x03(\x0b\x32\".resonance.pipeline.v1.GatewayPush\"\x88\x02\n\x0bOfflinePush\x12\x32\n\x07message\x18\x01 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12\r\n\x05users\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12K\n\rtrace_headers\x18\x06 \x03(\x0b\x32\x34.resonance.pipeline.v1.OfflinePush.TraceHeadersEntry\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x0ePresenceChange\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63onn_id\x18\x03 \x01(\t\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\x12\x10\n\x08platform\x18\x06 \x01(\t\x12\x11\n\tremote_ip\x18\x07 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*proto/resonance/pipeline/v1/pipeline.proto\x12\x15resonance.pipeline.v1\x1a(proto/resonance/gateway/v1/gateway.proto\x1a&proto/resonance/mq/v1/push_event.proto\"\xaa\x02\n\x08\x44\x65livery\x12\x32\n\x07message\x18\x01 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12\r\n\x05users\x18\x02 \x03(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x14\n\x0cpersist_only\x18\x04 \x01(\x08\x12\x11\n\tpush_only\x18\x05 \x01(\x08\x12H\n\rtrace_headers\x18\x06 \x03(\x0b\x32\x31.resonance.pipeline.v1.Delivery.TraceHeadersEntry\x12\x0c\n\x04page\x18\x07 \x01(\x05\x12\x13\n\x0bonline_only\x18\x08 \x01(\x08\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\rDeliveryBatch\x12\x33\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1f.resonance.pipeline.v1.Delivery\"\xe7\x01\n\rLargeGroupJob\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.resonance.mq.v1.PushEvent\x12\x16\n\x0eread_diffusion\x18\x02 \x01(\x08\x12M\n\rtrace_headers\x18\x03 \x03(\x0b\x32\x36.resonance.pipeline.v1.LargeGroupJob.TraceHeadersEntry\x12\x0f\n\x07members\x18\x04 \x01(\x03\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x02\n\x0bGatewayPush\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x07message\x18\x03 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12\r\n\x05users\x18\x04 \x03(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12K\n\rtrace_headers\x18\x06 \x03(\x0b\x32\x34.resonance.pipeline.v1.GatewayPush.TraceHeadersEntry\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x10GatewayPushBatch\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x06pushes\x18\x03 \x03(\x0b\x32\".resonance.pipeline.v1.GatewayPush\"\x88\x02\n\x0bOfflinePush\x12\x32\n\x07message\x18\x01 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12\r\n\x05users\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12K\n\rtrace_headers\x18\x06 \x03(\x0b\x32\x34.resonance.pipeline.v1.OfflinePush.TraceHeadersEntry\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x0ePresenceChange\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63onn_id\x18\x03 \x01(\t\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\x12\x10\n\x08platform\x18\x06 \x01(\t\x12\x11\n\tremote_ip\x18\x07 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,20 +45,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELIVERY']._serialized_end=450
   _globals['_DELIVERY_TRACEHEADERSENTRY']._serialized_start=399
   _globals['_DELIVERY_TRACEHEADERSENTRY']._serialized_end=450
-  _globals['_LARGEGROUPJOB']._serialized_start=453
-  _globals['_LARGEGROUPJOB']._serialized_end=684
+  _globals['_DELIVERYBATCH']._serialized_start=452
+  _globals['_DELIVERYBATCH']._serialized_end=520
+  _globals['_LARGEGROUPJOB']._serialized_start=523
+  _globals['_LARGEGROUPJOB']._serialized_end=754
   _globals['_LARGEGROUPJOB_TRACEHEADERSENTRY']._serialized_start=399
   _globals['_LARGEGROUPJOB_TRACEHEADERSENTRY']._serialized_end=450
-  _globals['_GATEWAYPUSH']._serialized_start=687
-  _globals['_GATEWAYPUSH']._serialized_end=952
+  _globals['_GATEWAYPUSH']._serialized_start=757
+  _globals['_GATEWAYPUSH']._serialized_end=1022
   _globals['_GATEWAYPUSH_TRACEHEADERSENTRY']._serialized_start=399
   _globals['_GATEWAYPUSH_TRACEHEADERSENTRY']._serialized_end=450
-  _globals['_GATEWAYPUSHBATCH']._serialized_start=954
-  _globals['_GATEWAYPUSHBATCH']._serialized_end=1061
-  _globals['_OFFLINEPUSH']._serialized_start=1064
-  _globals['_OFFLINEPUSH']._serialized_end=1328
+  _globals['_GATEWAYPUSHBATCH']._serialized_start=1024
+  _globals['_GATEWAYPUSHBATCH']._serialized_end=1131
+  _globals['_OFFLINEPUSH']._serialized_start=1134
+  _globals['_OFFLINEPUSH']._serialized_end=1398
   _globals['_OFFLINEPUSH_TRACEHEADERSENTRY']._serialized_start=399
   _globals['_OFFLINEPUSH_TRACEHEADERSENTRY']._serialized_end=450
-  _globals['_PRESENCECHANGE']._serialized_start=1331
-  _globals['_PRESENCECHANGE']._serialized_end=1474
+  _globals['_PRESENCECHANGE']._serialized_start=1401
+  _globals['_PRESENCECHANGE']._serialized_end=1544
 # @@protoc_insertion_point(module_scope)

@@ -24,8 +24,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Delivery(_message.Message):
-    """One message for the users of one partition of the deliveries topic: the body once,
-    the users as a list. Storage writes every user's inbox; route pushes to all but the sender.
+    """One message for some of its recipients: the body once, the users as a list. Storage
+    writes every user's inbox.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -90,6 +90,30 @@ class Delivery(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
+
+@_typing.final
+class DeliveryBatch(_message.Message):
+    """The deliveries record: the messages of one fetched batch of push events whose sessions
+    share a partition (a session's partition is fixed, so a conversation stays in order).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]: ...
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___Delivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
 
 @_typing.final
 class LargeGroupJob(_message.Message):
@@ -209,8 +233,8 @@ Global___GatewayPush: _TypeAlias = GatewayPush  # noqa: Y015
 
 @_typing.final
 class GatewayPushBatch(_message.Message):
-    """The gateway-pushes record: what route found for one gateway across a batch of
-    deliveries records, in their order. Keyed by gateway_id.
+    """The gateway-pushes record: what fan-out routed to one gateway across a batch of
+    messages, in their order. Keyed by gateway_id.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

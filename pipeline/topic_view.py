@@ -1,0 +1,143 @@
+"""A worker's own copy of a whole topic's state, read without a consumer group.
+
+Faust's GlobalTable does not reliably reach every worker (faust-streaming #283; here one
+of two workers kept an empty gateways table for a whole run and sent every online user
+of its partitions to offline push). A TopicView instead assigns itself every partition of
+its topic, reads from the start (or from a lookback time, for topics whose old records
+no longer matter), and hands each record to `apply`. Every worker builds the same view.
+It says when it has caught up with what the topic held when it started, judged by the
+high watermark of the broker's own fetch responses (Tansu's ListOffsets is wrong, DESIGN.md
+section 6): until then the worker is not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from mode import Service
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[ConsumerRecord[Any, Any]], None]
+
+
+class TopicView(Service):
+    def __init__(
+        self,
+        *,
+        topic: str,
+        apply: Apply,
+        consumer_config: dict[str, Any],
+        lookback_seconds: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.topic = topic
+        self._apply = apply
+        self._consumer_config = {k: v for k, v in consumer_config.items() if k != "group_id"}
+        self._lookback = lookback_seconds
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Per partition: the first high watermark seen, then the next offset to read.
+        self._target: dict[TopicPartition, int] = {}
+        self._position: dict[TopicPartition, int] = {}
+        self._caught_up = asyncio.Event()
+        self.records = 0
+        self.errors = 0
+        super().__init__(**kwargs)
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "caught_up": self.caught_up,
+            "records": self.records,
+            "errors": self.errors,
+            "partitions": len(self._position),
+        }
+
+    async def on_start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, **self._consumer_config
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"topic-view:{self.topic}")
+
+    async def on_stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        # The topic may be created by another worker or the first producer a moment later.
+        delay = 0.05
+        while True:
+            partitions = consumer.partitions_for_topic(self.topic)
+            if partitions:
+                return [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            with contextlib.suppress(Exception):
+                await consumer._client.force_metadata_update()
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        await consumer.seek_to_beginning(*tps)
+        if self._lookback is None:
+            return
+        since = int((time.time() - self._lookback) * 1000)
+        try:
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, since))
+        except Exception as exc:  # a broker without the API: read it all, still correct
+            log.info("%s: no offsets by time (%r); reading from the start", self.topic, exc)
+            return
+        for tp, at in found.items():
+            if at is not None:
+                consumer.seek(tp, at.offset)
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        tps = await self._partitions(consumer)
+        consumer.assign(tps)
+        await self._seek(consumer, tps)
+        for tp in tps:
+            self._position[tp] = await consumer.position(tp)
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for tp, records in batch.items():
+                for record in records:
+                    try:
+                        self._apply(record)
+                    except Exception:
+                        # A bad record is the writer's bug, not a reason to stop the view.
+                        self.errors += 1
+                        log.exception("%s: cannot apply record at %s", self.topic, record.offset)
+                self.records += len(records)
+                if records:
+                    self._position[tp] = records[-1].offset + 1
+            if not self.caught_up:
+                self._check_caught_up(consumer, tps)
+
+    def _check_caught_up(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            if tp not in self._target:
+                highwater = consumer.highwater(tp)
+                if highwater is None:
+                    return  # no fetch response for this partition yet
+                self._target[tp] = highwater
+            if self._position[tp] < self._target[tp]:
+                return
+        self._caught_up.set()
+        log.info("%s: view caught up (%d records)", self.topic, self.records)
