@@ -112,7 +112,7 @@ class LargeGroupBench:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             _, stats = await asyncio.to_thread(worker.get, "/stats")
-            if stats and stats["routes_local"] >= len(self.online):
+            if stats and stats["online_users"] >= len(self.online):
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError(worker.log_tail())

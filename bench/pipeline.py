@@ -111,7 +111,7 @@ class Bench:
         assert self.worker is not None
         while True:
             status, body = await asyncio.to_thread(self.worker.get, f"/routes/{user}")
-            if status == 200 and body["online_gateways"]:
+            if status == 200 and body["online_gateways"] and body["view_gateways"]:
                 return
             await asyncio.sleep(0.05)
 

@@ -111,13 +111,13 @@ async def run(
     await members.close()
     everyone = sorted({u for g in groups.values() for u in g} | set(users))
 
-    # Presence travels through Kafka too: wait until the routes table has all of it
-    # (one user of every presence batch, 50 users a batch).
+    # Presence travels through Kafka too: wait until the routes table and the view fan-out
+    # routes with have all of it (one user of every presence batch, 50 users a batch).
     deadline = time.monotonic() + 60
     for probe in [*users[: 2 * split : 50], users[split - 1], users[2 * split - 1]]:
         while time.monotonic() < deadline:
             status, body = await asyncio.to_thread(worker.get, f"/routes/{probe}")
-            if status == 200 and body["online_gateways"]:
+            if status == 200 and body["online_gateways"] and body["view_gateways"]:
                 break
             await asyncio.sleep(0.1)
 

@@ -87,6 +87,8 @@ def totals() -> dict[str, float]:
         LARGE_GROUP_PAGES,
         LARGE_GROUP_RESUMED,
         TIMELINE_WRITES,
+        MEMBER_STORE_REFUSED,
+        STAGE_RESTARTS,
     ):
         for family in metric.collect():
             for sample in family.samples:

@@ -172,6 +172,8 @@ def register(app: Any, topology: Topology) -> None:
         # Our own key routing, by the same partitioner that placed the user's records
         # (Faust's table_route asks its producer, which may not have the changelog's
         # metadata yet).
+        # What fan-out on the worker asked routes with: its own view of the changelog.
+        view = list(topology.online_routes.get(user))
         partition = partition_for(user, topology.settings.topic_partitions)
         if not app.assignor.is_active(TP(changelog, partition)):
             owner = _owner_of(app.assignor.table_metadata(changelog), changelog, partition)
@@ -179,15 +181,20 @@ def register(app: Any, topology: Topology) -> None:
                 return self.json({"error": "no worker owns this user's routes now"}, status=503)
             url = URL(owner).with_path(request.path).with_query({"routed": "1"})
             async with app.http_client.get(url) as response:
-                return self.bytes(
-                    await response.read(), content_type="application/json", status=response.status
-                )
+                if response.status != 200:
+                    return self.bytes(
+                        await response.read(),
+                        content_type="application/json",
+                        status=response.status,
+                    )
+                return self.json({**await response.json(), "view_gateways": view})
         route = topology.routes.get(user)
         return self.json(
             {
                 "user": user,
                 "online_gateways": sorted(route_rules.online_gateways(route)),
                 "connections": route_rules.as_json(route),
+                "view_gateways": view,
             }
         )
 

@@ -89,7 +89,7 @@ class Pipeline:
         async def all_online() -> bool:
             for user in users:
                 status, body = await asyncio.to_thread(worker.get, f"/routes/{user}")
-                if status != 200 or not body["online_gateways"]:
+                if status != 200 or not body["online_gateways"] or not body["view_gateways"]:
                     return False
             return True
 

@@ -1,0 +1,108 @@
+"""Own-group stages: offsets commit only after the effect, in order, and survive a failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from embedded.broker import EmbeddedBroker
+from pipeline.group_consumer import GroupConsumer, Offsets, Records
+from tests.pipeline.test_topic_view import make_topic, until
+
+
+def fetched(tp: TopicPartition, first: int, last: int) -> dict[TopicPartition, Records]:
+    def record(offset: int) -> ConsumerRecord[Any, Any]:
+        return ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, b"", b"", None, 0, 0, ())
+
+    return {tp: [record(first), record(last)]}
+
+
+def test_only_a_done_prefix_of_a_partition_commits() -> None:
+    a, b = TopicPartition("t", 0), TopicPartition("t", 1)
+    offsets = Offsets()
+    first = offsets.open({**fetched(a, 0, 9), **fetched(b, 0, 4)})
+    second = offsets.open(fetched(a, 10, 19))
+    Offsets.close(second)  # the later batch finished first
+    assert offsets.committable() == {}
+    Offsets.close(first)
+    assert offsets.committable() == {a: 20, b: 5}
+    assert offsets.committable() == {}  # handed out once
+    third = offsets.open(fetched(a, 20, 29))
+    offsets.forget([a])  # revoked: its batch may still finish, it must not commit
+    Offsets.close(third)
+    assert offsets.committable() == {}
+
+
+class Held(GroupConsumer):
+    """Each batch's effect is a future the test resolves (or fails) by hand."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen: list[bytes] = []
+        self.effects: list[asyncio.Future[None]] = []
+        super().__init__(stage="test", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        self.seen += [r.value for r in records]
+        effect: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.effects.append(effect)
+        return effect
+
+
+async def committed(broker: EmbeddedBroker, group: str, tps: list[TopicPartition]) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        return sum([await consumer.committed(tp) or 0 for tp in tps])
+    finally:
+        await consumer.stop()
+
+
+async def test_offsets_after_effect_and_a_failed_batch_is_done_again(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.stage", f"{tag}-group"
+    await make_topic(broker, topic, 2)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    for i in range(100):
+        await producer.send(topic, f"r{i}".encode(), partition=i % 2)
+    await producer.flush()
+    await producer.stop()
+    tps = [TopicPartition(topic, p) for p in (0, 1)]
+    stage = Held(
+        topic=topic,
+        consumer_config={
+            "bootstrap_servers": broker.bootstrap,
+            "group_id": group,
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 500,
+            "fetch_max_wait_ms": 20,
+        },
+        batch_max_records=30,
+        max_pending_batches=2,
+    )
+    await stage.start()
+    try:
+        # Two batches in hand, no more: the stage waits for their effects (backpressure).
+        await until(lambda: len(stage.effects) == 2)
+        await asyncio.sleep(0.5)
+        assert len(stage.effects) == 2 and len(stage.seen) == 60
+        assert await committed(broker, group, tps) == 0
+        stage.effects[0].set_exception(ConnectionError("the effect failed"))
+        # The consumer restarts from the committed offsets (none yet): all is read again.
+        await until(lambda: stage.restarts == 1)
+
+        def settle_all() -> bool:
+            for effect in stage.effects:
+                if not effect.done():
+                    effect.set_result(None)
+            return len(stage.seen) >= 160 and stage.pending_batches == 0
+
+        await until(settle_all)
+        assert sorted(stage.seen[60:]) == sorted(f"r{i}".encode() for i in range(100))
+    finally:
+        await stage.stop()
+    assert await committed(broker, group, tps) == 100

@@ -1,0 +1,138 @@
+"""TopicView against the real broker: every partition, no group, caught up when it says so."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from embedded.broker import EmbeddedBroker
+from pipeline.topic_view import TopicView
+
+
+async def make_topic(broker: EmbeddedBroker, name: str, partitions: int = 4) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def produce(broker: EmbeddedBroker, topic: str, records: list[tuple[int, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for partition, value in records:
+            await producer.send(topic, value, key=value, partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def until(check: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {seconds}s")
+
+
+async def wait(view: TopicView, seconds: float = 20) -> None:
+    await until(lambda: view.caught_up, seconds)
+
+
+async def test_reads_every_partition_and_says_when_it_caught_up(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic = f"{tag}.view"
+    await make_topic(broker, topic)
+    # Many records per producer batch: caught up must not stop at a batch's first offset.
+    await produce(broker, topic, [(i % 4, f"r{i}".encode()) for i in range(2000)])
+    seen: list[bytes] = []
+    for _ in range(2):  # two views: two workers, each with the whole topic
+        view = TopicView(
+            topic=topic,
+            apply=lambda r: seen.append(r.value),
+            consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
+        )
+        await view.start()
+        try:
+            await wait(view)
+            assert view.records == 2000
+        finally:
+            await view.stop()
+    assert sorted(seen) == sorted(2 * [f"r{i}".encode() for i in range(2000)])
+
+
+async def test_an_empty_topic_is_caught_up_and_later_records_arrive(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic = f"{tag}.empty"
+    await make_topic(broker, topic)
+    seen: list[Any] = []
+    view = TopicView(
+        topic=topic,
+        apply=seen.append,
+        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
+    )
+    await view.start()
+    try:
+        await wait(view)
+        await produce(broker, topic, [(3, b"late")])
+        await until(lambda: bool(seen), 10)
+        assert [r.value for r in seen] == [b"late"]
+    finally:
+        await view.stop()
+
+
+async def test_a_topic_created_after_the_view_started(broker: EmbeddedBroker, tag: str) -> None:
+    topic = f"{tag}.later"
+    seen: list[Any] = []
+    view = TopicView(
+        topic=topic,
+        apply=seen.append,
+        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
+    )
+    await view.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert not view.caught_up
+        await make_topic(broker, topic)
+        await produce(broker, topic, [(0, b"a"), (1, b"b")])
+        await wait(view)
+        await until(lambda: len(seen) >= 2, 10)
+        assert sorted(r.value for r in seen) == [b"a", b"b"]
+    finally:
+        await view.stop()
+
+
+async def test_lookback_skips_what_is_too_old_to_matter(broker: EmbeddedBroker, tag: str) -> None:
+    topic = f"{tag}.lookback"
+    await make_topic(broker, topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        old = int((time.time() - 3600) * 1000)
+        await producer.send_and_wait(topic, b"an hour ago", partition=0, timestamp_ms=old)
+        await producer.send_and_wait(topic, b"now", partition=0)
+    finally:
+        await producer.stop()
+    seen: list[bytes] = []
+    view = TopicView(
+        topic=topic,
+        apply=lambda r: seen.append(r.value),
+        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
+        lookback_seconds=60,
+    )
+    await view.start()
+    try:
+        await wait(view)
+        assert seen == [b"now"]
+    finally:
+        await view.stop()

@@ -1,0 +1,44 @@
+"""/ready: a worker that cannot see every gateway and online user yet is not ready."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from web.views import readiness
+
+
+def fake_app(*, recovered: bool = True, rebalancing: bool = False) -> Any:
+    completed = asyncio.Event()
+    if recovered:
+        completed.set()
+    recovery = SimpleNamespace(completed=completed, in_recovery=False)
+    return SimpleNamespace(tables=SimpleNamespace(recovery=recovery), rebalancing=rebalancing)
+
+
+def topology(*, joined: bool = True, heartbeats: bool = True, routes: bool = True) -> Any:
+    stages = [SimpleNamespace(stage=name, joined=joined) for name in ("fanout", "push")]
+    views = [
+        SimpleNamespace(topic="heartbeats", caught_up=heartbeats),
+        SimpleNamespace(topic="routes-changelog", caught_up=routes),
+    ]
+    return SimpleNamespace(stages=stages, topic_views=views)
+
+
+def test_ready_when_everything_is_in_place() -> None:
+    ok, checks = readiness(fake_app(), topology())
+    assert ok and all(checks.values())
+    assert set(checks) >= {"fanout_joined", "push_joined", "view_caught_up:heartbeats"}
+
+
+def test_not_ready_before_the_gateways_view_caught_up() -> None:
+    ok, checks = readiness(fake_app(), topology(heartbeats=False))
+    assert not ok and checks["view_caught_up:heartbeats"] is False
+
+
+def test_not_ready_before_the_routes_view_caught_up_or_groups_joined() -> None:
+    assert not readiness(fake_app(), topology(routes=False))[0]
+    assert not readiness(fake_app(), topology(joined=False))[0]
+    assert not readiness(fake_app(recovered=False), topology())[0]
+    assert not readiness(fake_app(rebalancing=True), topology())[0]
