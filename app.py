@@ -136,6 +136,7 @@ routes_view = TopicView(
     topic=routes.changelog_topic.get_topic_name(),
     apply=online_routes.apply,
     consumer_config=kafka_consumer_config(settings, None, hot=True),
+    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
 )
 gateways = gateway_rules.Gateways()
 gateways_view = TopicView(
@@ -298,6 +299,7 @@ fanout_consumer = fanout.FanoutConsumer(
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-fanout", hot=True),
     batch_max_records=settings.fanout_batch_max_records,
     max_pending_batches=4,
+    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     before_commit=lambda: app.producer.flush(),
 )
 push_consumer = push.PushConsumer(
@@ -309,6 +311,7 @@ push_consumer = push.PushConsumer(
     batch_max_records=settings.push_batch_max_records,
     max_pending_batches=settings.push_pending_batches,
     drain_seconds=settings.push_drain_seconds,
+    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     before_commit=lambda: app.producer.flush(),
 )
 storage_consumer = storage.StorageConsumer(

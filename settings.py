@@ -53,14 +53,17 @@ class Settings(BaseSettings):
     topic_heartbeats: str = "resonance.gateway.heartbeat.v1"
     topic_offline_pushes: str = "resonance.offline.push.v1"
 
-    # Kafka producer: time to fill a batch. Under load batches fill while a request is in
-    # flight anyway; a linger only adds to every hop's latency.
-    producer_linger_ms: float = Field(1.0, ge=0)
-    # The hot path's consumers (fanout, push): how long a fetch may wait for records.
-    # Kafka answers a fetch as soon as records arrive, so its default costs nothing;
-    # Tansu holds every fetch for the whole wait, so its profile waits 2 ms (a hop costs
-    # about 2.5 ms; each idle consumer then asks ~400 times a second, measured in bench/).
+    # Kafka producer: time to fill a batch. Measured on Tansu (bench/broker_hop): 2 ms
+    # gave a lower p50 and p99 than 0 (many tiny requests) or 5.
+    producer_linger_ms: float = Field(2.0, ge=0)
+    # The hot path's consumers (fanout, push, the routes view): how long a fetch may wait
+    # for records while records flow, and once none came for a second. Kafka answers a
+    # fetch as soon as records arrive, so its default (500 ms) costs nothing. Tansu holds
+    # every fetch for the whole wait (pipeline/fetch_wait.py); measured there, waits under
+    # 20 ms made the tail worse, not better (p99 of one hop at 5,000/s: 35 ms at 20 ms,
+    # 88 ms at 5 ms), so its profile waits 20 ms while busy and 50 ms at rest.
     fetch_max_wait_ms: int | None = Field(None, ge=0)
+    fetch_idle_max_wait_ms: int | None = Field(None, ge=0)
     # The largest record we produce (bytes, after the protobuf encoding). Kafka's default
     # max.request.size is 1 MiB; records above this are split.
     record_max_bytes: int = Field(512 * 1024, ge=16 * 1024)
@@ -170,7 +173,13 @@ class Settings(BaseSettings):
     def hot_fetch_max_wait_ms(self) -> int:
         if self.fetch_max_wait_ms is not None:
             return self.fetch_max_wait_ms
-        return 2 if self.tansu else 500
+        return 20 if self.tansu else 500  # 20: as Faust's own consumer waits on Tansu
+
+    @property
+    def idle_fetch_max_wait_ms(self) -> int:
+        if self.fetch_idle_max_wait_ms is not None:
+            return self.fetch_idle_max_wait_ms
+        return 50 if self.tansu else self.hot_fetch_max_wait_ms
 
     @property
     def gateway_view_lookback_seconds(self) -> float:

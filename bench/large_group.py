@@ -31,7 +31,7 @@ from typing import Any
 import redis
 from aiokafka import AIOKafkaProducer
 
-from bench.pipeline import pct, rss_mb
+from bench.harness import pct, rss_mb
 from commands.traffic import group_chat
 from embedded.broker import EmbeddedBroker
 from embedded.worker import WorkerProcess, pipeline_env

@@ -53,6 +53,10 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> EmbeddedBroker:
         listener = f"tcp://127.0.0.1:{self.port}"
         env = {

@@ -43,7 +43,10 @@ def pipeline_env(
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], workdir: Path, name: str = "worker") -> None:
+    def __init__(
+        self, env: dict[str, str], workdir: Path, name: str = "worker", app: str = "app"
+    ) -> None:
+        self.app = app
         self.env = dict(env)
         self.workdir = workdir
         self.name = name
@@ -58,7 +61,7 @@ class WorkerProcess:
         env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
+                [sys.executable, "-m", "faust", "-A", self.app, "worker", "-l", "info"],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

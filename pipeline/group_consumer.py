@@ -32,6 +32,7 @@ from mode import Service
 
 from pipeline import metrics
 from pipeline.dlq import SourceRecord
+from pipeline.fetch_wait import FetchWait
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class GroupConsumer(Service):
         before_commit: Callable[[], Awaitable[None]] | None = None,
         max_pending_batches: int = 1,
         drain_seconds: float = 5.0,
+        idle_fetch_wait_ms: int | None = None,
         **kwargs: Any,
     ) -> None:
         self._topic = topic
@@ -128,6 +130,8 @@ class GroupConsumer(Service):
         self.stage = stage
         self._max_pending = max(1, max_pending_batches)
         self._drain_seconds = drain_seconds
+        self._idle_fetch_wait_ms = idle_fetch_wait_ms
+        self._fetch_wait: FetchWait | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._offsets = Offsets()
         self._pending: dict[asyncio.Future[Any], list[TopicPartition]] = {}
@@ -190,6 +194,9 @@ class GroupConsumer(Service):
         consumer.subscribe([self._topic], listener=_Rebalance(self))
         await consumer.start()
         self._consumer = consumer
+        busy = self._consumer_config.get("fetch_max_wait_ms")
+        if busy is not None and self._idle_fetch_wait_ms is not None:
+            self._fetch_wait = FetchWait(busy, self._idle_fetch_wait_ms)
 
     async def _stop_consumer(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -238,6 +245,8 @@ class GroupConsumer(Service):
         else:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
             fetched = {tp: rs for tp, rs in batch.items() if rs}
+            if self._fetch_wait is not None:
+                self._fetch_wait.observe(self._consumer, bool(fetched))
             if fetched:
                 segments = self._offsets.open(fetched)
                 effect = await self.handle([r for rs in fetched.values() for r in rs])

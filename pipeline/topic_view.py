@@ -22,6 +22,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
+from pipeline.fetch_wait import FetchWait
+
 log = logging.getLogger(__name__)
 
 Apply = Callable[[ConsumerRecord[Any, Any]], None]
@@ -35,6 +37,7 @@ class TopicView(Service):
         apply: Apply,
         consumer_config: dict[str, Any],
         lookback_seconds: float | None = None,
+        idle_fetch_wait_ms: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.topic = topic
@@ -42,6 +45,12 @@ class TopicView(Service):
         self._consumer_config = {k: v for k, v in consumer_config.items() if k != "group_id"}
         self._lookback = lookback_seconds
         self._since_ms = 0
+        busy = consumer_config.get("fetch_max_wait_ms")
+        self._fetch_wait = (
+            FetchWait(busy, idle_fetch_wait_ms)
+            if busy is not None and idle_fetch_wait_ms is not None
+            else None
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         # Per partition: the first high watermark seen, then the next offset to read.
@@ -118,7 +127,9 @@ class TopicView(Service):
         for tp in tps:
             self._position[tp] = await consumer.position(tp)
         while True:
-            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            if self._fetch_wait is not None:
+                self._fetch_wait.observe(consumer, any(batch.values()))
             since = 0 if self.caught_up else self._since_ms
             for tp, records in batch.items():
                 for record in records:

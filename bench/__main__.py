@@ -1,0 +1,165 @@
+"""Every benchmark of issue 8's table in one run, side by side, as one JSON document.
+
+    python -m bench [--quick] [--only startup,1to1,...] [--no-save]
+
+Scenarios, in order (each figure with the CPU every process used meanwhile):
+- startup: worker start to ready, first delivery on an idle pipeline, idle RSS and CPU;
+- 1to1: a burst of 1:1 messages end to end (every inbox write, every push), then on the
+  same records a bare aiokafka consumer and a count-only Faust agent (the ceilings);
+- latency: 1:1 at a steady half of the burst's rate, produce -> gateway receipt, and
+  beside it one bare broker hop at the same rate (a message takes two);
+- groups: messages to 1000-member groups, and the naive per-recipient design;
+- inbox: the inbox store alone, writes/s into one Redis;
+- two_workers: the 1:1 burst again with a second worker;
+- large_group: one message to a 100k-member group, 10% online;
+- routes: a worker holding a million online routes.
+The result is also written to bench/results/<UTC time>-<commit>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import pipeline
+from bench.harness import git_commit
+from bench.large_group import VARIANTS, LargeGroupBench
+from bench.loadgen import one_to_one_pairs
+from bench.routes import million_routes
+from commands.traffic import group_chat, single_chat
+from embedded.broker import EmbeddedBroker
+
+SCENARIOS = (
+    "startup",
+    "1to1",
+    "latency",
+    "groups",
+    "inbox",
+    "two_workers",
+    "large_group",
+    "routes",
+)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    only = set(args.only.split(",")) if args.only else set(SCENARIOS)
+    redis.Redis.from_url(pipeline.REDIS_URL).flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="resonance-bench-"))
+    n = 5_000 if args.quick else args.one_to_one
+    out: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "commit": git_commit()},
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "notes": "cores_used: 1.0 = one core busy for the whole measurement",
+    }
+    with EmbeddedBroker(log_file=workdir / "tansu.log") as broker:
+        system = pipeline.System(broker, workdir, "bench" + uuid.uuid4().hex[:6])
+        try:
+            _, ready_s = await system.start_worker("worker-1")
+            await system.start_gateways()
+            await system.wait_routed()
+            if "startup" in only:
+                out["startup"] = {
+                    "worker_ready_s": round(ready_s, 2),
+                    "first_delivery_ms": await pipeline.first_delivery(system),
+                    "idle": await pipeline.idle_cost(system),
+                }
+            if only & {"1to1", "latency", "two_workers"}:
+                out["1to1"] = await pipeline.one_to_one(system, n, seed=1)
+                topic = system.env["TOPIC_PUSH_EVENTS"]
+                out["1to1_ceilings"] = {
+                    "bare_aiokafka_consumer": await pipeline.bare_consumer(broker, topic, n),
+                    "count_only_faust_agent": await pipeline.count_only_agent(system, topic, n),
+                }
+                top = out["1to1"]["events_per_s"]
+                out["1to1_ratios"] = {
+                    "over_count_only_faust_agent": round(
+                        top / out["1to1_ceilings"]["count_only_faust_agent"]["events_per_s"], 3
+                    ),
+                    "over_bare_consumer": round(
+                        top / out["1to1_ceilings"]["bare_aiokafka_consumer"]["events_per_s"], 3
+                    ),
+                }
+            if "latency" in only:
+                rate = out["1to1"]["events_per_s"] / 2
+                seconds = 6 if args.quick else 15
+                out["latency"] = await pipeline.steady(system, rate, seconds, 3)
+                out["latency_broker_floor_one_hop"] = await pipeline.broker_hop(
+                    broker, rate, seconds / 2
+                )
+            if "groups" in only:
+                groups = await pipeline.add_groups(system)
+                out["groups_1000"] = await pipeline.groups(
+                    system, groups, 30 if args.quick else 150, 4
+                )
+                rng_events = [
+                    single_chat(a, b, 1, "naive")
+                    for a, b in one_to_one_pairs(system.users, 20_000, 5)
+                ]
+                group_events = [group_chat(groups[g][0], g, 1, "naive") for g in sorted(groups) * 4]
+                budget = 8 if args.quick else 20
+                out["naive_groups_1000"] = await pipeline.naive(
+                    system, group_events, groups, budget
+                )
+                out["naive_1to1"] = await pipeline.naive(system, rng_events, {}, budget)
+                out["groups_ratio_over_naive"] = round(
+                    out["groups_1000"]["deliveries_per_s"]
+                    / out["naive_groups_1000"]["deliveries_per_s"],
+                    1,
+                )
+            if "inbox" in only:
+                out["inbox_store"] = await pipeline.inbox_store(2 if args.quick else 5)
+            if "two_workers" in only:
+                await system.start_worker("worker-2")
+                await system.wait_routed()
+                await asyncio.sleep(2)  # the groups have rebalanced: both workers hold partitions
+                out["1to1_two_workers"] = await pipeline.one_to_one(system, n, seed=7)
+                out["two_workers_over_one"] = round(
+                    out["1to1_two_workers"]["events_per_s"] / out["1to1"]["events_per_s"], 2
+                )
+        finally:
+            await system.stop()
+        if "large_group" in only:
+            bench = LargeGroupBench(broker, workdir, 20_000 if args.quick else 100_000, 0.1)
+            try:
+                out["large_group_setup"] = await bench.setup()
+                out["large_group_100k"] = await bench.run("large_group", VARIANTS["large_group"], 1)
+            finally:
+                await bench.stop()
+        if "routes" in only:
+            count = 100_000 if args.quick else 1_000_000
+            out["routes"] = await million_routes(
+                broker, workdir, pipeline.REDIS_URL, "routes" + uuid.uuid4().hex[:6], count
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small runs, to check the harness")
+    parser.add_argument("--only", default="", help=f"comma-separated of {','.join(SCENARIOS)}")
+    parser.add_argument("--one-to-one", type=int, default=60_000, help="1:1 burst size")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    text = json.dumps(result, indent=2)
+    print(text)
+    sys.stdout.flush()
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        name = f"{result['at'].replace(':', '')}-{result['machine']['commit']}.json"
+        (RESULTS / name).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
