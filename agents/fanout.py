@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError
 
 from agents.route import Router
 from pipeline import metrics
 from pipeline.deliveries import DeliveryRecords
-from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
-from pipeline.group_consumer import GroupConsumer, Records, source_record
+from pipeline.dlq import DeadLetters, InvalidRecord, Record
+from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.retry import retrying
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
 TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class FanoutRecord(Record, Protocol):
+    """A push-events record as read, with its Kafka headers."""
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
 
 # (key, value, partition or None) -> the broker's acknowledgement, once the record is queued.
 SendRecord = Callable[[bytes | None, bytes, int | None], Awaitable[Awaitable[object]]]
@@ -101,9 +110,14 @@ def push_message(event: PushEvent) -> PushMessage:
     )
 
 
-def trace_context(event: PushEvent, headers: Mapping[str, str]) -> dict[str, str]:
+_NO_TRACE: Mapping[str, str] = {}
+
+
+def trace_context(event: PushEvent, headers: Sequence[tuple[str, bytes]]) -> Mapping[str, str]:
     """W3C trace context: the Kafka record's headers, overridden by the event's own."""
-    context = dict(headers)
+    if not headers and not event.trace_headers:
+        return _NO_TRACE  # most events: no dict to build
+    context = kafka_trace_headers(headers)
     context.update(event.trace_headers)
     return context
 
@@ -166,9 +180,9 @@ class Fanout:
         self._max_bytes = record_max_bytes
         self._member_reads = asyncio.Semaphore(member_concurrency)
 
-    async def handle(self, records: Sequence[SourceRecord]) -> list[Awaitable[object]]:
+    async def handle(self, records: Sequence[FanoutRecord]) -> list[Awaitable[object]]:
         """Fan a batch of push-events records out; returns the produced records' acks."""
-        events: list[tuple[SourceRecord, PushEvent]] = []
+        events: list[tuple[FanoutRecord, PushEvent]] = []
         for record in records:
             try:
                 events.append((record, decode_event(record.value)))
@@ -182,7 +196,10 @@ class Fanout:
         plan = self._router.plan()
         acks: list[Awaitable[object]] = []
         fanned = 0
+        now_ms = time.time() * 1000
         for record, event in events:
+            if event.timestamp:
+                metrics.FANOUT_AGE.observe(max(0.0, now_ms - event.timestamp) / 1000)
             context = trace_context(event, record.headers)
             group = groups.get(event.session_id) if is_group_event(event) else None
             if isinstance(group, UnpageableGroup):
@@ -204,8 +221,8 @@ class Fanout:
             acks.append(await self._out.deliveries(None, value, partition))
         for key, value in plan.gateway_records():
             acks.append(await self._out.gateway_pushes(key, value, None))
-        for key, value in plan.offline_records():
-            acks.append(await self._out.offline_pushes(key, value, None))
+        for value in plan.offline_records():
+            acks.append(await self._out.offline_pushes(None, value, None))
         plan.count()
         metrics.EVENTS.inc(fanned)
         metrics.DELIVERIES.inc(deliveries.deliveries)
@@ -248,7 +265,7 @@ class Fanout:
         )
 
     async def _hand_over(
-        self, event: PushEvent, group: _Large, context: dict[str, str]
+        self, event: PushEvent, group: _Large, context: Mapping[str, str]
     ) -> Awaitable[object]:
         job = LargeGroupJob(event=event, read_diffusion=group.read_diffusion, members=group.members)
         job.trace_headers.update(context)
@@ -276,7 +293,5 @@ class FanoutConsumer(GroupConsumer):
         super().__init__(stage="fanout", **kwargs)
 
     async def handle(self, records: Records) -> Awaitable[object] | None:
-        acks = await self._fanout.handle(
-            [source_record(r, kafka_trace_headers(r.headers)) for r in records]
-        )
+        acks = await self._fanout.handle(records)
         return asyncio.gather(*acks) if acks else None

@@ -212,7 +212,7 @@ class LargeGroups:
                 online_only=job.read_diffusion,
             )
             out += [(self._out.gateway_pushes, k, v, None) for k, v in plan.gateway_records()]
-            out += [(self._out.offline_pushes, k, v, None) for k, v in plan.offline_records()]
+            out += [(self._out.offline_pushes, None, v, None) for v in plan.offline_records()]
             plan.count()
         metrics.RECIPIENTS.inc(len(chosen))
         return out

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from gateway.client import GatewayPool, PushItem, PushOutcome
+from offline import records as offline_records
 from pipeline import metrics
 from pipeline.dlq import DeadLetters
 from pipeline.group_consumer import GroupConsumer, Records, source_record
@@ -45,7 +46,8 @@ class OfflineSink:
         if push is not None:
             record.priority = push.priority
             record.trace_headers.update(push.trace_headers)
-        ack = await self._send(str(message.msg_id).encode(), record.SerializeToString(), None)
+        (value,) = offline_records.encode([record], max_bytes=2**31)
+        ack = await self._send(None, value, None)
         metrics.OFFLINE_USERS.labels(reason).inc(len(users))
         return ack
 
@@ -110,10 +112,18 @@ class PushConsumer(GroupConsumer):
         gateway_id = pushes.gateway_id
         session = self._pool.session(gateway_id, pushes.address)
         offline = self._offline
+        enqueued = 0
+        now_ms = time.time() * 1000
         for push in pushes.pushes:
+            if push.message.timestamp:
+                metrics.PUSH_AGE.observe(max(0.0, now_ms - push.message.timestamp) / 1000)
 
             async def settle(outcome: PushOutcome, push: GatewayPush = push) -> None:
-                metrics.PUSHED_USERS.inc(len(outcome.delivered))
+                if outcome.delivered:
+                    metrics.PUSHED_USERS.inc(len(outcome.delivered))
+                    if push.message.timestamp:
+                        age = time.time() * 1000 - push.message.timestamp
+                        metrics.GATEWAY_ACK_AGE.observe(max(0.0, age) / 1000)
                 if outcome.failed:
                     batch.acks.append(
                         await offline.put(
@@ -126,14 +136,16 @@ class PushConsumer(GroupConsumer):
                 message=push.message,
                 users=list(push.users),
                 on_done=settle,
-                metadata=list(push.trace_headers.items()),
+                metadata=list(push.trace_headers.items()) if push.trace_headers else (),
             )
             batch.add()
             if session.offer(item):
-                metrics.PUSH_ENQUEUE.labels(gateway_id).inc()
+                enqueued += 1
             else:
                 # A slow gateway must not hold up the others on this partition: divert.
                 metrics.PUSH_ENQUEUE_FAILED.labels(gateway_id, "queue_full").inc()
                 await settle(
                     PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
                 )
+        if enqueued:
+            metrics.PUSH_ENQUEUE.labels(gateway_id).inc(enqueued)

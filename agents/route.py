@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
+from offline import records as offline_records
 from pipeline import metrics
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch, OfflinePush
@@ -166,9 +167,9 @@ class PushPlan:
             for batch in batches
         ]
 
-    def offline_records(self) -> list[tuple[bytes, bytes]]:
-        """(key, value) of each offline-pushes record: keyed by msg_id."""
-        return [(str(o.message.msg_id).encode(), o.SerializeToString()) for o in self._offline]
+    def offline_records(self) -> list[bytes]:
+        """Each offline-pushes record (not keyed: offline push keeps no order)."""
+        return offline_records.encode(self._offline, self._router.record_max_bytes)
 
     def count(self) -> None:
         if self.offline_users:

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0: a burst")
-    parser.add_argument("--linger-ms", type=float, default=2.0)
+    parser.add_argument("--linger-ms", type=float, default=5.0)
     parser.add_argument("--group", default="", help="send to this group session instead")
     parser.add_argument("--members", default="", help="the group's senders, PREFIX:N")
     print(json.dumps(asyncio.run(publish(parser.parse_args()))), flush=True)

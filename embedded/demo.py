@@ -36,8 +36,8 @@ from embedded.providers import ProviderServer
 from embedded.redis import LocalRedis, answers
 from embedded.worker import WorkerProcess, pipeline_env
 from gateway.simulator import GatewaySimulator
+from offline.records import decode as decode_offline
 from offline.tokens import DeviceToken, RedisDeviceTokenStore
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 from stores.inbox import RedisInboxStore
 from stores.members import RedisMemberStore
 
@@ -181,7 +181,7 @@ async def run(
     while notified() < want_notified and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.25)
     offline_records = await read_all(broker.bootstrap, env["TOPIC_OFFLINE_PUSHES"], 10**7)
-    offline_users = sum(len(OfflinePush.FromString(r.value).users) for r in offline_records)
+    offline_users = sum(len(p.users) for r in offline_records for p in decode_offline(r.value))
     dead = await read_all(broker.bootstrap, env["TOPIC_PUSH_EVENTS"] + ".dlq", 100)
     latencies = [r.latency_ms for s in sims for r in s.recorder.deliveries]
     got = received(sims)

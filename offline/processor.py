@@ -6,7 +6,8 @@ but offline push. For a fetched batch it reads the users' device tokens in one r
 trip, sends each provider its notifications (providers concurrently, each in chunks of
 its batch size, each under its own rate limit), retries what the provider says to retry
 with jittered exponential backoff, removes tokens the provider calls invalid, and puts
-every record with a notification that finally failed on `<topic>.dlq` with the reason.
+what finally failed on `<topic>.dlq` with the reason (per source record, only its pushes
+that failed, so a replay notifies no one twice).
 Offsets are committed after that, so a crash resends the batch: a device may then get a
 notification twice, which is what offline push has always promised.
 """
@@ -18,6 +19,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -25,6 +27,7 @@ import httpx
 from google.protobuf.message import DecodeError
 
 from offline import metrics
+from offline import records as offline_records
 from offline.provider import Notification, Outcome, Provider
 from offline.tokens import DeviceTokenStore
 from pipeline.dlq import DeadLetters, SourceRecord
@@ -72,7 +75,7 @@ class OfflinePusher:
         pushes: list[tuple[SourceRecord, OfflinePush]] = []
         for record in records:
             try:
-                pushes.append((record, OfflinePush.FromString(record.value or b"")))
+                pushes += [(record, push) for push in offline_records.decode(record.value)]
             except DecodeError as exc:
                 await self._dead_letters.put(record, "decode_error", exc)
         if not pushes:
@@ -105,9 +108,19 @@ class OfflinePusher:
         for failed in failures:
             for note, outcome in failed:
                 errors[note.record].append(f"{note.device.provider}:{outcome.detail}")
+        # Per source record, a dead letter holding only its pushes that failed: a replay
+        # then notifies no one twice.
+        failed_pushes: dict[SourceRecord, list[OfflinePush]] = defaultdict(list)
+        reasons_of: dict[SourceRecord, list[str]] = defaultdict(list)
         for index, reasons in sorted(errors.items()):
+            record, push = pushes[index]
+            failed_pushes[record].append(push)
+            reasons_of[record] += reasons
+        for record, failed_here in failed_pushes.items():
+            reasons = reasons_of[record]
             detail = f"{len(reasons)} notification(s) failed: " + "; ".join(reasons[:5])
-            await self._dead_letters.put(pushes[index][0], "provider_failed", detail)
+            (value,) = offline_records.encode(failed_here, max_bytes=2**31)
+            await self._dead_letters.put(replace(record, value=value), "provider_failed", detail)
 
     async def _deliver(
         self, provider: Provider, notes: list[Notification]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pipeline import metrics
 
@@ -37,6 +37,21 @@ class InvalidRecord(ValueError):
         self.reason = reason
 
 
+class Record(Protocol):
+    """A Kafka record as read: aiokafka's ConsumerRecord and SourceRecord both are one."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 @dataclass(frozen=True)
 class SourceRecord:
     topic: str
@@ -44,7 +59,7 @@ class SourceRecord:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: dict[str, str] = field(default_factory=dict)  # W3C trace context, if any
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 def dlq_topic(topic: str) -> str:
@@ -55,7 +70,7 @@ class DeadLetters:
     def __init__(self, send: SendRaw) -> None:
         self._send = send
 
-    async def put(self, record: SourceRecord, reason: str, error: BaseException | str) -> None:
+    async def put(self, record: Record, reason: str, error: BaseException | str) -> None:
         detail = str(error)[:1000]
         headers = [
             (H_REASON, reason.encode()),

@@ -42,11 +42,9 @@ RESTART_BACKOFF_MAX = 5.0
 Records = list[ConsumerRecord[Any, Any]]
 
 
-def source_record(
-    record: ConsumerRecord[Any, Any], headers: dict[str, str] | None = None
-) -> SourceRecord:
+def source_record(record: ConsumerRecord[Any, Any]) -> SourceRecord:
     return SourceRecord(
-        record.topic, record.partition, record.offset, record.key, record.value, headers or {}
+        record.topic, record.partition, record.offset, record.key, record.value, record.headers
     )
 
 

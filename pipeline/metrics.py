@@ -65,6 +65,15 @@ MEMBER_STORE_REFUSED = Counter(
     "Group messages dead-lettered because the member store holds something we cannot page",
     ["reason"],
 )
+MESSAGE_AGE = Histogram(
+    "resonance_message_age_seconds",
+    "A message's age (now minus its logic timestamp) when a stage takes it: where time goes",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FANOUT_AGE = MESSAGE_AGE.labels("fanout")
+PUSH_AGE = MESSAGE_AGE.labels("push")
+GATEWAY_ACK_AGE = MESSAGE_AGE.labels("gateway_ack")
 STAGE_RESTARTS = Counter(
     "resonance_stage_restarts_total",
     "Own-group stages restarted from their committed offsets after a failed batch",

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from agents.fanout import Outputs
 from agents.route import Router
+from offline.records import decode as decode_offline
 from pipeline.dlq import DeadLetters
 from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
 from proto.resonance.pipeline.v1.pipeline_pb2 import (
@@ -84,7 +85,7 @@ class Sink:
             return self._acked()
 
         async def offline(key: bytes | None, value: bytes, p: int | None) -> Awaitable[object]:
-            self.offline.append(OfflinePush.FromString(value))
+            self.offline += decode_offline(value)
             return self._acked()
 
         async def jobs(key: bytes | None, value: bytes, p: int | None) -> Awaitable[object]:

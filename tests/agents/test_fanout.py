@@ -6,8 +6,8 @@ import pytest
 
 from agents.fanout import Diffusion, Fanout
 from agents.route import Router
+from pipeline.deliveries import session_partition
 from pipeline.dlq import H_REASON, SourceRecord
-from pipeline.partitioning import partition_for
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from stores.members import UnpageableGroup
 from tests.agents.conftest import Sink, router
@@ -36,7 +36,7 @@ def make(
 
 def record(event: PushEvent | bytes, offset: int = 0) -> SourceRecord:
     value = event if isinstance(event, bytes) else event.SerializeToString()
-    return SourceRecord("push", 0, offset, b"k", value, {"traceparent": "00-abc-def-01"})
+    return SourceRecord("push", 0, offset, b"k", value, [("traceparent", b"00-abc-def-01")])
 
 
 def chat(msg_id: int, sender: str, to: str, session: str = "s") -> PushEvent:
@@ -66,7 +66,7 @@ async def test_a_batch_is_one_deliveries_record_per_partition_and_one_push_recor
     partitions = [p for p, _ in sink.deliveries]
     assert len(partitions) == len(set(partitions)) <= PARTITIONS
     for partition, batch in sink.deliveries:
-        assert {partition_for(d.message.session_id, PARTITIONS) for d in batch.deliveries} == {
+        assert {session_partition(d.message.session_id, PARTITIONS) for d in batch.deliveries} == {
             partition
         }
     ((key, pushes),) = sink.pushes

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agents.large_group import Cursor, LargeGroups
+from pipeline.deliveries import session_partition
 from pipeline.dlq import SourceRecord
-from pipeline.partitioning import partition_for
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
@@ -89,7 +89,7 @@ async def test_pages_every_member_once_and_saves_the_cursor_per_page() -> None:
     assert h.saves == [1, 2, 3]
     assert h.cursors["99"]["done"] and h.cursors["99"]["partition"] == 2
     for partition, batch in h.sink.deliveries:
-        assert partition == partition_for("big", PARTITIONS)
+        assert partition == session_partition("big", PARTITIONS)
         assert all(d.message.msg_id == 99 for d in batch.deliveries)
     assert sorted(h.pages()) == [0, 1, 2]
     # Pages are pushed as fanout would: online members, the rest offline, never the sender.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from offline.records import decode as decode_offline
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch, OfflinePush
+from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
 from tests.agents.conftest import router
 
 
@@ -20,7 +21,7 @@ def test_groups_by_gateway_skips_sender_and_sends_the_rest_offline() -> None:
     plan = router({"a": ["g1"], "b": ["g1", "g2"], "s": ["g1"]}, "g1", "g2").plan()
     plan.add(PushMessage(msg_id=1, from_username="s"), ["s", "a", "b", "c", "d"])
     assert pushed(plan.gateway_records()) == {"g1": [["a", "b"]], "g2": [["b"]]}
-    (offline,) = [OfflinePush.FromString(v) for _, v in plan.offline_records()]
+    (offline,) = [p for v in plan.offline_records() for p in decode_offline(v)]
     assert sorted(offline.users) == ["c", "d"] and offline.reason == "not_online"
 
 
@@ -33,7 +34,7 @@ def test_draining_and_long_silent_gateways_get_nothing() -> None:
     ).plan()
     plan.add(PushMessage(msg_id=3), ["a", "b", "c"])
     assert pushed(plan.gateway_records()) == {"live": [["c"]]}
-    assert sorted(OfflinePush.FromString(plan.offline_records()[0][1]).users) == ["a", "b"]
+    assert sorted(decode_offline(plan.offline_records()[0])[0].users) == ["a", "b"]
 
 
 def test_online_only_diverts_nobody() -> None:

@@ -16,6 +16,7 @@ from commands.dlq import read_all
 from embedded.broker import EmbeddedBroker
 from embedded.worker import WorkerProcess, pipeline_env
 from gateway.simulator import GatewaySimulator
+from offline.records import decode as decode_offline
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 from stores.inbox import InboxEntry, RedisInboxStore
@@ -117,7 +118,7 @@ class Pipeline:
         records = await read_all(
             self.broker.bootstrap, self.topic("TOPIC_OFFLINE_PUSHES"), 1_000_000
         )
-        return [OfflinePush.FromString(r.value) for r in records]
+        return [push for r in records for push in decode_offline(r.value)]
 
     async def read_topic(self, topic: str) -> list[Any]:
         return await read_all(self.broker.bootstrap, topic, 1_000_000)

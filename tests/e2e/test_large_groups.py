@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from commands.traffic import group_chat
 from embedded.expectations import received
 from embedded.worker import WorkerProcess
-from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch, OfflinePush
+from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
 from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
 
 
@@ -74,14 +74,7 @@ async def test_group_of_20000_every_inbox_once_every_online_member_pushed_once(
     got = received(sims)
     # The sender (members[3]) is not online here, so every online member gets both, once.
     assert {u: sorted(c.elements()) for u, c in got.items()} == {u: msg_ids for u in online}
-    offline = [
-        r
-        for r in (
-            OfflinePush.FromString(x.value)
-            for x in await p.read_topic(p.topic("TOPIC_OFFLINE_PUSHES"))
-        )
-        if r.message.msg_id in msg_ids
-    ]
+    offline = [r for r in await p.offline() if r.message.msg_id in msg_ids]
     assert sum(len(r.users) for r in offline) == 2 * (len(members) - len(online) - 1)
     _, jobs = await asyncio.to_thread(worker.get, "/large-groups")
     assert sorted(j["msg_id"] for j in jobs["finished"]) == msg_ids
@@ -183,8 +176,5 @@ async def test_read_diffusion_group_is_one_timeline_merged_into_inbox_sync(
     assert {u: sorted(c.elements()) for u, c in got.items()} == {
         u: sorted(msg_ids) for u in online if u != members[1]
     }
-    offline = [
-        OfflinePush.FromString(r.value) for r in await p.read_topic(p.topic("TOPIC_OFFLINE_PUSHES"))
-    ]
-    assert [o for o in offline if o.message.msg_id in msg_ids] == []
+    assert [o for o in await p.offline() if o.message.msg_id in msg_ids] == []
     assert all(ids == [] for ids in (await inbox_msg_ids(p.redis_url, members)).values())

@@ -16,6 +16,7 @@ from offline.fcm import FcmProvider, ServiceAccount
 from offline.processor import OfflinePusher
 from offline.provider import Notification
 from offline.ratelimit import TokenBucket
+from offline.records import encode as encode_offline
 from offline.tokens import DeviceToken, RedisDeviceTokenStore
 from offline.webhook import WebhookProvider
 from pipeline.dlq import DeadLetters, SourceRecord
@@ -138,7 +139,8 @@ def record(users: list[str], msg_id: int = 7, offset: int = 0) -> SourceRecord:
         users=users,
         reason="not_online",
     )
-    return SourceRecord("offline", 0, offset, str(msg_id).encode(), push.SerializeToString())
+    (value,) = encode_offline([push], max_bytes=2**20)
+    return SourceRecord("offline", 0, offset, None, value)
 
 
 def pusher(

@@ -6,9 +6,9 @@ import pytest
 
 from embedded.providers import ProviderServer
 from offline.ratelimit import TokenBucket
+from offline.records import decode as decode_offline
 from offline.tokens import DeviceToken, RedisDeviceTokenStore
 from pipeline.dlq import H_REASON, SourceRecord
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 from tests.offline.conftest import DeadSink, Providers, make_providers, pusher, record
 
 
@@ -53,7 +53,7 @@ async def test_retries_then_the_record_goes_to_the_dead_letter_topic(
     await pusher(providers, tokens, dead).handle([record([user], msg_id=9, offset=5)])
     ((topic, value, headers),) = dead.records
     assert topic == "offline.dlq" and headers[H_REASON] == b"provider_failed"
-    assert OfflinePush.FromString(value or b"").message.msg_id == 9
+    assert [p.message.msg_id for p in decode_offline(value)] == [9]
     assert b"webhook" in headers["dlq.error"]
 
 

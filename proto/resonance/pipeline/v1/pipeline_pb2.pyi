@@ -323,6 +323,30 @@ class OfflinePush(_message.Message):
 Global___OfflinePush: _TypeAlias = OfflinePush  # noqa: Y015
 
 @_typing.final
+class OfflinePushBatch(_message.Message):
+    """The offline-pushes record: the offline pushes of one fetched batch (or of one gateway
+    answer), each message once with its users. Not keyed: offline push keeps no order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUSHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pushes(self) -> _containers.RepeatedCompositeFieldContainer[Global___OfflinePush]: ...
+    def __init__(
+        self,
+        *,
+        pushes: _abc.Iterable[Global___OfflinePush] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pushes", b"pushes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfflinePushBatch: _TypeAlias = OfflinePushBatch  # noqa: Y015
+
+@_typing.final
 class PresenceChange(_message.Message):
     """One user's presence change, re-keyed by user from a gateway's SyncStatusRequest."""
 
