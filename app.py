@@ -309,7 +309,7 @@ push_consumer = push.PushConsumer(
     topic=gateway_pushes.get_topic_name(),
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-push", hot=True),
     batch_max_records=settings.push_batch_max_records,
-    max_pending_batches=settings.push_pending_batches,
+    max_pending_bytes=settings.push_pending_bytes,
     drain_seconds=settings.push_drain_seconds,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     before_commit=lambda: app.producer.flush(),

@@ -110,8 +110,9 @@ class Settings(BaseSettings):
     push_max_attempts: int = Field(3, ge=1)
     push_drain_seconds: float = Field(10.0, ge=0)
     push_batch_max_records: int = Field(100, ge=1)
-    # gateway-pushes batches handled at once while gateways acknowledge earlier ones.
-    push_pending_batches: int = Field(8, ge=1)
+    # gateway-pushes records in hand (bytes) while gateways acknowledge them; beyond it
+    # the push stage stops fetching. Each gateway's own queue is PUSH_QUEUE_MAX_ITEMS.
+    push_pending_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
     # Offline push (offline/): a provider is on when its settings are set; the stage runs
     # in its own consumer group when any is. Rates are HTTP requests per second.

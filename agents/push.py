@@ -2,9 +2,10 @@
 
 It reads gateway-pushes (keyed by gateway_id, so one worker owns each gateway's records
 and its stream) in a consumer group of its own (`<APP_ID>-push`), a fetched batch at a
-time. A batch is done once every push it carried was acknowledged by its gateway or its
-users were handed to offline push (and the broker has those records); only then do its
-offsets commit. Batches overlap: the next is fetched while gateways answer the last.
+time. A record is done once every push it carried was acknowledged by its gateway or its
+users were handed to offline push (and the broker has those records); only then does
+its offset commit. Records settle independently: fetching goes on while gateways answer,
+up to PUSH_PENDING_BYTES of records in hand.
 A full gateway queue diverts to offline push instead of waiting, so a slow gateway never
 holds up the others.
 """
@@ -22,7 +23,7 @@ from gateway.client import GatewayPool, PushItem, PushOutcome
 from offline import records as offline_records
 from pipeline import metrics
 from pipeline.dlq import DeadLetters
-from pipeline.group_consumer import GroupConsumer, Records, source_record
+from pipeline.group_consumer import GroupConsumer, Records
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPush, GatewayPushBatch, OfflinePush
 
@@ -94,17 +95,24 @@ class PushConsumer(GroupConsumer):
         await self._pool.drain(max(0.0, deadline - time.monotonic()))
         await super().drain(deadline)
 
-    async def handle(self, records: Records) -> Awaitable[object] | None:
-        batch = _Settlement()
+    # Each record settles when its own gateway answers: a slow gateway holds back its own
+    # records' offsets, not the other gateways' records, nor the fetching.
+    per_record = True
+
+    async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
+        effects: list[Awaitable[object] | None] = []
         for record in records:
             try:
                 pushes = GatewayPushBatch.FromString(record.value or b"")
             except DecodeError as exc:
-                await self._dead_letters.put(source_record(record), "decode_error", exc)
+                await self._dead_letters.put(record, "decode_error", exc)
+                effects.append(None)
                 continue
-            await self._offer(pushes, batch)
-        batch.settled()
-        return batch.wait()
+            settlement = _Settlement()
+            await self._offer(pushes, settlement)
+            settlement.settled()
+            effects.append(settlement.wait())
+        return effects
 
     async def _offer(self, pushes: GatewayPushBatch, batch: _Settlement) -> None:
         if not pushes.pushes:

@@ -8,8 +8,12 @@ Cost: Faust hands records over one at a time (~155 us each here, issue 8's profi
 while a fetched batch handled at once costs a few microseconds a record.
 
 `handle` takes a fetched batch toward its effect and either finishes it or returns an
-awaitable that completes when the effect is done (records acknowledged by the broker,
-pushes by their gateway); the stage fetches on meanwhile, up to `max_pending_batches`.
+awaitable that completes when the effect is done (records acknowledged by the broker);
+the stage fetches on meanwhile, up to `max_pending_batches`. A stage whose records take
+effect independently, some much later than others (pushes, each acknowledged by its own
+gateway), implements `handle_each` instead: one awaitable (or None) per record, so one
+slow record holds back neither the others' offsets nor the fetching, which then stops
+only at `max_pending_bytes` of records in hand.
 Offsets are committed per partition only up to the first batch not yet done, at most
 every COMMIT_INTERVAL and whenever the topic is idle. A batch that fails restarts the
 consumer, which resumes from the committed offsets: effects are idempotent, or their
@@ -73,6 +77,17 @@ class Offsets:
             segments.append(segment)
         return segments
 
+    def open_each(self, fetched: dict[TopicPartition, Records]) -> list[_Segment]:
+        """One segment per record, in the order the records are handed to the stage."""
+        segments = []
+        for tp, records in fetched.items():
+            opened = self._open.setdefault(tp, deque())
+            for record in records:
+                segment = _Segment(record.offset + 1)
+                opened.append(segment)
+                segments.append(segment)
+        return segments
+
     @staticmethod
     def close(segments: Iterable[_Segment]) -> None:
         for segment in segments:
@@ -117,6 +132,7 @@ class GroupConsumer(Service):
         stage: str,
         before_commit: Callable[[], Awaitable[None]] | None = None,
         max_pending_batches: int = 1,
+        max_pending_bytes: int = 64 * 1024 * 1024,
         drain_seconds: float = 5.0,
         idle_fetch_wait_ms: int | None = None,
         **kwargs: Any,
@@ -127,6 +143,8 @@ class GroupConsumer(Service):
         self._batch_max = batch_max_records
         self.stage = stage
         self._max_pending = max(1, max_pending_batches)
+        self._max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
         self._drain_seconds = drain_seconds
         self._idle_fetch_wait_ms = idle_fetch_wait_ms
         self._fetch_wait: FetchWait | None = None
@@ -141,8 +159,14 @@ class GroupConsumer(Service):
         self.restarts = 0
         super().__init__(**kwargs)
 
+    per_record = False  # True: the stage implements handle_each, not handle
+
     async def handle(self, records: Records) -> Awaitable[object] | None:
         """Take a batch toward its effect; None if done, else what completes when it is."""
+        raise NotImplementedError
+
+    async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
+        """Per record (same order): None if its effect is done, else what completes then."""
         raise NotImplementedError
 
     async def drain(self, deadline: float) -> None:
@@ -201,6 +225,7 @@ class GroupConsumer(Service):
         for future in self._pending:
             future.cancel()
         self._pending.clear()
+        self._pending_bytes = 0
         self._offsets = Offsets()
         if consumer is not None:
             with contextlib.suppress(Exception):
@@ -237,15 +262,30 @@ class GroupConsumer(Service):
     async def _step(self) -> None:
         assert self._consumer is not None
         fetched: dict[TopicPartition, Records] = {}
-        if len(self._pending) >= self._max_pending:
-            # Backpressure: Kafka is the buffer while the batches in hand take effect.
+        full = (
+            self._pending_bytes >= self._max_pending_bytes
+            if self.per_record
+            else len(self._pending) >= self._max_pending
+        )
+        if full:
+            # Backpressure: Kafka is the buffer while the records in hand take effect.
             await asyncio.wait(self._pending, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
         else:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
             fetched = {tp: rs for tp, rs in batch.items() if rs}
             if self._fetch_wait is not None:
                 self._fetch_wait.observe(self._consumer, bool(fetched))
-            if fetched:
+            if fetched and self.per_record:
+                records = [r for rs in fetched.values() for r in rs]
+                segments = self._offsets.open_each(fetched)
+                effects = await self.handle_each(records)
+                for record, segment, each in zip(records, segments, effects, strict=True):
+                    if each is None:
+                        segment.done = True
+                    else:
+                        tp = TopicPartition(record.topic, record.partition)
+                        self._track(each, [segment], [tp], len(record.value or b""))
+            elif fetched:
                 segments = self._offsets.open(fetched)
                 effect = await self.handle([r for rs in fetched.values() for r in rs])
                 if effect is None:
@@ -257,13 +297,21 @@ class GroupConsumer(Service):
             await self._commit()
 
     def _track(
-        self, effect: Awaitable[object], segments: list[_Segment], tps: list[TopicPartition]
+        self,
+        effect: Awaitable[object],
+        segments: list[_Segment],
+        tps: list[TopicPartition],
+        size: int = 0,
     ) -> None:
         future = asyncio.ensure_future(effect)
         self._pending[future] = tps
+        self._pending_bytes += size
 
         def finished(done: asyncio.Future[Any]) -> None:
-            if self._pending.pop(done, None) is None or done.cancelled():
+            if self._pending.pop(done, None) is None:
+                return
+            self._pending_bytes -= size
+            if done.cancelled():
                 return
             if done.exception() is not None:
                 self._failed = done.exception()

@@ -143,3 +143,28 @@ async def _at_least(total: Awaitable[int], want: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_slow_gateway_does_not_delay_the_others(pipeline: Pipeline) -> None:
+    p = pipeline
+    worker = await p.start_worker()
+    fast_users = [p.user(i) for i in range(20)]
+    slow_users = [p.user(i) for i in range(20, 40)]
+    fast = await p.gateway("gw-fast", fast_users)
+    slow = await p.gateway("gw-slow", slow_users, delay=2.0)  # acks each batch after 2 s
+    await p.wait_online(worker, fast_users + slow_users)
+    events = []
+    for i in range(300):
+        to = (slow_users if i % 2 else fast_users)[i % 20]
+        event = single_chat(p.user(100 + i % 7), to, 1 + i, f"m{i}")
+        events.append(event)
+    for start in range(0, len(events), 30):
+        await p.publish(events[start : start + 30])
+        await asyncio.sleep(0.1)
+    await eventually(lambda: _true(len(fast.recorder.deliveries) >= 150), 30, "the fast gateway")
+    latencies = sorted(r.latency_ms for r in fast.recorder.deliveries)
+    assert latencies[int(len(latencies) * 0.99)] < 1000, latencies[-10:]
+    # The slow gateway gets its pushes too, late (or its users go to offline push).
+    await eventually(
+        lambda: _true(len(slow.recorder.deliveries) >= 150), 60, "the slow gateway"
+    )

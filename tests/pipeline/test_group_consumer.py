@@ -106,3 +106,60 @@ async def test_offsets_after_effect_and_a_failed_batch_is_done_again(
     finally:
         await stage.stop()
     assert await committed(broker, group, tps) == 100
+
+
+class OneSlow(GroupConsumer):
+    """Per-record effects: the first record of partition 0 is held, the rest settle."""
+
+    per_record = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen = 0
+        self.held: asyncio.Future[None] | None = None
+        super().__init__(stage="test-each", **kwargs)
+
+    async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
+        effects: list[Awaitable[object] | None] = []
+        for record in records:
+            self.seen += 1
+            if record.partition == 0 and record.offset == 0:
+                self.held = asyncio.get_running_loop().create_future()
+                effects.append(self.held)
+            else:
+                effects.append(None)
+        return effects
+
+
+async def test_one_slow_record_holds_back_only_its_own_partition(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.each", f"{tag}-each"
+    await make_topic(broker, topic, 2)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    for i in range(100):
+        await producer.send(topic, f"r{i}".encode(), partition=i % 2)
+    await producer.flush()
+    await producer.stop()
+    config = {
+        "bootstrap_servers": broker.bootstrap,
+        "group_id": group,
+        "session_timeout_ms": 2000,
+        "heartbeat_interval_ms": 500,
+        "fetch_max_wait_ms": 20,
+    }
+    stage = OneSlow(topic=topic, consumer_config=config, batch_max_records=10)
+    await stage.start()
+    try:
+        await until(lambda: stage.seen == 100)  # the held record stopped no fetch
+        p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+        await until(lambda: stage.pending_batches == 1)
+        await asyncio.sleep(1.0)  # past a commit
+        assert await committed(broker, group, [p1]) == 50
+        assert await committed(broker, group, [p0]) == 0
+        assert stage.held is not None
+        stage.held.set_result(None)
+        await asyncio.sleep(1.0)
+        assert await committed(broker, group, [p0]) == 50
+    finally:
+        await stage.stop()
