@@ -59,6 +59,9 @@ def faust_config(s: Settings) -> dict[str, Any]:
         "web_in_thread": False,
         "datadir": s.data_dir,
         "producer_linger": s.producer_linger_ms / 1000,
+        # Faust's default is 20 minutes: a send that cannot complete should fail (and the
+        # stage retry from its offsets) long before that. Kafka clients' own default.
+        "producer_request_timeout": 30.0,
     }
     if s.tansu:
         # DESIGN.md section 6: Tansu's group join waits half the session timeout; its

@@ -134,6 +134,7 @@ class GroupConsumer(Service):
         max_pending_batches: int = 1,
         max_pending_bytes: int = 64 * 1024 * 1024,
         drain_seconds: float = 5.0,
+        effect_timeout: float = 120.0,
         idle_fetch_wait_ms: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -146,6 +147,7 @@ class GroupConsumer(Service):
         self._max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
         self._drain_seconds = drain_seconds
+        self._effect_timeout = effect_timeout
         self._idle_fetch_wait_ms = idle_fetch_wait_ms
         self._fetch_wait: FetchWait | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -303,7 +305,15 @@ class GroupConsumer(Service):
         tps: list[TopicPartition],
         size: int = 0,
     ) -> None:
-        future = asyncio.ensure_future(effect)
+        # An effect that never ends (a send stuck on a broker that lost a partition) would
+        # hold the stage's backpressure shut for good: past the timeout it fails, and the
+        # stage restarts from its committed offsets.
+        # Shielded: giving up on an effect (timeout, revoke) must not cancel the sends or
+        # pushes under it.
+        inner = asyncio.ensure_future(effect)
+        future = asyncio.ensure_future(
+            asyncio.wait_for(asyncio.shield(inner), self._effect_timeout)
+        )
         self._pending[future] = tps
         self._pending_bytes += size
 
@@ -335,6 +345,11 @@ class GroupConsumer(Service):
             await self._wait_pending(revoked, time.monotonic() + self._drain_seconds)
         await self._commit()
         self._offsets.forget(revoked)
+        # What is still in flight there will not commit here: stop counting it against
+        # backpressure (the work itself goes on, and its repeat by the next owner is fine).
+        for future, tps in list(self._pending.items()):
+            if set(tps) <= revoked:
+                future.cancel()
 
     async def _commit(self) -> None:
         consumer = self._consumer

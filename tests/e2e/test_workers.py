@@ -74,7 +74,13 @@ async def check_exact(
     async def all_offline() -> bool:
         return sum(len(o.users) for o in await p.offline()) >= want.offline_total
 
-    await eventually(all_stored, 120, f"{want.inbox_total} inbox entries")
+    try:
+        await eventually(all_stored, 120, f"{want.inbox_total} inbox entries")
+    except AssertionError:
+        for worker in p.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                print(worker.name, await asyncio.to_thread(worker.get, "/stats"))
+        raise
     await eventually(all_pushed, 120, f"{want.pushed_total} pushes")
     await eventually(all_offline, 60, f"{want.offline_total} offline users")
     await asyncio.sleep(1.5)  # anything extra (a duplicate) would arrive now
