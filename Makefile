@@ -31,7 +31,7 @@ proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) *-data .pytest_cache .mypy_cache .ruff_cache
