@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     # agent with a resumable cursor (0: never); from the second threshold it is written
     # once to the group's timeline (read diffusion) and pushed to online members only.
     large_group_min_members: int = Field(2000, ge=0)
-    large_group_page_size: int = Field(1000, ge=1)
+    # Members per page, one cursor save each: what a crash may redo. Measured on a 100k
+    # group (10% online): 1,000 a page 3.6 s to the last push, 5,000 a page 2.0 s.
+    large_group_page_size: int = Field(5000, ge=1)
     # Smooths a huge group's burst for the stages downstream; 0 is as fast as it goes.
     large_group_pages_per_second: float = Field(0.0, ge=0)
     # Pages sent ahead of the saved cursor: a crash redoes at most this many.

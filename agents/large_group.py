@@ -191,7 +191,10 @@ class LargeGroups:
     ) -> list[tuple[SendRecord, bytes | None, bytes, int | None]]:
         """A page's records, as fanout would make them: (send, key, value, partition)."""
         event, context = job.event, dict(job.trace_headers)
-        chosen = list(dict.fromkeys(u for u in users if u and u not in excluded))
+        unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages
+        for name in (*excluded, ""):
+            unique.pop(name, None)
+        chosen = list(unique)
         out: list[tuple[SendRecord, bytes | None, bytes, int | None]] = []
         if not (event.push_only or job.read_diffusion):
             deliveries = DeliveryRecords(

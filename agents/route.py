@@ -47,6 +47,9 @@ class Router:
         self.record_max_bytes = record_max_bytes
         self._clock_cache: gateway_rules.Clock | None = None
         self._clock_at = 0.0
+        # user -> the gateways of the user's live connections (a bound method: looked up
+        # once per recipient, it is the hot loop of fan-out).
+        self.online = routes.get
 
     def clock(self) -> gateway_rules.Clock:
         # The newest heartbeat is a scan of the (small) gateways view: once per 200 ms.
@@ -64,9 +67,6 @@ class Router:
     def pushable(self, gateway_id: str, at: gateway_rules.Clock) -> GatewayInfo | None:
         info = self._gateways.get(gateway_id)
         return info if gateway_rules.is_pushable(info, at) else None
-
-    def online(self, user: str) -> tuple[str, ...]:
-        return self._routes.get(user)
 
 
 class PushPlan:
@@ -94,14 +94,14 @@ class PushPlan:
     ) -> None:
         """Route `message` to `users`, leaving out its sender."""
         sender = message.from_username
-        router, pushable = self._router, self._pushable
+        router, pushable, online = self._router, self._pushable, self._router.online
         by_gateway: dict[str, list[str]] = {}
         offline: list[str] = []
         for user in users:
             if user == sender:
                 continue
             reached = False
-            for gateway_id in router.online(user):
+            for gateway_id in online(user):
                 if gateway_id not in pushable:
                     pushable[gateway_id] = router.pushable(gateway_id, self._at)
                 if pushable[gateway_id] is not None:

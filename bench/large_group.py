@@ -31,7 +31,7 @@ from typing import Any
 import redis
 from aiokafka import AIOKafkaProducer
 
-from bench.harness import pct, rss_mb
+from bench.harness import CpuMeter, pct, redis_pid, rss_mb
 from commands.traffic import group_chat
 from embedded.broker import EmbeddedBroker
 from embedded.worker import WorkerProcess, pipeline_env
@@ -127,6 +127,13 @@ class LargeGroupBench:
         events = [group_chat(self.sender, self.group, seq, "x" * 200) for seq in range(1, n + 1)]
         producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap)
         await producer.start()
+        assert worker.proc is not None
+        cpu = CpuMeter()
+        cpu.watch("worker", worker.proc.pid)
+        cpu.watch("broker", self.broker.pid)
+        cpu.watch("redis", redis_pid(REDIS_URL))
+        cpu.watch("gateways_and_bench", os.getpid())
+        cpu.start()
         t0 = time.monotonic()
         for event in events:
             await producer.send(
@@ -155,6 +162,7 @@ class LargeGroupBench:
             if now > 600:
                 raise TimeoutError(f"not drained in 600 s: {stats}")
             await asyncio.sleep(0.05)
+        split = cpu.split()
         latencies = [r.latency_ms for s in self.sims for r in s.recorder.deliveries]
         _, jobs = await asyncio.to_thread(worker.get, "/large-groups")
         return {
@@ -168,6 +176,7 @@ class LargeGroupBench:
             "push_latency_ms_p99": pct(latencies, 0.99),
             "pages": sum(j["pages"] for j in jobs["finished"]),
             "worker_rss_mb_peak": rss_peak,
+            "cpu": split,
         }
 
     async def stop(self) -> None:

@@ -49,12 +49,22 @@ class DeliveryRecords:
         body = message.ByteSize() + _DELIVERY_OVERHEAD
         if trace_headers:
             body += sum(len(k) + len(v) + 4 for k, v in trace_headers.items())
+        ascii_only = "".join(users).isascii()
+        costs = [len(u) + 2 for u in users] if ascii_only else [len(u.encode()) + 2 for u in users]
+        total = body + sum(costs)
+        if total <= self._max_bytes and len(users) <= self._max_users:
+            # Most messages: one Delivery, no per-user walk (a 5,000-member page is one).
+            self._append(partition, total, message, users, priority, page)
+            if trace_headers:
+                self._open[partition][0].deliveries[-1].trace_headers.update(trace_headers)
+            self.recipients += len(users)
+            return
         start = 0
         while start < len(users):
             end, size = start, body
             # At least one user per Delivery, however long the name: nothing is dropped here.
             while end < len(users) and end - start < self._max_users:
-                cost = len(users[end].encode()) + 2
+                cost = costs[end]
                 if end > start and size + cost > self._max_bytes:
                     break
                 size += cost

@@ -175,27 +175,68 @@ for _ = 1, u32() do
 end
 return {new, dup}
 """
-# Pairs per packed call: bounds how long one call holds Redis (~1-2 ms).
-_PACKED_PAIRS = 2000
+# Pairs per packed call: bounds how long one call holds Redis (~5 ms), so other clients'
+# commands (member pages) interleave; measured, 2,000 made a big group's pushes wait.
+_PACKED_PAIRS = 500
 _U32 = struct.Struct(">I")
+_ONE_NUMBER = struct.Struct(">II")
 
 
-def _pack(batch: Sequence[tuple[int, bytes, Sequence[str]]]) -> bytes:
-    """(msg_id, body, users) triples -> the packed argument of _APPEND_PACKED."""
-    parts = [_U32.pack(len(batch))]
-    by_user: dict[str, list[int]] = {}
-    for number, (msg_id, body, users) in enumerate(batch, start=1):
+def _pack(
+    messages: Sequence[tuple[int, bytes]], users: Sequence[tuple[str, Sequence[int]]]
+) -> bytes:
+    """Messages (msg_id, body) and each user's message numbers (1-based) -> one argument."""
+    parts = [_U32.pack(len(messages))]
+    for msg_id, body in messages:
         raw = str(msg_id).encode()
         parts += (_U32.pack(len(raw)), raw, _U32.pack(len(body)), body)
-        for user in users:
-            by_user.setdefault(user, []).append(number)
-    parts.append(_U32.pack(len(by_user)))
-    for user, numbers in by_user.items():
+    parts.append(_U32.pack(len(users)))
+    for user, numbers in users:
         raw = user.encode()
-        parts.append(
-            struct.pack(f">I{len(raw)}sI{len(numbers)}I", len(raw), raw, len(numbers), *numbers)
-        )
+        parts += (_U32.pack(len(raw)), raw)
+        if len(numbers) == 1:  # most users of a batch: one message each
+            parts.append(_ONE_NUMBER.pack(1, numbers[0]))
+        else:
+            parts.append(struct.pack(f">{len(numbers) + 1}I", len(numbers), *numbers))
     return b"".join(parts)
+
+
+def _packed_calls(batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> list[bytes]:
+    """The batch as calls of about _PACKED_PAIRS pairs, each user whole in one call.
+
+    Split by user, not by message: a user's messages of the batch stay in one call (one
+    ZMSCORE, INCRBY, ZADD for all of them, in batch order), and a call stays short, so
+    another client's command (a member page, for the next page of a big group) waits
+    for one call, not for the whole batch.
+    """
+    bodies: dict[int, bytes] = {}
+    by_user: dict[str, list[int]] = {}
+    for message, users in batch:
+        msg_id = message.msg_id
+        if msg_id not in bodies:
+            bodies[msg_id] = message.SerializeToString()
+        for user in users:
+            by_user.setdefault(user, []).append(msg_id)
+    calls: list[bytes] = []
+    chunk: list[tuple[str, list[int]]] = []
+    pairs = 0
+    for user, msg_ids in by_user.items():
+        chunk.append((user, msg_ids))
+        pairs += len(msg_ids)
+        if pairs >= _PACKED_PAIRS:
+            calls.append(_pack_chunk(chunk, bodies))
+            chunk, pairs = [], 0
+    if chunk:
+        calls.append(_pack_chunk(chunk, bodies))
+    return calls
+
+
+def _pack_chunk(chunk: list[tuple[str, list[int]]], bodies: dict[int, bytes]) -> bytes:
+    numbers: dict[int, int] = {}  # msg_id -> its number in this call
+    users = []
+    for user, msg_ids in chunk:
+        users.append((user, [numbers.setdefault(m, len(numbers) + 1) for m in msg_ids]))
+    return _pack([(m, bodies[m]) for m in numbers], users)
 
 
 def _body_key(msg_id: int) -> str:
@@ -248,21 +289,7 @@ class RedisInboxStore:
     async def _write_packed(
         self, batch: Sequence[tuple[PushMessage, Sequence[str]]]
     ) -> WriteResult:
-        calls: list[bytes] = []
-        chunk: list[tuple[int, bytes, Sequence[str]]] = []
-        pairs = 0
-        for message, users in batch:
-            start = 0
-            while start < len(users):
-                take = users[start : start + max(1, _PACKED_PAIRS - pairs)]
-                chunk.append((message.msg_id, message.SerializeToString(), take))
-                pairs += len(take)
-                start += len(take)
-                if pairs >= _PACKED_PAIRS:
-                    calls.append(_pack(chunk))
-                    chunk, pairs = [], 0
-        if chunk:
-            calls.append(_pack(chunk))
+        calls = _packed_calls(batch)
         try:
             results = await self._execute_packed(calls)
         except NoScriptError:
