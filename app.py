@@ -51,7 +51,7 @@ def faust_config(s: Settings) -> dict[str, Any]:
     transport.register()
     config: dict[str, Any] = {
         "broker": transport.broker_url(s.kafka_broker_url),
-        "store": "memory://",
+        "store": f"{s.table_store}://",
         "topic_partitions": s.topic_partitions,
         "web_host": s.web_host,
         "web_port": s.web_port,
@@ -126,7 +126,10 @@ _table_schema: faust.Schema[str, Any] = faust.Schema(
     key_type=str, key_serializer="raw", value_serializer="json"
 )
 routes = app.Table(
-    route_rules.TABLE_NAME, partitions=settings.topic_partitions, schema=_table_schema
+    route_rules.TABLE_NAME,
+    partitions=settings.topic_partitions,
+    # Compact JSON bytes, encoded by tables/routes.py: a worker may hold a million.
+    schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="raw"),
 )
 # Co-partitioned with large-group-jobs: a job's cursor is on the worker running the job.
 large_group_cursors = app.Table(

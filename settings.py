@@ -45,8 +45,12 @@ class Settings(BaseSettings):
     inbox_redis_url: SecretStr | None = None
     # A Redis Cluster needs one write script call per user (keys of one slot a call).
     inbox_redis_cluster: bool = False
-    # Faust's local state directory; tables live in memory and recover from changelogs.
+    # Faust's local state directory, where the rocksdb table store keeps its files.
     data_dir: str = "resonance-task-data"
+    # Where Faust tables (routes, large-group cursors) live on a worker: "memory" (a dict,
+    # rebuilt from the changelog at every start) or "rocksdb" (on disk in DATA_DIR, off
+    # the Python heap; a restart on the same DATA_DIR reads only the changelog's tail).
+    table_store: Literal["memory", "rocksdb"] = "memory"
 
     topic_push_events: str = "resonance.push.event.v1"
     topic_presence: str = "resonance.presence.v1"

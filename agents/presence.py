@@ -97,13 +97,16 @@ def apply_agent(
                 continue
             user = change.username
             route, applied = route_rules.apply_change(
-                routes.get(user), change, now_ms=int(time.time() * 1000), keep_offline_ms=keep_ms
+                route_rules.decode(routes.get(user)),
+                change,
+                now_ms=int(time.time() * 1000),
+                keep_offline_ms=keep_ms,
             )
             metrics.PRESENCE_CHANGES.labels("applied" if applied else "stale").inc()
             if not applied:
                 continue
             if route:
-                routes[user] = route
+                routes[user] = route_rules.encode(route)
             elif user in routes:
                 del routes[user]
 

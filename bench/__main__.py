@@ -138,9 +138,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await bench.stop()
         if "routes" in only:
             count = 100_000 if args.quick else 1_000_000
-            out["routes"] = await million_routes(
-                broker, workdir, pipeline.REDIS_URL, "routes" + uuid.uuid4().hex[:6], count
-            )
+            for store in ("memory", "rocksdb"):
+                out[f"routes_{store}"] = await million_routes(
+                    broker,
+                    workdir,
+                    pipeline.REDIS_URL,
+                    "routes" + uuid.uuid4().hex[:6],
+                    count,
+                    store,
+                )
     return out
 
 

@@ -20,6 +20,7 @@ from bench.harness import CpuMeter, rss_mb
 from embedded.broker import EmbeddedBroker
 from embedded.worker import WorkerProcess, pipeline_env
 from pipeline.partitioning import partition_for
+from tables.routes import Connection, encode
 
 PARTITIONS = 4
 
@@ -39,8 +40,8 @@ async def fill_changelog(broker: EmbeddedBroker, topic: str, count: int) -> floa
     for i in range(count):
         user = f"route-user-{i:07d}"
         gateway = f"gateway-{i % 20:03d}"
-        route = {f"{gateway}:{user}": {"gw": gateway, "ts": now, "on": True, "pf": "ios"}}
-        key, value = json.dumps(user).encode(), json.dumps(route).encode()
+        route = {f"{gateway}:{user}": Connection(gw=gateway, ts=now, on=True, pf="ios")}
+        key, value = json.dumps(user).encode(), encode(route)
         partition = partition_for(user, PARTITIONS)
         if i >= count - PARTITIONS * 4 and partition not in last:
             last[partition] = (key, value)  # sent alone, below
@@ -57,11 +58,17 @@ async def fill_changelog(broker: EmbeddedBroker, topic: str, count: int) -> floa
 
 
 async def million_routes(
-    broker: EmbeddedBroker, workdir: Path, redis_url: str, tag: str, count: int
+    broker: EmbeddedBroker, workdir: Path, redis_url: str, tag: str, count: int, store: str
 ) -> dict[str, Any]:
-    env = pipeline_env(tag=tag, broker_url=broker.url, redis_url=redis_url, partitions=PARTITIONS)
+    env = pipeline_env(
+        tag=tag,
+        broker_url=broker.url,
+        redis_url=redis_url,
+        partitions=PARTITIONS,
+        table_store=store,
+    )
     fill_s = await fill_changelog(broker, f"{env['APP_ID']}-routes-changelog", count)
-    worker = WorkerProcess(env, workdir, "worker-routes").start()
+    worker = WorkerProcess(env, workdir, f"worker-routes-{store}").start()
     meter = CpuMeter()
     assert worker.proc is not None
     meter.watch("worker", worker.proc.pid)
@@ -74,6 +81,7 @@ async def million_routes(
         _, stats = await asyncio.to_thread(worker.get, "/stats")
         await asyncio.sleep(2)  # let the allocator settle
         return {
+            "table_store": store,
             "routes": count,
             "changelog_fill_s": round(fill_s, 1),
             "worker_ready_s": round(ready_s, 1),

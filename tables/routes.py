@@ -1,8 +1,11 @@
 """Routes: user -> the user's connections, each on a gateway.
 
 A route is a dict `{conn_id: {"gw": gateway_id, "ts": ms, "on": bool, "pf": platform}}`
-(JSON in the table's changelog). Offline connections stay a while as tombstones so a
-late, older "online" for the same connection is recognised as stale and ignored.
+while it is being changed; the table keeps it as compact JSON bytes,
+`[[conn_id, gw, ts, on, pf], ...]`, because a worker may hold a million of them (a dict
+of dicts each cost ~5x the memory). Routes written as JSON objects by earlier versions
+are read too. Offline connections stay a while as tombstones so a late, older "online"
+for the same connection is recognised as stale and ignored.
 
 The routes table is written by the routes agent on the worker owning the user's
 partition. Fan-out runs wherever a conversation's partition is, so every worker also
@@ -13,6 +16,7 @@ holding a live connection of the user.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, TypedDict
 
 from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
@@ -28,6 +32,24 @@ class Connection(TypedDict):
 
 
 Route = dict[str, Connection]
+
+
+def encode(route: Route) -> bytes:
+    """A route as the table stores it."""
+    rows = [[k, c["gw"], c["ts"], int(c["on"]), c["pf"]] for k, c in route.items()]
+    return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def decode(value: bytes | str | dict[str, Any] | None) -> Route:
+    """A stored route: compact rows, or the JSON object earlier versions wrote."""
+    if value is None:
+        return {}
+    parsed = json.loads(value) if isinstance(value, bytes | str) else value
+    if isinstance(parsed, dict):
+        return {
+            k: Connection(gw=c["gw"], ts=c["ts"], on=c["on"], pf=c["pf"]) for k, c in parsed.items()
+        }
+    return {k: Connection(gw=gw, ts=ts, on=bool(on), pf=pf) for k, gw, ts, on, pf in parsed}
 
 
 def conn_key(change: PresenceChange) -> str:
@@ -62,10 +84,6 @@ def online_gateways(route: Route | None) -> set[str]:
     return {c["gw"] for c in route.values() if c["on"]}
 
 
-def without_gateways(route: Route, gateways: set[str]) -> Route:
-    return {k: c for k, c in route.items() if c["gw"] not in gateways}
-
-
 def as_json(route: Route | None) -> list[dict[str, Any]]:
     return [{"conn_id": k, **c} for k, c in sorted((route or {}).items())]
 
@@ -84,10 +102,10 @@ class OnlineRoutes:
     def apply(self, record: Any) -> None:
         # Faust writes a table's changelog keys through the table's key serializer, JSON.
         user = json.loads(record.key)
-        route = json.loads(record.value) if record.value is not None else None
-        gateways = tuple(sorted(online_gateways(route)))
+        gateways = tuple(sorted(online_gateways(decode(record.value))))
         if gateways:
-            self._online[user] = self._shared.setdefault(gateways, gateways)
+            # Interned: the same user's name is one object however many messages name it.
+            self._online[sys.intern(user)] = self._shared.setdefault(gateways, gateways)
         else:
             self._online.pop(user, None)
 

@@ -188,7 +188,7 @@ def register(app: Any, topology: Topology) -> None:
                         status=response.status,
                     )
                 return self.json({**await response.json(), "view_gateways": view})
-        route = topology.routes.get(user)
+        route = route_rules.decode(topology.routes.get(user))
         return self.json(
             {
                 "user": user,

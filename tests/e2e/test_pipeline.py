@@ -180,3 +180,23 @@ async def test_gateway_with_only_unary_push_gets_every_delivery(pipeline: Pipeli
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_tables_in_rocksdb_survive_a_restart_on_the_same_data_dir(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    p = pipeline_factory(table_store="rocksdb")
+    worker = await p.start_worker("rocks")
+    users = [p.user(i) for i in range(10)]
+    sim = await p.gateway("gw-rocks", users)
+    await p.wait_online(worker, users)
+    await p.publish([single_chat(users[0], u, 1, "before") for u in users[1:]])
+    await eventually(lambda: _true(len(sim.recorder.deliveries) >= 9), 30, "9 pushes")
+    await asyncio.to_thread(worker.stop)
+    assert any((p.workdir / "rocks-data").rglob("*.sst")) or any(
+        (p.workdir / "rocks-data").rglob("CURRENT")
+    ), "the table store wrote nothing to DATA_DIR"
+    again = await p.start_worker("rocks")  # same name: same DATA_DIR
+    await p.wait_online(again, users)
+    await p.publish([single_chat(users[0], u, 2, "after") for u in users[1:]])
+    await eventually(lambda: _true(len(sim.recorder.deliveries) >= 18), 30, "9 more pushes")

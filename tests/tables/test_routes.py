@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
+
 from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
-from tables.routes import apply_change, online_gateways, without_gateways
+from tables.routes import apply_change, decode, encode, online_gateways
 
 NOW = 1_800_000_000_000
 
@@ -63,7 +65,13 @@ def test_missing_conn_id_means_one_connection_per_gateway() -> None:
     assert online_gateways(route) == set()
 
 
-def test_without_gateways_drops_their_connections() -> None:
-    route, _ = apply_change(None, change("a", "gw1", True, NOW), now_ms=NOW, keep_offline_ms=0)
-    route, _ = apply_change(route, change("b", "gw2", True, NOW), now_ms=NOW, keep_offline_ms=0)
-    assert online_gateways(without_gateways(route, {"gw1"})) == {"gw2"}
+def test_routes_are_stored_compact_and_old_json_objects_still_read() -> None:
+    route = {
+        "c1": {"gw": "g1", "ts": 5, "on": True, "pf": "ios"},
+        "c2": {"gw": "g2", "ts": 6, "on": False, "pf": ""},
+    }
+    stored = encode(route)  # type: ignore[arg-type]
+    assert stored == b'[["c1","g1",5,1,"ios"],["c2","g2",6,0,""]]'
+    assert decode(stored) == route
+    assert decode(json.dumps(route).encode()) == route  # as earlier versions wrote it
+    assert decode(None) == {}
