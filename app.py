@@ -29,17 +29,12 @@ import commands
 from agents import fanout, large_group, presence, push, registry, route, storage
 from embedded import tansu
 from gateway.client import GatewayPool, SessionConfig
-from offline.processor import OfflinePushConsumer, OfflinePusher
-from offline.setup import providers_from
-from offline.tokens import RedisDeviceTokenStore
+from offline.setup import offline_stage
 from pipeline import transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.topic_view import TopicView
 from settings import Settings
-from stores.inbox import InboxStore, RedisInboxStore
-from stores.members import MemberStore, RedisMemberStore
-from stores.postgres import PostgresInboxStore, PostgresMemberStore
-from stores.timeline import RedisTimelineStore
+from stores import setup as stores
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
 from web import views
@@ -150,46 +145,12 @@ gateways_view = TopicView(
     apply=gateways.apply,
     consumer_config=kafka_consumer_config(settings, None),
     lookback_seconds=settings.gateway_view_lookback_seconds,
+    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
 )
 
-members: MemberStore
-inbox: InboxStore
-if settings.member_backend == "postgres":
-    members = PostgresMemberStore(
-        settings.postgres_url,
-        search_path=settings.postgres_schema,
-        pool_size=settings.postgres_pool_size,
-        table=settings.member_pg_table,
-        session_column=settings.member_pg_session_column,
-        user_column=settings.member_pg_user_column,
-        joined_at_column=settings.member_pg_joined_at_column,
-    )
-else:
-    members = RedisMemberStore(
-        settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
-    )
-if settings.inbox_backend == "postgres":
-    inbox = PostgresInboxStore(
-        settings.postgres_url,
-        max_entries=settings.inbox_max_entries,
-        search_path=settings.postgres_schema,
-        pool_size=settings.postgres_pool_size,
-    )
-else:
-    inbox = RedisInboxStore(
-        settings.inbox_redis,
-        max_entries=settings.inbox_max_entries,
-        message_ttl=settings.message_ttl_seconds,
-        timeout=settings.redis_timeout_seconds,
-        cluster=settings.inbox_redis_cluster,
-    )
-timeline = RedisTimelineStore(
-    settings.inbox_redis,
-    max_entries=settings.timeline_max_entries,
-    message_ttl=settings.message_ttl_seconds,
-    timeout=settings.redis_timeout_seconds,
-    cluster=settings.inbox_redis_cluster,
-)
+members = stores.member_store(settings)
+inbox = stores.inbox_store(settings)
+timeline = stores.timeline_store(settings)
 
 
 async def _send_raw(
@@ -325,33 +286,21 @@ storage_consumer = storage.StorageConsumer(
     inbox=inbox,
     dead_letters=dead_letters,
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-storage"),
+    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     batch_max_records=settings.storage_batch_max_records,
     retry_max_seconds=settings.storage_retry_max_seconds,
     before_commit=lambda: app.producer.flush(),
 )
 
 
-offline_providers, offline_clients = providers_from(settings)
-offline_consumer = (
-    OfflinePushConsumer(
-        topic=offline_pushes.get_topic_name(),
-        pusher=OfflinePusher(
-            tokens=RedisDeviceTokenStore(
-                settings.redis_url.get_secret_value(), timeout=settings.redis_timeout_seconds
-            ),
-            providers=offline_providers,
-            dead_letters=dead_letters,
-            max_attempts=settings.offline_max_attempts,
-            backoff_min=settings.offline_backoff_min_seconds,
-            backoff_max=settings.offline_backoff_max_seconds,
-        ),
-        clients=offline_clients,
-        consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
-        batch_max_records=settings.offline_batch_max_records,
-        before_commit=lambda: app.producer.flush(),
-    )
-    if offline_providers
-    else None
+# None when no push provider is configured (nothing of offline push is even imported).
+offline_consumer = offline_stage(
+    settings,
+    topic=offline_pushes.get_topic_name(),
+    dead_letters=dead_letters,
+    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
+    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
+    before_commit=lambda: app.producer.flush(),
 )
 own_group_stages = [
     stage

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     # messages/s (p50/p99: 2 ms 84/234, 5 ms 64/173, 10 ms 76/231; one run each).
     producer_linger_ms: float = Field(5.0, ge=0)
     # The hot path's consumers (fanout, push, the routes view): how long a fetch may wait
-    # for records while records flow, and once none came for a second. Kafka answers a
+    # for records while records flow; and every own consumer's wait once none came for a
+    # second. Kafka answers a
     # fetch as soon as records arrive, so its default (500 ms) costs nothing. Tansu holds
     # every fetch for the whole wait (pipeline/fetch_wait.py); measured there, waits under
     # 20 ms made the tail worse, not better (p99 of one hop at 5,000/s: 35 ms at 20 ms,
