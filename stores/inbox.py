@@ -177,6 +177,9 @@ return {new, dup}
 """
 # Pairs per packed call: bounds how long one call holds Redis (~5 ms), so other clients'
 # commands (member pages) interleave; measured, 2,000 made a big group's pushes wait.
+# It also bounds one user's entry in a call: the script passes a user's ids to ZMSCORE and
+# ZADD through `unpack`, which fails past Lua's C stack (~8,000 values), so a user with
+# more messages in a batch gets several entries, in order.
 _PACKED_PAIRS = 500
 _U32 = struct.Struct(">I")
 _ONE_NUMBER = struct.Struct(">II")
@@ -221,11 +224,13 @@ def _packed_calls(batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> list[by
     chunk: list[tuple[str, list[int]]] = []
     pairs = 0
     for user, msg_ids in by_user.items():
-        chunk.append((user, msg_ids))
-        pairs += len(msg_ids)
-        if pairs >= _PACKED_PAIRS:
-            calls.append(_pack_chunk(chunk, bodies))
-            chunk, pairs = [], 0
+        for start in range(0, len(msg_ids), _PACKED_PAIRS):
+            part = msg_ids[start : start + _PACKED_PAIRS]
+            chunk.append((user, part))
+            pairs += len(part)
+            if pairs >= _PACKED_PAIRS:
+                calls.append(_pack_chunk(chunk, bodies))
+                chunk, pairs = [], 0
     if chunk:
         calls.append(_pack_chunk(chunk, bodies))
     return calls

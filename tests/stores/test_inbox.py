@@ -109,6 +109,22 @@ async def test_a_group_sized_batch_round_trips(
     assert [(e.cursor, e.msg_id) for e in entries] == [(c, BASE + c) for c in (1, 2, 3)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_one_user_with_ten_thousand_messages_in_a_batch(
+    make_store: MakeStore, backend: str, tag: str
+) -> None:
+    # A backlog of one busy chat: more of one user's ids than a Lua script may `unpack`
+    # (~8,000); the write must neither fail nor reorder them.
+    store = make_store(backend)
+    user = f"{tag}-busy"
+    result = await store.write([(msg(i), [user]) for i in range(1, 10_001)])
+    again = await store.write([(msg(i), [user]) for i in range(9_990, 10_011)])
+    assert (result.new, result.duplicate) == (10_000, 0)
+    assert (again.new, again.duplicate) == (10, 11)
+    entries = await store.read(user, 9_995, 100)
+    assert [(e.cursor, e.msg_id) for e in entries] == [(c, BASE + c) for c in range(9_996, 10_011)]
+
+
 async def test_resonance_delta_sync_query_still_works(
     make_store: MakeStore, postgres_dsn: str, pg_schema: str, tag: str
 ) -> None:
