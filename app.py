@@ -148,6 +148,13 @@ gateways_view = TopicView(
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
 )
 
+
+async def views_caught_up() -> None:
+    """Until both views hold what their topics held at start, routing would send online
+    users to offline push: fanout and large_group wait for this before their first record."""
+    await asyncio.gather(gateways_view.wait_caught_up(), routes_view.wait_caught_up())
+
+
 members = stores.member_store(settings)
 inbox = stores.inbox_store(settings)
 timeline = stores.timeline_store(settings)
@@ -233,6 +240,7 @@ app.agent(large_group_jobs, name="large_group")(
             pages_per_second=settings.large_group_pages_per_second,
             pages_in_flight=settings.large_group_pages_in_flight,
             keep_done_seconds=settings.large_group_cursor_keep_seconds,
+            ready=views_caught_up,
         )
     )
 )
@@ -268,6 +276,7 @@ fanout_consumer = fanout.FanoutConsumer(
     max_pending_batches=4,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     before_commit=lambda: app.producer.flush(),
+    wait_before_consuming=views_caught_up,
 )
 push_consumer = push.PushConsumer(
     pool=gateway_pool,

@@ -245,7 +245,11 @@ class Fanout:
                 first = min(self._page_size, self._diffusion.large_min or self._page_size)
                 page, cursor = await self._page(session_id, "", first)
                 if cursor is not None and self._diffusion.large_min:
-                    size = await retrying(lambda: self._members.count(session_id), "member store")
+                    size = await retrying(
+                        lambda: self._members.count(session_id),
+                        "member store",
+                        permanent=(UnpageableGroup,),
+                    )
                     if self._diffusion.is_large(size):
                         return _Large(size, self._diffusion.is_read(size))
                 members = list(page)

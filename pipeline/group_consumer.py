@@ -136,9 +136,11 @@ class GroupConsumer(Service):
         drain_seconds: float = 5.0,
         effect_timeout: float = 120.0,
         idle_fetch_wait_ms: int | None = None,
+        wait_before_consuming: Callable[[], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
         self._topic = topic
+        self._wait_before_consuming = wait_before_consuming
         self._before_commit = before_commit
         self._consumer_config = consumer_config
         self._batch_max = batch_max_records
@@ -157,6 +159,7 @@ class GroupConsumer(Service):
         self._failed: BaseException | None = None
         self._stopping = False
         self._last_commit = time.monotonic()
+        self._progress = False  # offsets committed since the last restart
         self.joined = False  # has been through a group join (possibly with no partitions)
         self.restarts = 0
         super().__init__(**kwargs)
@@ -186,10 +189,16 @@ class GroupConsumer(Service):
     def pending_batches(self) -> int:
         return len(self._pending)
 
+    @property
+    def alive(self) -> bool:
+        """The consuming loop runs (it only ends at stop, or through a bug: then not ready)."""
+        return self._consume_task is not None and not self._consume_task.done()
+
     def stats(self) -> dict[str, Any]:
         return {
             "assigned": self.assigned_partitions(),
             "joined": self.joined,
+            "alive": self.alive,
             "pending_batches": self.pending_batches,
             "restarts": self.restarts,
         }
@@ -216,7 +225,12 @@ class GroupConsumer(Service):
             enable_auto_commit=False, auto_offset_reset="earliest", **self._consumer_config
         )
         consumer.subscribe([self._topic], listener=_Rebalance(self))
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise
         self._consumer = consumer
         busy = self._consumer_config.get("fetch_max_wait_ms")
         if busy is not None and self._idle_fetch_wait_ms is not None:
@@ -234,15 +248,29 @@ class GroupConsumer(Service):
                 await consumer.stop()
 
     async def _consume(self) -> None:
+        if self._wait_before_consuming is not None:
+            # Joined meanwhile (the group's coordinator runs on its own), but nothing is
+            # fetched until what the stage decides with is in place (e.g. routes).
+            waiter = asyncio.ensure_future(self._wait_before_consuming())
+            while not waiter.done() and not self._stopping:
+                await asyncio.wait([waiter], timeout=0.2)
+            if not waiter.done():
+                waiter.cancel()
+                return
         failures = 0
         while not self._stopping:
             try:
+                if self._consumer is None:
+                    await self._start_consumer()
                 await self._step()
-                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._failed = exc
+            if self._progress:
+                # Backoff grows only while a restart gets nowhere (a poison batch, a broker
+                # that refuses): an empty fetch after a restart is not progress.
+                failures, self._progress = 0, False
             if self._failed is not None and not self._stopping:
                 # Crash-only recovery: a fresh consumer resumes from the committed offsets.
                 failures += 1
@@ -259,7 +287,8 @@ class GroupConsumer(Service):
                 self._failed = None
                 await self._stop_consumer()
                 await asyncio.sleep(delay)
-                await self._start_consumer()
+                # The next turn starts a fresh consumer; if that fails, it is one more
+                # failure of this loop, not the end of the stage.
 
     async def _step(self) -> None:
         assert self._consumer is not None
@@ -367,6 +396,7 @@ class GroupConsumer(Service):
             await self._before_commit()
         try:
             await consumer.commit(offsets)
+            self._progress = True
         except (CommitFailedError, KafkaError) as exc:
             log.info("%s: commit skipped after a rebalance: %s", self._topic, exc)
         for tp, offset in offsets.items():

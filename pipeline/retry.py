@@ -7,6 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -34,3 +38,22 @@ async def retrying(
             delay = min(5.0, 0.05 * 2**attempt)
             log.warning("%s failed (attempt %d), retrying in %.2fs: %r", what, attempt, delay, exc)
             await asyncio.sleep(delay)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The other side may answer later (connection, timeout, busy, a moving leader).
+
+    Anything else is about the data or a bug, and will fail the same way next time.
+    """
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError)):
+        return True
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, KafkaTimeoutError)):
+        return True
+    if isinstance(exc, KafkaError):
+        return bool(getattr(exc, "retriable", False))
+    # asyncpg is imported only when configured: judge its errors by class, not import.
+    return any(
+        cls.__module__.startswith("asyncpg")
+        and cls.__name__ in ("PostgresConnectionError", "ConnectionDoesNotExistError")
+        for cls in type(exc).__mro__
+    )

@@ -59,26 +59,33 @@ class TopicView(Service):
         self._caught_up = asyncio.Event()
         self.records = 0
         self.errors = 0
+        self.restarts = 0
         super().__init__(**kwargs)
 
     @property
     def caught_up(self) -> bool:
         return self._caught_up.is_set()
 
+    async def wait_caught_up(self) -> None:
+        await self._caught_up.wait()
+
+    @property
+    def alive(self) -> bool:
+        """Following its topic (it only stops at stop, or through a bug: then not ready)."""
+        return self._task is not None and not self._task.done()
+
     def stats(self) -> dict[str, Any]:
         return {
             "topic": self.topic,
             "caught_up": self.caught_up,
+            "alive": self.alive,
             "records": self.records,
             "errors": self.errors,
+            "restarts": self.restarts,
             "partitions": len(self._position),
         }
 
     async def on_start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            group_id=None, enable_auto_commit=False, **self._consumer_config
-        )
-        await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"topic-view:{self.topic}")
 
     async def on_stop(self) -> None:
@@ -86,9 +93,13 @@ class TopicView(Service):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self._close_consumer()
+
+    async def _close_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         # The topic may be created by another worker or the first producer a moment later.
@@ -119,33 +130,66 @@ class TopicView(Service):
                 consumer.seek(tp, at.offset)
 
     async def _run(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+        failures = 0
+        while True:
+            try:
+                consumer, tps = await self._open()
+                while True:
+                    if await self._fetch(consumer, tps):
+                        failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A view that stops following its topic would route with stale state for
+                # the rest of the worker's life: start a fresh consumer where it stood.
+                failures += 1
+                self.restarts += 1
+                delay = min(5.0, 0.1 * 2**failures)
+                log.error(
+                    "%s: view consumer failed, restarting in %.1fs: %r", self.topic, delay, exc
+                )
+                await self._close_consumer()
+                await asyncio.sleep(delay)
+
+    async def _open(self) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+        consumer = AIOKafkaConsumer(
+            group_id=None, enable_auto_commit=False, **self._consumer_config
+        )
+        self._consumer = consumer
+        await consumer.start()
         tps = await self._partitions(consumer)
         consumer.assign(tps)
-        await self._seek(consumer, tps)
-        for tp in tps:
-            self._position[tp] = await consumer.position(tp)
-        while True:
-            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            if self._fetch_wait is not None:
-                self._fetch_wait.observe(consumer, any(batch.values()))
-            since = 0 if self.caught_up else self._since_ms
-            for tp, records in batch.items():
-                for record in records:
-                    if record.timestamp < since:
-                        continue
-                    try:
-                        self._apply(record)
-                    except Exception:
-                        # A bad record is the writer's bug, not a reason to stop the view.
-                        self.errors += 1
-                        log.exception("%s: cannot apply record at %s", self.topic, record.offset)
-                self.records += len(records)
-                if records:
-                    self._position[tp] = records[-1].offset + 1
-            if not self.caught_up:
-                self._check_caught_up(consumer, tps)
+        if self._position:  # a restart: go on from where this view stood
+            for tp in tps:
+                consumer.seek(tp, self._position.setdefault(tp, 0))
+        else:
+            await self._seek(consumer, tps)
+            for tp in tps:
+                self._position[tp] = await consumer.position(tp)
+        return consumer, tps
+
+    async def _fetch(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+        batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+        fetched = any(batch.values())
+        if self._fetch_wait is not None:
+            self._fetch_wait.observe(consumer, fetched)
+        since = 0 if self.caught_up else self._since_ms
+        for tp, records in batch.items():
+            for record in records:
+                if record.timestamp < since:
+                    continue
+                try:
+                    self._apply(record)
+                except Exception:
+                    # A bad record is the writer's bug, not a reason to stop the view.
+                    self.errors += 1
+                    log.exception("%s: cannot apply record at %s", self.topic, record.offset)
+            self.records += len(records)
+            if records:
+                self._position[tp] = records[-1].offset + 1
+        if not self.caught_up:
+            self._check_caught_up(consumer, tps)
+        return fetched
 
     def _check_caught_up(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         for tp in tps:

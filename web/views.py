@@ -127,7 +127,9 @@ def readiness(app: Any, topology: Topology) -> tuple[bool, dict[str, Any]]:
         "tables_recovered": recovery.completed.is_set() and not recovery.in_recovery,
         "not_rebalancing": not app.rebalancing,
         **{f"{stage.stage}_joined": stage.joined for stage in topology.stages},
+        **{f"{stage.stage}_alive": stage.alive for stage in topology.stages},
         **{f"view_caught_up:{view.topic}": view.caught_up for view in topology.topic_views},
+        **{f"view_alive:{view.topic}": view.alive for view in topology.topic_views},
     }
     return all(checks.values()), checks
 

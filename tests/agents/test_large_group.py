@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from agents.large_group import Cursor, LargeGroups
 from pipeline.deliveries import session_partition
@@ -172,3 +179,50 @@ async def test_a_group_the_store_cannot_page_is_dead_lettered() -> None:
     h.members.page = refuse  # type: ignore[method-assign]
     assert await h.run(job()) == 0
     assert h.dead == ["member_store_wrong_type"]
+
+
+async def test_a_failed_send_resumes_the_job_from_its_cursor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: 0.0)
+    h = Harness(GROUP)
+    deliveries = h.groups._out.deliveries
+    calls = 0
+
+    async def broker_away_once(key: bytes | None, value: bytes, p: int | None) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # page 1's records: the broker is briefly gone
+            raise KafkaConnectionError("broker away")
+        return await deliveries(key, value, p)
+
+    h.groups._out = replace(h.groups._out, deliveries=broker_away_once)
+    await h.run(job())
+    # Nothing escaped the agent, every member reached, page 0 not sent again.
+    assert sorted(h.users()) == GROUP
+    assert h.saves == [1, 2, 3] and h.cursors["99"]["done"] and h.dead == []
+
+
+async def test_a_job_that_keeps_failing_is_dead_lettered_not_retried_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: 0.0)
+    h = Harness(GROUP)
+
+    async def bug(key: bytes | None, value: bytes, p: int | None) -> Any:
+        raise ValueError("a bug, not an outage")
+
+    h.groups._out = replace(h.groups._out, deliveries=bug)
+    assert await h.run(job()) == 0
+    assert h.dead == ["job_failed"]
+
+
+async def test_no_member_is_routed_before_the_views_are_current() -> None:
+    views_current = asyncio.Event()
+    h = Harness(GROUP)
+    h.groups._ready = views_current.wait
+    running = asyncio.ensure_future(h.run(job()))
+    await asyncio.sleep(0.1)
+    assert not running.done() and h.sink.pushes == []
+    views_current.set()
+    assert await running == 3

@@ -163,3 +163,107 @@ async def test_one_slow_record_holds_back_only_its_own_partition(
         assert await committed(broker, group, [p0]) == 50
     finally:
         await stage.stop()
+
+
+class Poisoned(GroupConsumer):
+    """Every batch fails: a poison record no restart gets past."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen = 0
+        self.start_failures = 0
+        super().__init__(stage="test-poison", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        self.seen += len(records)
+        raise ValueError("poison")
+
+    async def _start_consumer(self) -> None:
+        if self.restarts and self.start_failures < 2:
+            # The broker refuses the fresh consumer twice: the stage must not die of it.
+            self.start_failures += 1
+            raise ConnectionError("broker unreachable")
+        await super()._start_consumer()
+
+
+async def test_a_stage_that_cannot_get_past_a_batch_backs_off_and_stays_alive(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.poison", f"{tag}-poison"
+    await make_topic(broker, topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    await producer.send_and_wait(topic, b"poison", partition=0)
+    await producer.stop()
+    config = {
+        "bootstrap_servers": broker.bootstrap,
+        "group_id": group,
+        "session_timeout_ms": 2000,
+        "heartbeat_interval_ms": 500,
+        "fetch_max_wait_ms": 20,
+    }
+    stage = Poisoned(topic=topic, consumer_config=config, batch_max_records=10)
+    await stage.start()
+    try:
+        await until(lambda: stage.restarts >= 1)
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(4.0)
+        # Backoff 0.2, 0.4, 0.8, 1.6, ... s: empty fetches between two failures (a fresh
+        # consumer's first ones) must not reset it to a restart every 0.2 s.
+        assert stage.restarts <= 6, (stage.restarts, asyncio.get_running_loop().time() - started)
+        assert stage.start_failures == 2 and stage.alive and stage.seen >= 2
+    finally:
+        await stage.stop()
+    assert not stage.alive
+
+
+class Gated(GroupConsumer):
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen = 0
+        super().__init__(stage="test-gated", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        self.seen += len(records)
+        return None
+
+
+async def test_nothing_is_consumed_before_what_the_stage_decides_with_is_in_place(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.gated", f"{tag}-gated"
+    await make_topic(broker, topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    await producer.send_and_wait(topic, b"r", partition=0)
+    await producer.stop()
+    views_current = asyncio.Event()
+    config = {
+        "bootstrap_servers": broker.bootstrap,
+        "group_id": group,
+        "session_timeout_ms": 2000,
+        "heartbeat_interval_ms": 500,
+        "fetch_max_wait_ms": 20,
+    }
+    stage = Gated(
+        topic=topic,
+        consumer_config=config,
+        batch_max_records=10,
+        wait_before_consuming=views_current.wait,
+    )
+    await stage.start()
+    try:
+        await until(lambda: stage.joined)  # the group join does not wait
+        await asyncio.sleep(1.0)
+        assert stage.seen == 0
+        views_current.set()
+        await until(lambda: stage.seen == 1)
+    finally:
+        await stage.stop()
+    # A stage stopped while still waiting stops at once.
+    never = Gated(
+        topic=topic,
+        consumer_config={**config, "group_id": f"{group}-2"},
+        batch_max_records=10,
+        wait_before_consuming=asyncio.Event().wait,
+    )
+    await never.start()
+    await asyncio.wait_for(never.stop(), 10)

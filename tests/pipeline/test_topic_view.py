@@ -136,3 +136,39 @@ async def test_lookback_skips_what_is_too_old_to_matter(broker: EmbeddedBroker, 
         assert seen == [b"now"]
     finally:
         await view.stop()
+
+
+async def test_a_failing_consumer_is_replaced_where_the_view_stood(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic = f"{tag}.flaky"
+    await make_topic(broker, topic)
+    await produce(broker, topic, [(i % 4, f"a{i}".encode()) for i in range(100)])
+    seen: list[bytes] = []
+    view = TopicView(
+        topic=topic,
+        apply=lambda r: seen.append(r.value),
+        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
+    )
+    await view.start()
+    try:
+        await wait(view)
+        broken = view._consumer
+        assert broken is not None
+
+        async def fail(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("the fetch broke")
+
+        broken.getmany = fail
+        await until(lambda: view.restarts >= 1 and view._consumer is not broken)
+        await produce(broker, topic, [(i % 4, f"b{i}".encode()) for i in range(100)])
+        await until(lambda: len(seen) >= 200)
+        await asyncio.sleep(0.3)
+        assert view.alive
+        # Nothing read twice, nothing skipped: the new consumer starts at the old position.
+        assert sorted(seen) == sorted(
+            [f"a{i}".encode() for i in range(100)] + [f"b{i}".encode() for i in range(100)]
+        )
+    finally:
+        await view.stop()
+    assert not view.alive

@@ -17,11 +17,20 @@ def fake_app(*, recovered: bool = True, rebalancing: bool = False) -> Any:
     return SimpleNamespace(tables=SimpleNamespace(recovery=recovery), rebalancing=rebalancing)
 
 
-def topology(*, joined: bool = True, heartbeats: bool = True, routes: bool = True) -> Any:
-    stages = [SimpleNamespace(stage=name, joined=joined) for name in ("fanout", "push")]
+def topology(
+    *,
+    joined: bool = True,
+    heartbeats: bool = True,
+    routes: bool = True,
+    stage_alive: bool = True,
+    view_alive: bool = True,
+) -> Any:
+    stages = [
+        SimpleNamespace(stage=name, joined=joined, alive=stage_alive) for name in ("fanout", "push")
+    ]
     views = [
-        SimpleNamespace(topic="heartbeats", caught_up=heartbeats),
-        SimpleNamespace(topic="routes-changelog", caught_up=routes),
+        SimpleNamespace(topic="heartbeats", caught_up=heartbeats, alive=view_alive),
+        SimpleNamespace(topic="routes-changelog", caught_up=routes, alive=True),
     ]
     return SimpleNamespace(stages=stages, topic_views=views)
 
@@ -42,3 +51,10 @@ def test_not_ready_before_the_routes_view_caught_up_or_groups_joined() -> None:
     assert not readiness(fake_app(), topology(joined=False))[0]
     assert not readiness(fake_app(recovered=False), topology())[0]
     assert not readiness(fake_app(rebalancing=True), topology())[0]
+
+
+def test_not_ready_when_a_stage_or_a_view_stopped_running() -> None:
+    ok, checks = readiness(fake_app(), topology(stage_alive=False))
+    assert not ok and checks["fanout_alive"] is False
+    ok, checks = readiness(fake_app(), topology(view_alive=False))
+    assert not ok and checks["view_alive:heartbeats"] is False
