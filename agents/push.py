@@ -69,6 +69,11 @@ class _Settlement:
         if self._pending == 0 and not self._all.done():
             self._all.set_result(None)
 
+    def fail(self, exc: BaseException) -> None:
+        # Users neither pushed nor handed to offline push: the record must not commit.
+        if not self._all.done():
+            self._all.set_exception(exc)
+
     async def wait(self) -> None:
         await self._all
         if self.acks:
@@ -133,11 +138,14 @@ class PushConsumer(GroupConsumer):
                         age = time.time() * 1000 - push.message.timestamp
                         metrics.GATEWAY_ACK_AGE.observe(max(0.0, age) / 1000)
                 if outcome.failed:
-                    batch.acks.append(
-                        await offline.put(
+                    try:
+                        ack = await offline.put(
                             push.message, outcome.failed, outcome.reason, gateway_id, push
                         )
-                    )
+                    except Exception as exc:
+                        batch.fail(exc)  # the stage restarts from the committed offsets
+                        raise
+                    batch.acks.append(ack)
                 batch.settled()
 
             item = PushItem(

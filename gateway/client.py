@@ -56,6 +56,8 @@ class PushItem:
     metadata: Sequence[tuple[str, str]] = ()
     attempts: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Set once its outcome is handed to on_done: an item's offset counts on exactly one.
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,22 +128,32 @@ class GatewaySession:
         self._wakeup.set()
         return True
 
-    async def drain(self, deadline: float) -> None:
-        """Stop taking work, wait until everything queued is answered or `deadline` passes."""
+    async def drain(self, deadline: float) -> list[PushItem]:
+        """Stop taking work, wait until everything queued is answered or `deadline` passes.
+
+        Returns what was left unanswered (queued, to retry, in flight): the caller decides
+        whether it goes elsewhere or is left to be redone from the uncommitted offsets.
+        """
         self._closing = True
         while not self.idle and (left := deadline - time.monotonic()) > 0:
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), left)
-        await self.close()
+        return await self.close()
 
-    async def close(self) -> None:
+    async def close(self) -> list[PushItem]:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        left = [item for batch, _, _ in self._inflight.values() for item in batch]
+        left += [*self._retry, *self._queue]
+        self._inflight.clear()
+        self._retry.clear()
+        self._queue.clear()
+        return [item for item in left if not item.finished]
 
     async def _run(self) -> None:
         failures = 0
@@ -189,13 +201,13 @@ class GatewaySession:
 
     async def _expire(self, max_age: float) -> None:
         horizon = time.monotonic() - max_age
+        expired: list[tuple[PushItem, PushOutcome]] = []
         for queue in (self._retry, self._queue):
             while queue and queue[0].enqueued_at < horizon:
                 item = queue.popleft()
                 reason = "gateway_failed" if item.attempts else "gateway_unreachable"
-                await self._finish(
-                    item, PushOutcome(delivered=[], failed=item.users, reason=reason)
-                )
+                expired.append((item, PushOutcome(delivered=[], failed=item.users, reason=reason)))
+        await self._finish_all(expired)
 
     def _requeue_inflight(self, *, count_attempt: bool) -> None:
         items = [item for batch, _, _ in self._inflight.values() for item in batch]
@@ -214,15 +226,18 @@ class GatewaySession:
             self._wakeup.set()
 
     async def _fail_exhausted(self) -> None:
-        keep: deque[PushItem] = deque()
-        for item in self._retry:
-            if item.attempts >= self._config.max_attempts:
-                await self._finish(
-                    item, PushOutcome(delivered=[], failed=item.users, reason="gateway_failed")
-                )
-            else:
-                keep.append(item)
-        self._retry = keep
+        limit = self._config.max_attempts
+        if not any(item.attempts >= limit for item in self._retry):
+            return
+        # Out of the queue before any await: nothing else may see them again.
+        exhausted = [item for item in self._retry if item.attempts >= limit]
+        self._retry = deque(item for item in self._retry if item.attempts < limit)
+        await self._finish_all(
+            [
+                (item, PushOutcome(delivered=[], failed=item.users, reason="gateway_failed"))
+                for item in exhausted
+            ]
+        )
 
     async def _next_items(self) -> list[PushItem]:
         """Wait for work, linger briefly to fill the batch, and take up to a batch of it."""
@@ -344,21 +359,40 @@ class GatewaySession:
         return answered
 
     async def _settle(self, items: list[PushItem], responses: list[PushResponse]) -> None:
+        outcomes = []
         for item, response in zip(items, responses, strict=True):
             failed_names = set(response.failed_usernames)
             if response.error and not failed_names:
                 failed_names = set(item.users)
             failed = [u for u in item.users if u in failed_names]
             delivered = [u for u in item.users if u not in failed_names]
-            await self._finish(
-                item, PushOutcome(delivered=delivered, failed=failed, reason="gateway_rejected")
+            outcomes.append(
+                (item, PushOutcome(delivered=delivered, failed=failed, reason="gateway_rejected"))
             )
+        await self._finish_all(outcomes)
 
-    async def _finish(self, item: PushItem, outcome: PushOutcome) -> None:
+    async def _finish_all(self, outcomes: list[tuple[PushItem, PushOutcome]]) -> None:
+        """Hand each item its outcome, once, all of them even if the caller is cancelled.
+
+        The items have left the queues and the in-flight window already: a reader or
+        writer cancelled halfway (the stream broke) must not strand the rest unsettled.
+        """
+        todo = [(item, outcome) for item, outcome in outcomes if not item.finished]
+        if not todo:
+            return
+        for item, _ in todo:
+            item.finished = True
         self._settled.set()
+        await asyncio.shield(_call_all(todo))
+
+
+async def _call_all(outcomes: list[tuple[PushItem, PushOutcome]]) -> None:
+    for item, outcome in outcomes:
         try:
             await item.on_done(outcome)
         except Exception:
+            # on_done owns its failures (push.py fails the record's effect); this only
+            # keeps one item's handler from skipping the next ones.
             log.exception("push outcome handler failed for msg %s", item.message.msg_id)
 
 
@@ -409,15 +443,26 @@ class GatewayPool:
         current = self._sessions.get(gateway_id)
         if current is not None and current.address == address:
             return current
-        if current is not None:
-            # The gateway came back on another address: the old session drains on its own.
-            task = asyncio.create_task(current.drain(time.monotonic() + self._config.ack_timeout))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
         session = GatewaySession(gateway_id, address, self._config)
         session.start()
         self._sessions[gateway_id] = session
+        if current is not None:
+            # The gateway came back on another address: the old session drains on its own,
+            # and what it could not settle moves on to the new one.
+            task = asyncio.create_task(self._retire(current, session))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         return session
+
+    async def _retire(self, old: GatewaySession, new: GatewaySession) -> None:
+        left = await old.drain(time.monotonic() + self._config.ack_timeout)
+        overflow = []
+        for item in left:
+            item.enqueued_at = time.monotonic()
+            if not new.offer(item):
+                outcome = PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
+                overflow.append((item, outcome))
+        await new._finish_all(overflow)
 
     async def drain(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -161,3 +161,56 @@ async def test_full_queue_is_refused_not_awaited() -> None:
     assert session.offer(PushItem(message(2), ["u0"], ignore))
     assert not session.offer(PushItem(message(3), ["u0"], ignore))
     await pool.drain(0)
+
+
+async def test_every_item_settles_exactly_once_when_the_stream_breaks_mid_settle(
+    gateway: GatewaySimulator,
+) -> None:
+    # Outcome handlers slower than the ack timeout: while the reader settles one batch,
+    # the next batch's ack waits unread, the watchdog breaks the stream and cancels the
+    # reader halfway through its settling. Neither may strand an item or settle it twice.
+    config = SessionConfig(
+        batch_max_items=5,
+        batch_linger=0.001,
+        ack_timeout=0.3,
+        connect_timeout=0.3,
+        backoff_min=0.05,
+        backoff_max=0.1,
+        max_attempts=3,
+    )
+    pool = GatewayPool(config)
+    seen: dict[int, int] = {}
+
+    def slow(msg_id: int) -> Callable[[PushOutcome], Any]:
+        async def on_done(outcome: PushOutcome) -> None:
+            await asyncio.sleep(0.12)
+            seen[msg_id] = seen.get(msg_id, 0) + 1
+
+        return on_done
+
+    session = pool.session(gateway.gateway_id, gateway.address)
+    for i in range(1, 31):
+        assert session.offer(PushItem(message(i, session=f"s{i}"), ["u0"], slow(i)))
+    for _ in range(400):
+        if len(seen) == 30:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # any second outcome would arrive by now
+    await pool.drain(0.5)
+    assert session.failures >= 1, "the stream never broke: the test proves nothing"
+    assert seen == dict.fromkeys(range(1, 31), 1)
+
+
+async def test_a_gateway_on_a_new_address_takes_over_what_the_old_one_left(
+    gateway: GatewaySimulator,
+) -> None:
+    pool = GatewayPool(FAST)
+    outcomes = Outcomes()
+    old = pool.session(gateway.gateway_id, f"127.0.0.1:{free_port()}")  # nobody there
+    for i in range(1, 4):
+        assert old.offer(PushItem(message(i, session=f"s{i}"), [f"u{i}"], outcomes.handler(i)))
+    pool.session(gateway.gateway_id, gateway.address)  # the gateway's next heartbeat
+    await outcomes.wait(3)
+    await pool.drain(1)
+    assert sorted(u for _, o in outcomes.items for u in o.delivered) == ["u1", "u2", "u3"]
+    assert all(not o.failed for _, o in outcomes.items)
