@@ -203,19 +203,31 @@ async def idle_cost(system: System, seconds: float = 5.0) -> dict[str, Any]:
     return {"worker_rss_mb": rss_mb(worker.proc.pid), "cpu": system.cpu.split()}
 
 
-async def one_to_one(system: System, count: int, seed: int) -> dict[str, Any]:
-    """A burst of 1:1 messages, end to end: every inbox write and every push."""
+async def _one_to_one_load(
+    system: System, count: int, seed: int, rate: float
+) -> tuple[int, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Produce `count` 1:1 messages (at `rate`, or as fast as it goes: 0) and drain them.
+
+    Returns the pushes expected, the drain's figures, the CPU split and the load
+    generator's own report.
+    """
     pairs = one_to_one_pairs(system.users, count, seed)
     pushed = sum(1 for _, recipient in pairs if recipient in system.online)
     system.clear()
     base = await asyncio.to_thread(system.counters)
-    proc = await asyncio.to_thread(system.loadgen, count, seed=seed)
+    proc = await asyncio.to_thread(system.loadgen, count, seed=seed, rate=rate)
     system.cpu.start()
     t0 = time.monotonic()
     system.go(proc)
     done = await system.drain(t0, inbox=2 * count, pushed=pushed, offline=count - pushed, base=base)
     cpu = system.cpu.split()
     produced = json.loads(await asyncio.to_thread(proc.stdout.read))
+    return pushed, done, cpu, produced
+
+
+async def one_to_one(system: System, count: int, seed: int) -> dict[str, Any]:
+    """A burst of 1:1 messages, end to end: every inbox write and every push."""
+    pushed, done, cpu, produced = await _one_to_one_load(system, count, seed, 0.0)
     total = max(done["last_inbox_write_s"], done["last_push_s"])
     return {
         "events": count,
@@ -237,17 +249,7 @@ async def one_to_one(system: System, count: int, seed: int) -> dict[str, Any]:
 async def steady(system: System, rate: float, seconds: float, seed: int) -> dict[str, Any]:
     """1:1 messages at a steady rate: latency from produce to gateway receipt."""
     count = int(rate * seconds)
-    pairs = one_to_one_pairs(system.users, count, seed)
-    pushed = sum(1 for _, recipient in pairs if recipient in system.online)
-    system.clear()
-    base = await asyncio.to_thread(system.counters)
-    proc = await asyncio.to_thread(system.loadgen, count, seed=seed, rate=rate)
-    system.cpu.start()
-    t0 = time.monotonic()
-    system.go(proc)
-    done = await system.drain(t0, inbox=2 * count, pushed=pushed, offline=count - pushed, base=base)
-    cpu = system.cpu.split()
-    produced = json.loads(await asyncio.to_thread(proc.stdout.read))
+    _, done, cpu, produced = await _one_to_one_load(system, count, seed, rate)
     latencies = system.latencies()
     return {
         "target_rate": round(rate),

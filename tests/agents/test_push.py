@@ -18,9 +18,12 @@ from tests.agents.conftest import Sink
 class Refusing:
     """A gateway session that fails every push at once: its users go to offline push."""
 
+    def __init__(self) -> None:
+        self.answers: list[asyncio.Future[None]] = []
+
     def offer(self, item: PushItem) -> bool:
         outcome = PushOutcome(delivered=[], failed=item.users, reason="gateway_rejected")
-        asyncio.ensure_future(item.on_done(outcome))
+        self.answers.append(asyncio.ensure_future(item.on_done(outcome)))
         return True
 
 

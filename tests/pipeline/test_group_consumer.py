@@ -6,11 +6,21 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from embedded.broker import EmbeddedBroker
 from pipeline.group_consumer import GroupConsumer, Offsets, Records
-from tests.pipeline.test_topic_view import make_topic, until
+from tests.pipeline.test_topic_view import make_topic, produce, until
+
+
+def group_config(broker: EmbeddedBroker, group: str) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": broker.bootstrap,
+        "group_id": group,
+        "session_timeout_ms": 2000,
+        "heartbeat_interval_ms": 500,
+        "fetch_max_wait_ms": 20,
+    }
 
 
 def fetched(tp: TopicPartition, first: int, last: int) -> dict[TopicPartition, Records]:
@@ -65,22 +75,11 @@ async def test_offsets_after_effect_and_a_failed_batch_is_done_again(
 ) -> None:
     topic, group = f"{tag}.stage", f"{tag}-group"
     await make_topic(broker, topic, 2)
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-    await producer.start()
-    for i in range(100):
-        await producer.send(topic, f"r{i}".encode(), partition=i % 2)
-    await producer.flush()
-    await producer.stop()
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
     tps = [TopicPartition(topic, p) for p in (0, 1)]
     stage = Held(
         topic=topic,
-        consumer_config={
-            "bootstrap_servers": broker.bootstrap,
-            "group_id": group,
-            "session_timeout_ms": 2000,
-            "heartbeat_interval_ms": 500,
-            "fetch_max_wait_ms": 20,
-        },
+        consumer_config=group_config(broker, group),
         batch_max_records=30,
         max_pending_batches=2,
     )
@@ -135,19 +134,8 @@ async def test_one_slow_record_holds_back_only_its_own_partition(
 ) -> None:
     topic, group = f"{tag}.each", f"{tag}-each"
     await make_topic(broker, topic, 2)
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-    await producer.start()
-    for i in range(100):
-        await producer.send(topic, f"r{i}".encode(), partition=i % 2)
-    await producer.flush()
-    await producer.stop()
-    config = {
-        "bootstrap_servers": broker.bootstrap,
-        "group_id": group,
-        "session_timeout_ms": 2000,
-        "heartbeat_interval_ms": 500,
-        "fetch_max_wait_ms": 20,
-    }
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
+    config = group_config(broker, group)
     stage = OneSlow(topic=topic, consumer_config=config, batch_max_records=10)
     await stage.start()
     try:
@@ -190,17 +178,8 @@ async def test_a_stage_that_cannot_get_past_a_batch_backs_off_and_stays_alive(
 ) -> None:
     topic, group = f"{tag}.poison", f"{tag}-poison"
     await make_topic(broker, topic, 1)
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-    await producer.start()
-    await producer.send_and_wait(topic, b"poison", partition=0)
-    await producer.stop()
-    config = {
-        "bootstrap_servers": broker.bootstrap,
-        "group_id": group,
-        "session_timeout_ms": 2000,
-        "heartbeat_interval_ms": 500,
-        "fetch_max_wait_ms": 20,
-    }
+    await produce(broker, topic, [(0, b"poison")])
+    config = group_config(broker, group)
     stage = Poisoned(topic=topic, consumer_config=config, batch_max_records=10)
     await stage.start()
     try:
@@ -231,18 +210,9 @@ async def test_nothing_is_consumed_before_what_the_stage_decides_with_is_in_plac
 ) -> None:
     topic, group = f"{tag}.gated", f"{tag}-gated"
     await make_topic(broker, topic, 1)
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-    await producer.start()
-    await producer.send_and_wait(topic, b"r", partition=0)
-    await producer.stop()
+    await produce(broker, topic, [(0, b"r")])
     views_current = asyncio.Event()
-    config = {
-        "bootstrap_servers": broker.bootstrap,
-        "group_id": group,
-        "session_timeout_ms": 2000,
-        "heartbeat_interval_ms": 500,
-        "fetch_max_wait_ms": 20,
-    }
+    config = group_config(broker, group)
     stage = Gated(
         topic=topic,
         consumer_config=config,

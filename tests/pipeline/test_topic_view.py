@@ -43,6 +43,11 @@ async def until(check: Callable[[], bool], seconds: float = 20) -> None:
     raise AssertionError(f"timed out after {seconds}s")
 
 
+def view_of(broker: EmbeddedBroker, topic: str, apply: Any, **kwargs: Any) -> TopicView:
+    config = {"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20}
+    return TopicView(topic=topic, apply=apply, consumer_config=config, **kwargs)
+
+
 async def wait(view: TopicView, seconds: float = 20) -> None:
     await until(lambda: view.caught_up, seconds)
 
@@ -56,11 +61,7 @@ async def test_reads_every_partition_and_says_when_it_caught_up(
     await produce(broker, topic, [(i % 4, f"r{i}".encode()) for i in range(2000)])
     seen: list[bytes] = []
     for _ in range(2):  # two views: two workers, each with the whole topic
-        view = TopicView(
-            topic=topic,
-            apply=lambda r: seen.append(r.value),
-            consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
-        )
+        view = view_of(broker, topic, lambda r: seen.append(r.value))
         await view.start()
         try:
             await wait(view)
@@ -76,11 +77,7 @@ async def test_an_empty_topic_is_caught_up_and_later_records_arrive(
     topic = f"{tag}.empty"
     await make_topic(broker, topic)
     seen: list[Any] = []
-    view = TopicView(
-        topic=topic,
-        apply=seen.append,
-        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
-    )
+    view = view_of(broker, topic, seen.append)
     await view.start()
     try:
         await wait(view)
@@ -94,11 +91,7 @@ async def test_an_empty_topic_is_caught_up_and_later_records_arrive(
 async def test_a_topic_created_after_the_view_started(broker: EmbeddedBroker, tag: str) -> None:
     topic = f"{tag}.later"
     seen: list[Any] = []
-    view = TopicView(
-        topic=topic,
-        apply=seen.append,
-        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
-    )
+    view = view_of(broker, topic, seen.append)
     await view.start()
     try:
         await asyncio.sleep(0.3)
@@ -124,12 +117,7 @@ async def test_lookback_skips_what_is_too_old_to_matter(broker: EmbeddedBroker, 
     finally:
         await producer.stop()
     seen: list[bytes] = []
-    view = TopicView(
-        topic=topic,
-        apply=lambda r: seen.append(r.value),
-        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
-        lookback_seconds=60,
-    )
+    view = view_of(broker, topic, lambda r: seen.append(r.value), lookback_seconds=60)
     await view.start()
     try:
         await wait(view)
@@ -145,11 +133,7 @@ async def test_a_failing_consumer_is_replaced_where_the_view_stood(
     await make_topic(broker, topic)
     await produce(broker, topic, [(i % 4, f"a{i}".encode()) for i in range(100)])
     seen: list[bytes] = []
-    view = TopicView(
-        topic=topic,
-        apply=lambda r: seen.append(r.value),
-        consumer_config={"bootstrap_servers": broker.bootstrap, "fetch_max_wait_ms": 20},
-    )
+    view = view_of(broker, topic, lambda r: seen.append(r.value))
     await view.start()
     try:
         await wait(view)
