@@ -175,40 +175,57 @@ class LargeGroups:
         after, page_no = (saved["after"], saved["pages"]) if saved else ("", 0)
         session_id = event.session_id
         users, cursor = await self._page(session_id, after)
-        if page_no == 0 and event.from_username and not job.read_diffusion:
-            users = [event.from_username, *users]  # the sender's own inbox, as in fanout
-        records = self._build(job, message, users, excluded, page_no)
-        # Pages sent whose cursor is not saved yet, oldest first: (pages after it, cursor,
-        # acks). A crash redoes at most these, so their number is the window.
-        in_flight: deque[tuple[int, str, list[Awaitable[object]]]] = deque()
-        sent_now = 0
-        next_at = time.monotonic()
-        while True:
-            if records or cursor is not None:
-                acks = [await send(k, value, p) for send, k, value, p in records]
-                page_no += 1
-                sent_now += 1
-                in_flight.append((page_no, cursor or "", acks))
-                metrics.LARGE_GROUP_PAGES.inc()
-            last = cursor is None
-            if not last:
-                # While the broker acknowledges sent pages, the next one is read and built.
-                users, cursor = await self._page(session_id, cursor or "")
-                last = not users and cursor is None  # the page before was full, and the end
-                records = self._build(job, message, users, excluded, page_no)
-            while in_flight and (last or len(in_flight) >= self._window):
-                pages, after, acks = in_flight.popleft()
-                await asyncio.gather(*acks)
-                # Saved in page order, each durable before another page is sent: the
-                # cursor never runs ahead of records that might still be lost.
-                await self._save(key, partition, after, pages, done=last and not in_flight)
-            if last:
-                if sent_now == 0:
-                    await self._save(key, partition, "", page_no, done=True)
-                return sent_now
-            if self._page_interval:
-                next_at += self._page_interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        # The next page is always being read while this one is built, sent and saved: a
+        # member page may queue behind inbox writes on the same Redis.
+        ahead = self._read_ahead(session_id, cursor)
+        try:
+            if page_no == 0 and event.from_username and not job.read_diffusion:
+                users = [event.from_username, *users]  # the sender's own inbox, as in fanout
+            records = self._build(job, message, users, excluded, page_no)
+            # Pages sent whose cursor is not saved yet, oldest first: (pages after it,
+            # cursor, acks). A crash redoes at most these, so their number is the window.
+            in_flight: deque[tuple[int, str, list[Awaitable[object]]]] = deque()
+            sent_now = 0
+            next_at = time.monotonic()
+            while True:
+                if records or cursor is not None:
+                    acks = [await send(k, value, p) for send, k, value, p in records]
+                    page_no += 1
+                    sent_now += 1
+                    in_flight.append((page_no, cursor or "", acks))
+                    metrics.LARGE_GROUP_PAGES.inc()
+                last = cursor is None
+                if not last:
+                    assert ahead is not None
+                    users, cursor = await ahead
+                    ahead = self._read_ahead(session_id, cursor)
+                    last = not users and cursor is None  # the page before was full: the end
+                    records = self._build(job, message, users, excluded, page_no)
+                while in_flight and (last or len(in_flight) >= self._window):
+                    pages, after, acks = in_flight.popleft()
+                    await asyncio.gather(*acks)
+                    # Saved in page order, each durable before another page is sent: the
+                    # cursor never runs ahead of records that might still be lost.
+                    await self._save(key, partition, after, pages, done=last and not in_flight)
+                if last:
+                    if sent_now == 0:
+                        await self._save(key, partition, "", page_no, done=True)
+                    return sent_now
+                if self._page_interval:
+                    next_at += self._page_interval
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                # Its failure, if any, is already this job's: only mark it as seen.
+                ahead.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _read_ahead(
+        self, session_id: str, cursor: str | None
+    ) -> asyncio.Task[tuple[list[str], str | None]] | None:
+        if cursor is None:
+            return None
+        return asyncio.ensure_future(self._page(session_id, cursor))
 
     def _build(
         self,

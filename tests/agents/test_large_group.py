@@ -226,3 +226,25 @@ async def test_no_member_is_routed_before_the_views_are_current() -> None:
     assert not running.done() and h.sink.pushes == []
     views_current.set()
     assert await running == 3
+
+
+async def test_the_next_member_page_is_read_while_a_page_is_sent_and_saved() -> None:
+    h = Harness(GROUP)
+    log: list[str] = []
+    page, save = h.members.page, h.groups._save_cursor
+
+    async def logged_page(session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
+        log.append(f"read after {after or 'start'}")
+        return await page(session_id, after, count)
+
+    async def logged_save(key: str, cursor: Cursor) -> None:
+        log.append(f"save {cursor['pages']}")
+        await save(key, cursor)
+
+    h.members.page = logged_page  # type: ignore[method-assign]
+    h.groups._save_cursor = logged_save
+    assert await h.run(job()) == 3
+    # Page 3's read does not wait for page 1's cursor save (a member page may queue
+    # behind inbox writes on the same Redis: reading ahead hides that wait).
+    assert log.index("read after m0199") < log.index("save 1")
+    assert [e for e in log if e.startswith("save")] == ["save 1", "save 2", "save 3"]
