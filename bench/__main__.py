@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                 }
             if "latency" in only:
-                rate = out["1to1"]["events_per_s"] / 2
+                rate = args.latency_rate or out["1to1"]["events_per_s"] / 2
                 seconds = 6 if args.quick else 15
                 out["latency"] = await pipeline.steady(system, rate, seconds, 3)
                 out["latency_broker_floor_one_hop"] = await pipeline.broker_hop(
@@ -155,6 +155,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small runs, to check the harness")
     parser.add_argument("--only", default="", help=f"comma-separated of {','.join(SCENARIOS)}")
     parser.add_argument("--one-to-one", type=int, default=60_000, help="1:1 burst size")
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=0.0,
+        help="steady rate of the latency run (default: half the 1:1 burst's), to pair runs",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     args = parser.parse_args()
     result = asyncio.run(run(args))

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -94,3 +96,52 @@ class CpuMeter:
             for name, pid in self.pids.items()
         }
         return {"cores_used": used, "total": round(sum(used.values()), 2), "cores": os.cpu_count()}
+
+
+Buckets = dict[str, dict[float, float]]  # label value -> {upper bound: cumulative count}
+
+
+def histogram(metrics_url: str, name: str, label: str) -> Buckets:
+    """One labelled Prometheus histogram of a worker, as scraped now."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    out: Buckets = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                bound = float(sample.labels["le"])
+                out.setdefault(sample.labels[label], {})[bound] = sample.value
+    return out
+
+
+def quantiles_ms(before: Buckets, after: Buckets, qs: tuple[float, ...]) -> dict[str, Any]:
+    """Quantiles (ms) of what a histogram gained between two scrapes, per label value.
+
+    Interpolated within a bucket: as coarse as the buckets (1, 2.5, 5, 10, 20, 50 ms...).
+    """
+    out: dict[str, Any] = {}
+    for key, buckets in after.items():
+        old = before.get(key, {})
+        bounds = sorted(buckets)
+        counts = [buckets[b] - old.get(b, 0.0) for b in bounds]
+        total = counts[-1] if counts else 0
+        if total <= 0:
+            continue
+        found: dict[str, Any] = {"samples": int(total)}
+        for q in qs:
+            want, lower, below = q * total, 0.0, 0.0
+            for bound, count in zip(bounds, counts, strict=True):
+                if count >= want:
+                    if bound == float("inf"):
+                        found[f"p{round(q * 100)}"] = f">{lower * 1000:g}"
+                    else:
+                        share = (want - below) / (count - below) if count > below else 1.0
+                        found[f"p{round(q * 100)}"] = round(
+                            (lower + (bound - lower) * share) * 1000, 1
+                        )
+                    break
+                lower, below = bound, count
+        out[key] = found
+    return out

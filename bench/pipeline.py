@@ -22,7 +22,7 @@ import grpc.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from agents.fanout import push_message
-from bench.harness import CpuMeter, pct, redis_pid, rss_mb
+from bench.harness import CpuMeter, histogram, pct, quantiles_ms, redis_pid, rss_mb
 from bench.loadgen import one_to_one_pairs, users
 from commands.traffic import group_chat
 from embedded.broker import EmbeddedBroker
@@ -249,7 +249,11 @@ async def one_to_one(system: System, count: int, seed: int) -> dict[str, Any]:
 async def steady(system: System, rate: float, seconds: float, seed: int) -> dict[str, Any]:
     """1:1 messages at a steady rate: latency from produce to gateway receipt."""
     count = int(rate * seconds)
+    metrics_url = f"http://127.0.0.1:{system.workers[0].port}/metrics"
+    ages = "resonance_message_age_seconds"
+    before = await asyncio.to_thread(histogram, metrics_url, ages, "stage")
     _, done, cpu, produced = await _one_to_one_load(system, count, seed, rate)
+    after = await asyncio.to_thread(histogram, metrics_url, ages, "stage")
     latencies = system.latencies()
     return {
         "target_rate": round(rate),
@@ -260,6 +264,9 @@ async def steady(system: System, rate: float, seconds: float, seed: int) -> dict
         "latency_ms_p50": pct(latencies, 0.5),
         "latency_ms_p99": pct(latencies, 0.99),
         "latency_ms_max": pct(latencies, 1.0),
+        # Where the time goes: a message's age when fanout takes it (one broker hop), when
+        # push takes it (two), when its gateway acknowledged it; from the worker's histogram.
+        "age_at_stage_ms": quantiles_ms(before, after, (0.5, 0.99)),
         "cpu": cpu,
     }
 

@@ -27,6 +27,7 @@ from pipeline.fetch_wait import FetchWait
 log = logging.getLogger(__name__)
 
 Apply = Callable[[ConsumerRecord[Any, Any]], None]
+_YIELD_EVERY = 1000
 
 
 class TopicView(Service):
@@ -174,8 +175,13 @@ class TopicView(Service):
         if self._fetch_wait is not None:
             self._fetch_wait.observe(consumer, fetched)
         since = 0 if self.caught_up else self._since_ms
+        applied = 0
         for tp, records in batch.items():
             for record in records:
+                applied += 1
+                if applied % _YIELD_EVERY == 0:
+                    # A catch-up fetch holds up to 10,000 records: let the stages run.
+                    await asyncio.sleep(0)
                 if record.timestamp < since:
                     continue
                 try:
