@@ -125,6 +125,24 @@ async def test_one_user_with_ten_thousand_messages_in_a_batch(
     assert [(e.cursor, e.msg_id) for e in entries] == [(c, BASE + c) for c in range(9_996, 10_011)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_busy_user_among_many_keeps_message_order(
+    make_store: MakeStore, backend: str, tag: str
+) -> None:
+    # Redis writes a batch's calls on two connections side by side: the calls of a user
+    # who needs several (1,200 messages here) must still run in order.
+    store = make_store(backend)
+    quiet = [f"{tag}-q{i:04d}" for i in range(3000)]
+    busy = f"{tag}-busy"
+    batch = [(msg(i), [quiet[i % 3000], busy, quiet[(i + 1500) % 3000]]) for i in range(1, 1201)]
+    result = await store.write(batch)
+    assert (result.new, result.duplicate) == (3600, 0)
+    entries = await store.read(busy, 0, 2000)
+    assert [(e.cursor, e.msg_id) for e in entries] == [(c, BASE + c) for c in range(1, 1201)]
+    cursors = await store.last_cursors(quiet)
+    assert sum(cursors.values()) == 2400
+
+
 async def test_resonance_delta_sync_query_still_works(
     make_store: MakeStore, postgres_dsn: str, pg_schema: str, tag: str
 ) -> None:
