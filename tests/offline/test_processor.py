@@ -73,5 +73,8 @@ async def test_the_rate_limit_holds(
         await client.aclose()
     sends = server.pushes("/v1/projects/demo/messages:send")
     assert len(sends) == count
-    rate = (len(sends) - 1) / (sends[-1].at - sends[0].at)
+    # Past the first quarter: sends that waited for the connection and HTTP/2 set-up (a
+    # quarter second on a busy CI box) arrive together, and would read as too fast.
+    warm = sends[len(sends) // 4 :]
+    rate = (len(warm) - 1) / (warm[-1].at - warm[0].at)
     assert abs(rate - limit) / limit <= 0.10, rate
