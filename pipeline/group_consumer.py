@@ -209,14 +209,22 @@ class GroupConsumer(Service):
 
     async def on_stop(self) -> None:
         self._stopping = True
-        if self._consume_task is not None:
+        deadline = time.monotonic() + self._drain_seconds
+        task = self._consume_task
+        if task is not None:
             # The loop ends after its current fetch or batch; whatever it handed on drains.
+            # A batch that cannot end (its store is down and retried) is given up at the
+            # deadline: not committed, it is done again by the partition's next owner.
+            await asyncio.wait([task], timeout=max(0.0, deadline - time.monotonic()))
+            if not task.done():
+                log.warning("%s: batch in hand did not finish by the deadline", self._topic)
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._consume_task
+                await task
             self._consume_task = None
         if self._consumer is not None:
             with contextlib.suppress(Exception):
-                await self.drain(time.monotonic() + self._drain_seconds)
+                await self.drain(max(deadline, time.monotonic() + 1.0))
             await self._commit()
             await self._stop_consumer()
 

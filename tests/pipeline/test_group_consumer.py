@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -237,3 +238,36 @@ async def test_nothing_is_consumed_before_what_the_stage_decides_with_is_in_plac
     )
     await never.start()
     await asyncio.wait_for(never.stop(), 10)
+
+
+class Stuck(GroupConsumer):
+    """A batch whose store never answers: handle retries for ever."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen = 0
+        super().__init__(stage="test-stuck", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        self.seen += len(records)
+        await asyncio.Event().wait()
+        return None
+
+
+async def test_stop_ends_by_the_drain_deadline_even_with_a_batch_that_cannot_finish(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.stuck", f"{tag}-stuck"
+    await make_topic(broker, topic, 1)
+    await produce(broker, topic, [(0, b"r")])
+    stage = Stuck(
+        topic=topic,
+        consumer_config=group_config(broker, group),
+        batch_max_records=10,
+        drain_seconds=1.0,
+    )
+    await stage.start()
+    await until(lambda: stage.seen == 1)
+    started = time.monotonic()
+    await asyncio.wait_for(stage.stop(), 10)
+    assert time.monotonic() - started < 5  # the 1 s deadline, and the consumer's close
+    assert await committed(broker, group, [TopicPartition(topic, 0)]) == 0  # never done
