@@ -103,6 +103,8 @@ class Settings(BaseSettings):
 
     # Presence and gateways.
     gateway_timeout_seconds: float = Field(15.0, gt=0)
+    # How far ahead of this worker's clock a heartbeat or presence timestamp may be.
+    clock_skew_seconds: float = Field(5.0, gt=0)
     route_offline_keep_seconds: float = Field(300.0, ge=0)
 
     # Push to gateways.

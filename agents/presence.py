@@ -19,6 +19,7 @@ from pipeline.dlq import DeadLetters, InvalidRecord, source_of
 from pipeline.partitioning import partition_for
 from proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest
 from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
+from tables import gateways as gateway_rules
 from tables import routes as route_rules
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,13 @@ log = logging.getLogger(__name__)
 SendChange = Callable[[int, bytes, bytes], Awaitable[object]]
 
 
-def decode_sync(value: bytes | None, record_ts_ms: int) -> list[PresenceChange]:
+def decode_sync(
+    value: bytes | None,
+    record_ts_ms: int,
+    now_ms: int | None = None,
+    max_skew_ms: int = gateway_rules.DEFAULT_SKEW_MS,
+) -> list[PresenceChange]:
+    """A gateway's batch as per-user changes; timestamps at most `max_skew_ms` ahead."""
     try:
         request = SyncStatusRequest.FromString(value or b"")
     except DecodeError as exc:
@@ -58,17 +65,25 @@ def decode_sync(value: bytes | None, record_ts_ms: int) -> list[PresenceChange]:
         )
         for u in request.offline_batch
     ]
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    for change in changes:
+        change.timestamp = gateway_rules.clamp_ts(change.timestamp, now, max_skew_ms, "presence")
     return [c for c in changes if c.username]
 
 
 def split_agent(
-    send: SendChange, dead_letters: DeadLetters, partitions: int
+    send: SendChange,
+    dead_letters: DeadLetters,
+    partitions: int,
+    max_skew_ms: int = gateway_rules.DEFAULT_SKEW_MS,
 ) -> Callable[[Any], Awaitable[None]]:
     async def presence_agent(stream: Any) -> None:
         async for event in stream.events():
             record = source_of(event)
             try:
-                changes = decode_sync(record.value, int(event.message.timestamp * 1000))
+                changes = decode_sync(
+                    record.value, int(event.message.timestamp * 1000), max_skew_ms=max_skew_ms
+                )
             except InvalidRecord as exc:
                 await dead_letters.put(record, exc.reason, exc)
                 continue

@@ -55,6 +55,11 @@ DEAD_LETTERS = Counter(
 PRESENCE_CHANGES = Counter(
     "resonance_presence_changes_total", "Presence changes applied to routes", ["result"]
 )
+FUTURE_TIMESTAMPS = Counter(
+    "resonance_future_timestamps_total",
+    "Heartbeat and presence timestamps beyond CLOCK_SKEW_SECONDS, clamped",
+    ["kind"],
+)
 CONSUMER_LAG = Gauge(
     "resonance_consumer_lag",
     "Records of a stage's own consumer group not yet committed (high watermark - committed)",

@@ -22,10 +22,12 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
+from pipeline import metrics
 from pipeline.dlq import InvalidRecord
 from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
 
 LAG_ALLOWANCE = 3
+DEFAULT_SKEW_MS = 5000
 
 
 class GatewayInfo(TypedDict):
@@ -47,10 +49,28 @@ def clock(infos: Iterable[GatewayInfo], now_ms: int, timeout_ms: int) -> Clock:
     return Clock(max((i["ts"] for i in infos), default=0), now_ms, timeout_ms)
 
 
-def from_heartbeat(heartbeat: GatewayHeartbeat, record_ts_ms: int, now_ms: int) -> GatewayInfo:
+def clamp_ts(ts: int, now_ms: int, max_skew_ms: int, kind: str) -> int:
+    """A timestamp no further ahead of this worker's clock than the allowed skew.
+
+    Event time orders heartbeats and presence changes, so one record from the future
+    (a wrong clock, a forged record) would otherwise win over every real one for good.
+    """
+    limit = now_ms + max_skew_ms
+    if ts > limit:
+        metrics.FUTURE_TIMESTAMPS.labels(kind).inc()
+        return limit
+    return ts
+
+
+def from_heartbeat(
+    heartbeat: GatewayHeartbeat,
+    record_ts_ms: int,
+    now_ms: int,
+    max_skew_ms: int = DEFAULT_SKEW_MS,
+) -> GatewayInfo:
     return GatewayInfo(
         address=heartbeat.address,
-        ts=heartbeat.timestamp or record_ts_ms,
+        ts=clamp_ts(heartbeat.timestamp or record_ts_ms, now_ms, max_skew_ms, "heartbeat"),
         seen=now_ms,
         connections=heartbeat.connections,
         draining=heartbeat.draining,
@@ -96,8 +116,9 @@ class Gateways(Mapping[str, GatewayInfo]):
     them once, on the one worker that owns their partition.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_skew_ms: int = DEFAULT_SKEW_MS) -> None:
         self._infos: dict[str, GatewayInfo] = {}
+        self._max_skew_ms = max_skew_ms
         self.rejected = 0
 
     def apply(self, record: Any) -> None:
@@ -106,7 +127,8 @@ class Gateways(Mapping[str, GatewayInfo]):
         except InvalidRecord:
             self.rejected += 1
             return
-        info = from_heartbeat(heartbeat, record.timestamp, int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        info = from_heartbeat(heartbeat, record.timestamp, now_ms, self._max_skew_ms)
         if is_newer(info, self._infos.get(heartbeat.gateway_id)):
             self._infos[heartbeat.gateway_id] = info
 
