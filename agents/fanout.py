@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
 TRACE_HEADERS = ("traceparent", "tracestate")
+MEMBER_READ_ATTEMPTS = 3  # of a member read whose error is not transient
 
 
 class FanoutRecord(Record, Protocol):
@@ -249,6 +250,7 @@ class Fanout:
                         lambda: self._members.count(session_id),
                         "member store",
                         permanent=(UnpageableGroup,),
+                        attempts=MEMBER_READ_ATTEMPTS,
                     )
                     if self._diffusion.is_large(size):
                         return _Large(size, self._diffusion.is_read(size))
@@ -260,12 +262,18 @@ class Fanout:
             except UnpageableGroup as exc:
                 log.error("group %s: %s", session_id, exc)
                 return exc
+            except Exception as exc:
+                # Not transient (those are retried until the store answers): the store
+                # refuses this group, so its events are set aside, not the whole stage.
+                log.error("group %s: the member store failed: %r", session_id, exc)
+                return UnpageableGroup("member_store_error", f"{type(exc).__name__}: {exc}")
 
     async def _page(self, session_id: str, cursor: str, count: int) -> tuple[list[str], str | None]:
         return await retrying(
             lambda: self._members.page(session_id, cursor, count),
             "member store",
             permanent=(UnpageableGroup,),
+            attempts=MEMBER_READ_ATTEMPTS,
         )
 
     async def _hand_over(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -31,7 +30,7 @@ from agents.route import Router
 from pipeline import metrics
 from pipeline.deliveries import DeliveryRecords
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
-from pipeline.retry import is_transient, retrying
+from pipeline.retry import retrying
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
 from stores.members import MemberStore, UnpageableGroup
@@ -40,7 +39,7 @@ from stores.timeline import TimelineStore
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "large-group-cursors"
-JOB_ATTEMPTS = 5  # for a failure that is not transient, before the job is dead-lettered
+JOB_ATTEMPTS = 5  # tries of a job whose failure is not transient, then the DLQ
 
 # (key, cursor) -> sets the table entry, returns its changelog record's acknowledgement.
 SaveCursor = Callable[[str, "Cursor"], Awaitable[object]]
@@ -111,62 +110,57 @@ class LargeGroups:
         if self._ready is not None:
             await self._ready()  # routing before the views are current sends users offline
         key = str(job.event.msg_id)
-        failures = 0
-        while True:
-            saved = self._cursors.get(key)
-            if saved is not None and saved["done"]:
-                return 0  # a replay of a finished job: its effects are all in place
-            if saved is not None:
-                metrics.LARGE_GROUP_RESUMED.inc()
-                log.info(
-                    "large group %s msg %s: resuming after page %d",
-                    job.event.session_id,
-                    key,
-                    saved["pages"],
-                )
-            try:
-                pages = await self._run(job, key, record.partition, saved)
-            except UnpageableGroup as exc:
-                # Pages already sent stay sent; the rest of the group cannot be read at all.
-                metrics.MEMBER_STORE_REFUSED.labels(exc.reason).inc()
-                await self._dead_letters.put(record, exc.reason, exc)
-                pages = 0
-            except Exception as exc:
-                # Escaping the agent would ack the job with its group half done. Retry from
-                # the saved cursor: for as long as it takes if the cause is transient (a
-                # broker or store away), a few times otherwise, then dead-letter the job.
-                failures += 1
-                metrics.STAGE_RESTARTS.labels("large_group").inc()
-                if failures >= JOB_ATTEMPTS and not is_transient(exc):
-                    log.error("large group msg %s failed %d times: %r", key, failures, exc)
-                    await self._dead_letters.put(record, "job_failed", exc)
-                    pages = 0
-                else:
-                    delay = min(5.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
-                    log.warning(
-                        "large group msg %s failed (attempt %d), resuming in %.1fs: %r",
-                        key,
-                        failures,
-                        delay,
-                        exc,
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-            self._prune(record.partition)
-            return pages
+        try:
+            # Escaping the agent would ack the job with its group half done: each try
+            # resumes from the saved cursor, for as long as it takes if the cause is
+            # transient (a broker or store away), JOB_ATTEMPTS times otherwise.
+            pages = await retrying(
+                lambda: self._attempt(job, key, record.partition),
+                f"large group msg {key}",
+                permanent=(UnpageableGroup,),
+                attempts=JOB_ATTEMPTS,
+            )
+        except UnpageableGroup as exc:
+            # Pages already sent stay sent; the rest of the group cannot be read at all.
+            metrics.MEMBER_STORE_REFUSED.labels(exc.reason).inc()
+            await self._dead_letters.put(record, exc.reason, exc)
+            pages = 0
+        except Exception as exc:
+            log.error("large group msg %s failed %d times: %r", key, JOB_ATTEMPTS, exc)
+            await self._dead_letters.put(record, "job_failed", exc)
+            pages = 0
+        self._prune(record.partition)
+        return pages
+
+    async def _attempt(self, job: LargeGroupJob, key: str, partition: int) -> int:
+        saved = self._cursors.get(key)
+        if saved is not None and saved["done"]:
+            return 0  # a replay of a finished job: its effects are all in place
+        if saved is not None:
+            metrics.LARGE_GROUP_RESUMED.inc()
+            log.info(
+                "large group %s msg %s: resuming after page %d",
+                job.event.session_id,
+                key,
+                saved["pages"],
+            )
+        return await self._run(job, key, partition, saved)
 
     async def _page(self, session_id: str, cursor: str) -> tuple[list[str], str | None]:
         return await retrying(
             lambda: self._members.page(session_id, cursor, self._page_size),
             "member store",
             permanent=(UnpageableGroup,),
+            attempts=1,  # not transient: the job's own retry decides
         )
 
     async def _run(self, job: LargeGroupJob, key: str, partition: int, saved: Cursor | None) -> int:
         event = job.event
         message = push_message(event)
         if job.read_diffusion:
-            result = await retrying(lambda: self._timeline.append([message]), "timeline store")
+            result = await retrying(
+                lambda: self._timeline.append([message]), "timeline store", attempts=1
+            )
             metrics.TIMELINE_WRITES.inc(result.new)
             if event.persist_only:
                 await self._save(key, partition, "", 0, done=True)

@@ -274,6 +274,8 @@ class MemberTableError(RuntimeError):
     Not UnpageableGroup: it is about every group, so it is raised on each call until the
     table is fixed (then picked up without a restart), and events wait rather than die."""
 
+    transient = True  # for pipeline.retry: retried until fixed, never dead-lettered
+
 
 def _quote_identifier(name: str, what: str) -> str:
     """`name` as a double-quoted SQL identifier, exactly as spelled (case included)."""

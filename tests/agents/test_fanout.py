@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from agents.fanout import Diffusion, Fanout
+import pytest
+from redis.exceptions import ResponseError
+
+from agents.fanout import MEMBER_READ_ATTEMPTS, Diffusion, Fanout
 from agents.route import Router
 from pipeline.deliveries import session_partition
 from pipeline.dlq import H_REASON, SourceRecord
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from stores.members import UnpageableGroup
+from stores.postgres import MemberTableError
 from tests.agents.conftest import Sink, router
 from tests.fakes import MemoryMembers as Members
 
@@ -195,6 +199,34 @@ async def test_a_group_the_store_cannot_page_is_dead_lettered_not_retried() -> N
     assert headers[H_REASON] == b"member_store_wrong_type"
 
 
+async def test_a_member_store_error_that_is_not_transient_dead_letters_only_its_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: 0.0)
+    fanout, sink, members = make({"ok": ["a", "b"]})
+    real_page = members.page
+    calls = 0
+
+    async def broken(session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
+        nonlocal calls
+        if session_id == "bad":
+            calls += 1
+            raise ResponseError("ERR Error running script: a bad member in the group")
+        return await real_page(session_id, after, count)
+
+    members.page = broken  # type: ignore[method-assign]
+    await fanout.handle(
+        [
+            record(PushEvent(msg_id=1, session_id="bad")),
+            record(PushEvent(msg_id=2, session_id="ok")),
+        ]
+    )
+    assert sink.stored() == ["a", "b"]  # the stage moves on
+    ((_, headers),) = sink.dead
+    assert headers[H_REASON] == b"member_store_error"
+    assert calls == MEMBER_READ_ATTEMPTS  # a few tries, never for ever
+
+
 async def test_large_groups_are_handed_over_small_ones_fanned_out() -> None:
     group = [f"m{i:04d}" for i in range(250)]
     fanout, sink, members = make(
@@ -213,3 +245,20 @@ async def test_large_groups_are_handed_over_small_ones_fanned_out() -> None:
     assert sink.stored() == group[:150]
     # Only the group whose first page was full paid for a count; each read its first page.
     assert members.pages == 2
+
+
+async def test_a_misconfigured_member_table_makes_events_wait_not_die() -> None:
+    fanout, sink, members = make({"g": ["a", "b"]})
+    real_page = members.page
+    failures = [MemberTableError("member table t_members has no column joined")] * 4
+
+    async def misconfigured(
+        session_id: str, after: str, count: int
+    ) -> tuple[list[str], str | None]:
+        if failures:
+            raise failures.pop(0)  # until an operator fixes the table
+        return await real_page(session_id, after, count)
+
+    members.page = misconfigured  # type: ignore[method-assign]
+    await fanout.handle([record(PushEvent(msg_id=5, session_id="g", session_type=2))])
+    assert sink.stored() == ["a", "b"] and sink.dead == []

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
+from redis.exceptions import ResponseError
 
-from agents.large_group import Cursor, LargeGroups
+from agents.large_group import JOB_ATTEMPTS, Cursor, LargeGroups
 from pipeline.deliveries import session_partition
 from pipeline.dlq import SourceRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
@@ -248,3 +249,20 @@ async def test_the_next_member_page_is_read_while_a_page_is_sent_and_saved() -> 
     # behind inbox writes on the same Redis: reading ahead hides that wait).
     assert log.index("read after m0199") < log.index("save 1")
     assert [e for e in log if e.startswith("save")] == ["save 1", "save 2", "save 3"]
+
+
+async def test_a_timeline_key_of_the_wrong_type_dead_letters_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(random, "uniform", lambda a, b: 0.0)
+    h = Harness(GROUP)
+    tries = 0
+
+    async def wrong_type(messages: Sequence[PushMessage]) -> WriteResult:
+        nonlocal tries
+        tries += 1
+        raise ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    h.timeline.append = wrong_type  # type: ignore[method-assign]
+    assert await h.run(job(read=True)) == 0
+    assert h.dead == ["job_failed"] and tries == JOB_ATTEMPTS
