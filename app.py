@@ -139,7 +139,7 @@ routes_view = TopicView(
     consumer_config=kafka_consumer_config(settings, None, hot=True),
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
 )
-gateways = gateway_rules.Gateways(max_skew_ms=int(settings.clock_skew_seconds * 1000))
+gateways = gateway_rules.Gateways(max_skew_ms=settings.clock_skew_ms)
 gateways_view = TopicView(
     topic=gateway_heartbeats.get_topic_name(),
     apply=gateways.apply,
@@ -249,7 +249,7 @@ app.agent(presence_updates, name="presence")(
         lambda partition, key, value: to_presence_by_user(key, value, partition),
         dead_letters,
         settings.topic_partitions,
-        max_skew_ms=int(settings.clock_skew_seconds * 1000),
+        max_skew_ms=settings.clock_skew_ms,
     )
 )
 app.agent(presence_by_user, name="routes")(

@@ -177,6 +177,10 @@ class Settings(BaseSettings):
         return self.postgres_dsn.get_secret_value()
 
     @property
+    def clock_skew_ms(self) -> int:
+        return int(self.clock_skew_seconds * 1000)
+
+    @property
     def tansu(self) -> bool:
         return self.broker_profile == "tansu"
 

@@ -206,12 +206,13 @@ def _pack(
 
 
 def _packed_calls(batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> list[bytes]:
-    """The batch as calls of about _PACKED_PAIRS pairs, each user whole in one call.
+    """The batch as calls of about _PACKED_PAIRS pairs, grouped by user.
 
-    Split by user, not by message: a user's messages of the batch stay in one call (one
-    ZMSCORE, INCRBY, ZADD for all of them, in batch order), and a call stays short, so
-    another client's command (a member page, for the next page of a big group) waits
-    for one call, not for the whole batch.
+    Split by user, not by message: a user's messages of the batch go together (one
+    ZMSCORE, INCRBY, ZADD for up to _PACKED_PAIRS of them, in batch order; a user with
+    more gets several entries, in consecutive calls), and a call stays short, so another
+    client's command (a member page, for the next page of a big group) waits for a call
+    or two, not for the whole batch.
     """
     bodies: dict[int, bytes] = {}
     by_user: dict[str, list[int]] = {}
