@@ -197,3 +197,41 @@ async def test_one_event_reaches_both_gateways_from_any_worker(
     await eventually(pushed, 60, "60 pushes")
     a, b = (Counter(r.user for r in s.recorder.deliveries) for s in p.sims)
     assert a == Counter(users) and b == Counter(users[:20])
+
+
+async def test_large_group_jobs_run_and_keep_their_cursors_on_the_owning_worker(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    """Two workers, large groups on every partition: each job is run once, by the worker
+    that owns its partition, which reads and writes its cursor there; nothing is lost."""
+    p = pipeline_factory(large_group_min_members=50, large_group_page_size=20)
+    workers = await start_workers(p, 2, "together")
+    users = [p.user(i) for i in range(USERS)]
+    groups = {f"{p.tag}-big{g}": users[g * 15 : g * 15 + 60] for g in range(8)}
+    for session_id, members in groups.items():
+        await p.members.add(session_id, members)
+    online = users[: USERS * 3 // 4]
+    await p.gateway("gw-1", online[: len(online) // 2])
+    await p.gateway("gw-2", online[len(online) // 2 :])
+    await every_worker_sees(p, workers, len(online))
+
+    events = list(mixed_traffic(users, groups, 200, group_ratio=0.3, seed=3))
+    group_ids = {e.msg_id for e in events if e.session_id in groups}
+    await p.publish(events)
+    await check_exact(p, users, expected(events, groups, set(online)))
+
+    ran: dict[str, set[int]] = {}
+    pages: dict[str, float] = {}
+    for worker in workers:
+        _, jobs = await asyncio.to_thread(worker.get, "/large-groups")
+        _, stats = await asyncio.to_thread(worker.get, "/stats")
+        assert jobs["in_progress"] == [], jobs
+        ran[worker.name] = {j["msg_id"] for j in jobs["finished"]}
+        pages[worker.name] = stats["counters"].get("resonance_large_group_pages_total", 0)
+    print(f"jobs per worker: { {w: len(ids) for w, ids in ran.items()} }, pages: {pages}")
+    # Every job finished with its cursor on exactly one worker, both workers paged
+    # groups, and no job ran twice: 3 pages a job (60 members, 20 a page), no more.
+    assert set().union(*ran.values()) == group_ids
+    assert sum(len(ids) for ids in ran.values()) == len(group_ids)
+    assert all(count > 0 for count in pages.values()), pages
+    assert sum(pages.values()) == 3 * len(group_ids), pages
