@@ -47,9 +47,12 @@ async def every_worker_sees(p: Pipeline, workers: list[WorkerProcess], online: i
     await eventually(seen, 60, "both gateways and every online user on every worker")
 
 
-async def setup(p: Pipeline) -> tuple[list[str], dict[str, list[str]], set[str]]:
+async def setup(
+    p: Pipeline, group_count: int = 3, spacing: int = 40
+) -> tuple[list[str], dict[str, list[str]], set[str]]:
+    """USERS users, groups of 60 `spacing` apart, 3/4 online on two gateways."""
     users = [p.user(i) for i in range(USERS)]
-    groups = {f"{p.tag}-g{g}": users[g * 40 : g * 40 + 60] for g in range(3)}
+    groups = {f"{p.tag}-g{g}": users[g * spacing : g * spacing + 60] for g in range(group_count)}
     for session_id, members in groups.items():
         await p.members.add(session_id, members)
     online = users[: USERS * 3 // 4]
@@ -206,19 +209,13 @@ async def test_large_group_jobs_run_and_keep_their_cursors_on_the_owning_worker(
     that owns its partition, which reads and writes its cursor there; nothing is lost."""
     p = pipeline_factory(large_group_min_members=50, large_group_page_size=20)
     workers = await start_workers(p, 2, "together")
-    users = [p.user(i) for i in range(USERS)]
-    groups = {f"{p.tag}-big{g}": users[g * 15 : g * 15 + 60] for g in range(8)}
-    for session_id, members in groups.items():
-        await p.members.add(session_id, members)
-    online = users[: USERS * 3 // 4]
-    await p.gateway("gw-1", online[: len(online) // 2])
-    await p.gateway("gw-2", online[len(online) // 2 :])
+    users, groups, online = await setup(p, group_count=8, spacing=15)
     await every_worker_sees(p, workers, len(online))
 
     events = list(mixed_traffic(users, groups, 200, group_ratio=0.3, seed=3))
     group_ids = {e.msg_id for e in events if e.session_id in groups}
     await p.publish(events)
-    await check_exact(p, users, expected(events, groups, set(online)))
+    await check_exact(p, users, expected(events, groups, online))
 
     ran: dict[str, set[int]] = {}
     pages: dict[str, float] = {}
