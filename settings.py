@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     message_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
     storage_batch_max_records: int = Field(500, ge=1)
     storage_retry_max_seconds: float = Field(5.0, gt=0)
+    # /ready turns red while a store call (inbox, members, tokens) has been retrying
+    # longer than this: the stage holds its partitions back until the store answers.
+    ready_stall_seconds: float = Field(30.0, gt=0)
     redis_timeout_seconds: float = Field(2.0, gt=0)
 
     # Presence and gateways.

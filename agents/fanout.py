@@ -185,10 +185,9 @@ class Fanout:
         """Fan a batch of push-events records out; returns the produced records' acks."""
         events: list[tuple[FanoutRecord, PushEvent]] = []
         for record in records:
-            try:
-                events.append((record, decode_event(record.value)))
-            except InvalidRecord as exc:
-                await self._dead_letters.put(record, exc.reason, exc)
+            event = await self._dead_letters.decoded(record, decode_event)
+            if event is not None:
+                events.append((record, event))
         groups = await self._resolve_groups({e.session_id for _, e in events if is_group_event(e)})
 
         deliveries = DeliveryRecords(

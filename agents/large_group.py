@@ -102,10 +102,8 @@ class LargeGroups:
 
     async def handle(self, record: SourceRecord) -> int:
         """Run one job to its end (or resume it); returns the pages fanned out now."""
-        try:
-            job = decode_job(record.value)
-        except InvalidRecord as exc:
-            await self._dead_letters.put(record, exc.reason, exc)
+        job = await self._dead_letters.decoded(record, decode_job)
+        if job is None:
             return 0
         if self._ready is not None:
             await self._ready()  # routing before the views are current sends users offline

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -80,12 +81,15 @@ def split_agent(
     async def presence_agent(stream: Any) -> None:
         async for event in stream.events():
             record = source_of(event)
-            try:
-                changes = decode_sync(
-                    record.value, int(event.message.timestamp * 1000), max_skew_ms=max_skew_ms
-                )
-            except InvalidRecord as exc:
-                await dead_letters.put(record, exc.reason, exc)
+            changes = await dead_letters.decoded(
+                record,
+                partial(
+                    decode_sync,
+                    record_ts_ms=int(event.message.timestamp * 1000),
+                    max_skew_ms=max_skew_ms,
+                ),
+            )
+            if changes is None:
                 continue
             for change in changes:
                 await send(
@@ -105,10 +109,8 @@ def apply_agent(
     async def routes_agent(stream: Any) -> None:
         async for event in stream.events():
             record = source_of(event)
-            try:
-                change = PresenceChange.FromString(record.value or b"")
-            except DecodeError as exc:
-                await dead_letters.put(record, "decode_error", exc)
+            change = await dead_letters.decoded(record, PresenceChange.FromString)
+            if change is None:
                 continue
             user = change.username
             route, applied = route_rules.apply_change(

@@ -17,8 +17,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
 from gateway.client import GatewayPool, PushItem, PushOutcome
 from offline import records as offline_records
 from pipeline import metrics
@@ -107,10 +105,8 @@ class PushConsumer(GroupConsumer):
     async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
         effects: list[Awaitable[object] | None] = []
         for record in records:
-            try:
-                pushes = GatewayPushBatch.FromString(record.value or b"")
-            except DecodeError as exc:
-                await self._dead_letters.put(record, "decode_error", exc)
+            pushes = await self._dead_letters.decoded(record, GatewayPushBatch.FromString)
+            if pushes is None:
                 effects.append(None)
                 continue
             settlement = _Settlement()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pipeline.dlq import DeadLetters, InvalidRecord, source_of
+from pipeline.dlq import DeadLetters, source_of
 from tables.gateways import decode_heartbeat
 
 
@@ -18,9 +18,6 @@ def agent(dead_letters: DeadLetters) -> Callable[[Any], Awaitable[None]]:
     async def registry_agent(stream: Any) -> None:
         async for event in stream.events():
             record = source_of(event)
-            try:
-                decode_heartbeat(record.value)
-            except InvalidRecord as exc:
-                await dead_letters.put(record, exc.reason, exc)
+            await dead_letters.decoded(record, decode_heartbeat)
 
     return registry_agent

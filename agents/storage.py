@@ -4,26 +4,26 @@ Storage reads the deliveries topic fanout and large_group write, in the group
 `<APP_ID>-storage` (pipeline/group_consumer.py), so a stalled inbox store never holds
 back online pushes (and a slow gateway never holds back inbox writes). A fetched batch
 is written as one store call; offsets are committed only after the store acknowledged
-the whole batch. While the store is failing, the batch is retried with backoff and
-nothing more is fetched: Kafka is the buffer.
+the whole batch. While the store is away, the batch is retried with backoff and
+nothing more is fetched: Kafka is the buffer. When the store refuses a recipient, that
+recipient alone is dead-lettered (see `_store`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
 from pipeline import metrics
-from pipeline.dlq import DeadLetters
+from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records, source_record
+from pipeline.retry import PERMANENT_ATTEMPTS, is_transient, redis_reply, retrying
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
+from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
 from stores.inbox import InboxStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class StorageConsumer(GroupConsumer):
         self.written_batches = 0
         self.new = 0
         self.duplicates = 0
+        self.refused = 0
         self.pending_since: float | None = None
         super().__init__(stage="storage", **kwargs)
 
@@ -53,6 +54,7 @@ class StorageConsumer(GroupConsumer):
             "batches_written": self.written_batches,
             "new": self.new,
             "duplicates": self.duplicates,
+            "refused": self.refused,
             # How long the batch in hand has waited for the store: >0 and growing = stalled.
             "write_pending_seconds": round(time.monotonic() - self.pending_since, 2)
             if self.pending_since
@@ -60,39 +62,98 @@ class StorageConsumer(GroupConsumer):
         }
 
     async def handle(self, records: Records) -> None:
-        batch: list[tuple[PushMessage, Sequence[str]]] = []
+        batch: list[_Entry] = []
         for record in records:
-            try:
-                deliveries = DeliveryBatch.FromString(record.value or b"").deliveries
-            except DecodeError as exc:
-                await self._dead_letters.put(source_record(record), "decode_error", exc)
-                continue
-            batch.extend((d.message, d.users) for d in deliveries if not d.push_only)
-        if batch:
-            await self._store(batch)
-
-    async def _store(self, batch: list[tuple[PushMessage, Sequence[str]]]) -> None:
-        attempt = 0
-        self.pending_since = time.monotonic()
-        while True:
-            started = time.monotonic()
-            try:
-                result = await self._inbox.write(batch)
-            except Exception as exc:  # any store error: retry; offsets stay where they are
-                attempt += 1
-                delay = min(self._retry_max, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning(
-                    "inbox write failed (attempt %d), retrying in %.2fs: %r", attempt, delay, exc
+            source = source_record(record)
+            batch_of = await self._dead_letters.decoded(source, DeliveryBatch.FromString)
+            if batch_of is not None:
+                batch.extend(
+                    (source, d.message, d.users) for d in batch_of.deliveries if not d.push_only
                 )
-                await asyncio.sleep(delay)
-                if self.should_stop:
-                    raise asyncio.CancelledError() from exc
-                continue
-            self.pending_since = None
-            metrics.STORAGE_DURATION.observe(time.monotonic() - started)
-            metrics.INBOX_WRITES.labels("new").inc(result.new)
-            metrics.INBOX_WRITES.labels("duplicate").inc(result.duplicate)
-            self.written_batches += 1
-            self.new += result.new
-            self.duplicates += result.duplicate
+        if not batch:
             return
+        refused: list[tuple[_Entry, Exception]] = []
+        self.pending_since = time.monotonic()
+        try:
+            await self._store(batch, refused)
+        finally:
+            self.pending_since = None
+        await self._dead_letter(refused)
+
+    async def _store(self, batch: list[_Entry], refused: list[tuple[_Entry, Exception]]) -> None:
+        """Write the batch; a store error that is not transient costs only its recipients.
+
+        Transient errors wait (pipeline.retry). Any other error (WRONGTYPE on one inbox key
+        that something else wrote, CROSSSLOT, a value the database refuses) is narrowed
+        down by halving the batch, which is safe because every write is idempotent, until
+        the (user, message) pairs that fail alone are found: those are refused, everyone
+        else gets the message, and the stage moves on.
+        """
+        started = time.monotonic()
+        pairs = [(message, users) for _, message, users in batch]
+        single = len(batch) == 1 and len(batch[0][2]) == 1
+        try:
+            result = await retrying(
+                lambda: self._inbox.write(pairs),
+                "inbox write",
+                attempts=PERMANENT_ATTEMPTS if single else 1,
+                until=lambda: self.should_stop,
+                max_delay=self._retry_max,
+            )
+        except Exception as exc:
+            if self.should_stop or is_transient(exc):
+                raise asyncio.CancelledError() from exc  # stopping: not committed, redone
+            if single:
+                refused.append((batch[0], exc))
+                return
+            for half in _halves(batch):
+                await self._store(half, refused)
+            return
+        metrics.STORAGE_DURATION.observe(time.monotonic() - started)
+        metrics.INBOX_WRITES.labels("new").inc(result.new)
+        metrics.INBOX_WRITES.labels("duplicate").inc(result.duplicate)
+        self.written_batches += 1
+        self.new += result.new
+        self.duplicates += result.duplicate
+
+    async def _dead_letter(self, refused: list[tuple[_Entry, Exception]]) -> None:
+        """One dead letter per source record, message and reason, with its refused users."""
+        grouped: dict[tuple[int, int, int, str], list[str]] = {}
+        first: dict[tuple[int, int, int, str], tuple[SourceRecord, PushMessage, Exception]] = {}
+        for (source, message, users), exc in refused:
+            key = (source.partition, source.offset, message.msg_id, refusal_reason(exc))
+            grouped.setdefault(key, []).extend(users)
+            first.setdefault(key, (source, message, exc))
+        for key, users in grouped.items():
+            source, message, exc = first[key]
+            metrics.INBOX_WRITES.labels("refused").inc(len(users))
+            self.refused += len(users)
+            value = DeliveryBatch(deliveries=[Delivery(message=message, users=users)])
+            await self._dead_letters.put(
+                replace(source, value=value.SerializeToString()),
+                key[3],
+                f"{len(users)} recipient(s), first {users[0]!r}: {redis_reply(exc)[:300]}",
+            )
+
+
+_Entry = tuple[SourceRecord, PushMessage, Sequence[str]]
+
+
+def _halves(batch: list[_Entry]) -> list[list[_Entry]]:
+    """Two halves in order: by entries, or one entry's users when it is alone."""
+    if len(batch) > 1:
+        middle = len(batch) // 2
+        return [batch[:middle], batch[middle:]]
+    source, message, users = batch[0]
+    middle = len(users) // 2
+    return [[(source, message, users[:middle])], [(source, message, users[middle:])]]
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The dead-letter reason for a store's final no: its error code, in our words."""
+    reply = redis_reply(exc)
+    if reply.startswith("WRONGTYPE"):
+        return "inbox_wrong_type"
+    if reply.startswith("CROSSSLOT") or "same key slot" in reply:
+        return "inbox_crossslot"
+    return "inbox_refused"

@@ -24,7 +24,6 @@ from functools import partial
 from typing import Any
 
 import httpx
-from google.protobuf.message import DecodeError
 
 from offline import metrics
 from offline import records as offline_records
@@ -74,14 +73,18 @@ class OfflinePusher:
     async def handle(self, records: Sequence[SourceRecord]) -> None:
         pushes: list[tuple[SourceRecord, OfflinePush]] = []
         for record in records:
-            try:
-                pushes += [(record, push) for push in offline_records.decode(record.value)]
-            except DecodeError as exc:
-                await self._dead_letters.put(record, "decode_error", exc)
+            decoded = await self._dead_letters.decoded(record, offline_records.decode)
+            pushes += [(record, push) for push in decoded or ()]
         if not pushes:
             return
         users = sorted({u for _, push in pushes for u in push.users})
-        devices = await retrying(lambda: self._tokens.tokens(users), "device token store")
+        try:
+            devices = await retrying(lambda: self._tokens.tokens(users), "device token store")
+        except Exception as exc:  # not transient (those wait): no use asking again
+            log.error("device token store failed for %d users: %r", len(users), exc)
+            for record in dict.fromkeys(record for record, _ in pushes):
+                await self._dead_letters.put(record, "token_store_error", repr(exc))
+            return
         by_provider: dict[str, list[Notification]] = defaultdict(list)
         for index, (_, push) in enumerate(pushes):
             title, body = notification_text(push)
@@ -137,10 +140,13 @@ class OfflinePusher:
             for note, outcome in zip(pending, outcomes, strict=True):
                 metrics.NOTIFICATIONS.labels(provider.name, outcome.result).inc()
                 if outcome.result == "invalid_token":
-                    await retrying(
-                        partial(self._tokens.remove, note.user, note.device),
-                        "device token store",
-                    )
+                    try:
+                        await retrying(
+                            partial(self._tokens.remove, note.user, note.device),
+                            "device token store",
+                        )
+                    except Exception as exc:  # the token stays; the next push finds it again
+                        log.error("could not remove an invalid token of %r: %r", note.user, exc)
                 elif outcome.result == "failed":
                     failed.append((note, outcome))
                 elif outcome.result == "retry":

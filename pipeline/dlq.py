@@ -10,11 +10,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf.message import DecodeError
 
 from pipeline import metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DLQ_SUFFIX = ".dlq"
 H_REASON = "dlq.reason"
@@ -90,6 +93,20 @@ class DeadLetters:
             reason,
             detail,
         )
+
+    async def decoded(self, record: Record, decode: Callable[[bytes], T]) -> T | None:
+        """`decode(value)`, or None once the record is dead-lettered with the reason.
+
+        The one place a stage turns bytes it did not write into its types: an
+        InvalidRecord keeps its own reason, anything that does not parse is a decode_error.
+        """
+        try:
+            return decode(record.value or b"")
+        except InvalidRecord as exc:
+            await self.put(record, exc.reason, exc)
+        except (DecodeError, ValueError, TypeError, UnicodeError) as exc:
+            await self.put(record, "decode_error", f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def source_of(event: Any) -> SourceRecord:

@@ -20,6 +20,7 @@ from yarl import URL
 from agents.storage import StorageConsumer
 from gateway.client import GatewayPool
 from pipeline import metrics as pipeline_metrics
+from pipeline import retry
 from pipeline.group_consumer import GroupConsumer
 from pipeline.partitioning import partition_for
 from pipeline.topic_view import TopicView
@@ -116,7 +117,8 @@ def _owner_of(metadata: dict[str, dict[str, list[int]]], topic: str, partition: 
 
 
 def readiness(app: Any, topology: Topology) -> tuple[bool, dict[str, Any]]:
-    """Ready = every consumer group joined, tables recovered, the whole-topic views current.
+    """Ready = every consumer group joined, tables recovered, the whole-topic views current,
+    no store retried for longer than READY_STALL_SECONDS.
 
     A worker may own no partition of some topic (more workers than partitions): it is
     still ready, as a standby. It is not ready while it cannot see every gateway and
@@ -130,6 +132,11 @@ def readiness(app: Any, topology: Topology) -> tuple[bool, dict[str, Any]]:
         **{f"{stage.stage}_alive": stage.alive for stage in topology.stages},
         **{f"view_caught_up:{view.topic}": view.caught_up for view in topology.topic_views},
         **{f"view_alive:{view.topic}": view.alive for view in topology.topic_views},
+        # A store retried for longer than this: the stage holds its partitions back.
+        **{
+            f"not_stalled:{what}": seconds <= topology.settings.ready_stall_seconds
+            for what, seconds in retry.stalls().items()
+        },
     }
     return all(checks.values()), checks
 

@@ -6,6 +6,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+from pipeline.retry import retrying
 from web.views import readiness
 
 
@@ -32,7 +33,8 @@ def topology(
         SimpleNamespace(topic="heartbeats", caught_up=heartbeats, alive=view_alive),
         SimpleNamespace(topic="routes-changelog", caught_up=routes, alive=True),
     ]
-    return SimpleNamespace(stages=stages, topic_views=views)
+    settings = SimpleNamespace(ready_stall_seconds=1.0)
+    return SimpleNamespace(stages=stages, topic_views=views, settings=settings)
 
 
 def test_ready_when_everything_is_in_place() -> None:
@@ -58,3 +60,22 @@ def test_not_ready_when_a_stage_or_a_view_stopped_running() -> None:
     assert not ok and checks["fanout_alive"] is False
     ok, checks = readiness(fake_app(), topology(view_alive=False))
     assert not ok and checks["view_alive:heartbeats"] is False
+
+
+async def test_not_ready_while_a_store_is_retried_longer_than_the_limit() -> None:
+    async def away() -> None:
+        raise ConnectionError("refused")
+
+    task = asyncio.create_task(retrying(away, "inbox write", max_delay=0.05))
+    try:
+        await asyncio.sleep(0.3)
+        ok, checks = readiness(fake_app(), topology())
+        assert ok and checks["not_stalled:inbox write"] is True  # under READY_STALL_SECONDS
+        await asyncio.sleep(1.0)
+        ok, checks = readiness(fake_app(), topology())
+        assert not ok and checks["not_stalled:inbox write"] is False
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    ok, checks = readiness(fake_app(), topology())
+    assert ok and "not_stalled:inbox write" not in checks
