@@ -115,6 +115,7 @@ async def retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
     async def attempt() -> T:  # tenacity awaits only what a coroutine function returns
         return await call()
 
