@@ -29,15 +29,16 @@ import commands
 from agents import fanout, large_group, presence, push, registry, route, storage
 from embedded import tansu
 from gateway.client import GatewayPool, SessionConfig
+from gateway.tls import channel_security
 from offline.setup import offline_stage
-from pipeline import transport
+from pipeline import kafka_security, transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.topic_view import TopicView
 from settings import Settings
 from stores import setup as stores
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
-from web import views
+from web import auth, views
 
 settings = Settings()
 
@@ -57,7 +58,20 @@ def faust_config(s: Settings) -> dict[str, Any]:
         # Faust's default is 20 minutes: a send that cannot complete should fail (and the
         # stage retry from its offsets) long before that. Kafka clients' own default.
         "producer_request_timeout": 30.0,
+        "producer_max_request_size": s.kafka_max_request_bytes,
+        "web_router_enabled": s.web_faust_views,
+        "web_tables_enabled": s.web_faust_views,
+        "web_stats_enabled": s.web_faust_views,
+        "web_graph_enabled": s.web_faust_views,
     }
+    credentials = kafka_security.faust_credentials(s)
+    if credentials is not None:
+        config["broker_credentials"] = credentials
+    if s.web_auth_token is not None:
+        config["web_application_options"] = {
+            "middlewares": [auth.bearer_middleware(s.web_auth_token.get_secret_value())]
+        }
+    auth.warn_if_open(s.web_host, protected=s.web_auth_token is not None)
     if s.tansu:
         # DESIGN.md section 6: Tansu's group join waits half the session timeout; its
         # ListOffsets and fetch waits need a transport of our own (embedded/tansu.py).
@@ -72,7 +86,11 @@ def faust_config(s: Settings) -> dict[str, Any]:
 
 def kafka_consumer_config(s: Settings, group: str | None, *, hot: bool = False) -> dict[str, Any]:
     """An aiokafka consumer's settings: `hot` for the stages on a message's way to a gateway."""
-    config: dict[str, Any] = {"bootstrap_servers": s.bootstrap_servers, "group_id": group}
+    config: dict[str, Any] = {
+        "bootstrap_servers": s.bootstrap_servers,
+        "group_id": group,
+        **kafka_security.aiokafka_auth(s),
+    }
     if hot:
         config["fetch_max_wait_ms"] = s.hot_fetch_max_wait_ms
     if s.tansu:
@@ -220,6 +238,14 @@ gateway_pool = GatewayPool(
         backoff_min=settings.push_backoff_min_seconds,
         backoff_max=settings.push_backoff_max_seconds,
         max_attempts=settings.push_max_attempts,
+        security=channel_security(
+            ca_file=settings.gateway_tls_ca_file,
+            cert_file=settings.gateway_tls_cert_file,
+            key_file=settings.gateway_tls_key_file,
+            server_name=settings.gateway_tls_server_name,
+        )
+        if settings.gateway_tls
+        else None,
     )
 )
 
@@ -241,6 +267,7 @@ app.agent(large_group_jobs, name="large_group")(
             pages_in_flight=settings.large_group_pages_in_flight,
             keep_done_seconds=settings.large_group_cursor_keep_seconds,
             ready=views_caught_up,
+            limits=settings.limits,
         )
     )
 )
@@ -270,6 +297,7 @@ fanout_consumer = fanout.FanoutConsumer(
         diffusion=fanout.Diffusion(
             settings.large_group_min_members, settings.read_diffusion_min_members
         ),
+        limits=settings.limits,
     ),
     topic=push_events.get_topic_name(),
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-fanout", hot=True),

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.limits import Limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
@@ -20,7 +22,9 @@ class Settings(BaseSettings):
     kafka_broker_url: str = "kafka://localhost:9092"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     postgres_dsn: SecretStr | None = None
-    web_host: str = "0.0.0.0"
+    # Loopback unless told otherwise: views show inboxes. To serve other machines, set
+    # WEB_HOST=0.0.0.0 and WEB_AUTH_TOKEN.
+    web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
     topic_partitions: int = Field(8, ge=1)
     app_id: str = "resonance-task"
@@ -52,6 +56,11 @@ class Settings(BaseSettings):
     # the Python heap; a restart on the same DATA_DIR reads only the changelog's tail).
     table_store: Literal["memory", "rocksdb"] = "memory"
 
+    # Every web view but /health, /ready and /metrics asks for this bearer token.
+    web_auth_token: SecretStr | None = None
+    # Faust's own /router and /table views (table contents: everyone's routes).
+    web_faust_views: bool = False
+
     topic_push_events: str = "resonance.push.event.v1"
     topic_presence: str = "resonance.presence.v1"
     topic_heartbeats: str = "resonance.gateway.heartbeat.v1"
@@ -70,9 +79,26 @@ class Settings(BaseSettings):
     # 88 ms at 5 ms), so its profile waits 20 ms while busy and 50 ms at rest.
     fetch_max_wait_ms: int | None = Field(None, ge=0)
     fetch_idle_max_wait_ms: int | None = Field(None, ge=0)
-    # The largest record we produce (bytes, after the protobuf encoding). Kafka's default
-    # max.request.size is 1 MiB; records above this are split.
+    # Kafka TLS/SASL (pipeline/kafka_security.py), as Kafka clients name them.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr | None = None
+    # The producer's max.request.size (Kafka's default, 1 MiB): keep it at or below the
+    # brokers' message.max.bytes. RECORD_MAX_BYTES must leave room for a batch's framing.
+    kafka_max_request_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    # The largest record we produce (bytes, after the protobuf encoding): records are
+    # split by bytes under it, and a push event larger than it is dead-lettered (too_large).
     record_max_bytes: int = Field(512 * 1024, ge=16 * 1024)
+
+    # What producers may send (pipeline/limits.py); beyond it, the DLQ with the reason.
+    content_max_bytes: int = Field(256 * 1024, ge=1024)
+    # Explicit recipients fanned out inline; a longer to_usernames is paged by large_group.
+    recipients_max: int = Field(1000, ge=1)
+    id_max_bytes: int = Field(128, ge=8)
 
     # Fan-out.
     member_page_size: int = Field(1000, ge=1)
@@ -120,6 +146,14 @@ class Settings(BaseSettings):
     push_backoff_min_seconds: float = Field(0.1, gt=0)
     push_backoff_max_seconds: float = Field(5.0, gt=0)
     push_max_attempts: int = Field(3, ge=1)
+    # TLS to gateways (gateway/tls.py): on with GATEWAY_TLS; the CA that signed the
+    # gateways' certificates (empty: system roots), this worker's certificate and key for
+    # mutual TLS, and the name the gateways' certificates carry.
+    gateway_tls: bool = False
+    gateway_tls_ca_file: str = ""
+    gateway_tls_cert_file: str = ""
+    gateway_tls_key_file: str = ""
+    gateway_tls_server_name: str = ""
     push_drain_seconds: float = Field(10.0, ge=0)
     push_batch_max_records: int = Field(100, ge=1)
     # gateway-pushes records in hand (bytes) while gateways acknowledge them; beyond it
@@ -163,6 +197,25 @@ class Settings(BaseSettings):
         if "postgres" in (self.inbox_backend, self.member_backend) and self.postgres_dsn is None:
             raise ValueError("INBOX_BACKEND/MEMBER_BACKEND=postgres needs POSTGRES_DSN")
         return self
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> Settings:
+        if self.record_max_bytes > self.kafka_max_request_bytes - 16 * 1024:
+            raise ValueError(
+                "RECORD_MAX_BYTES must stay 16 KiB under KAFKA_MAX_REQUEST_BYTES"
+                f" ({self.record_max_bytes} > {self.kafka_max_request_bytes} - 16384)"
+            )
+        if self.content_max_bytes > self.record_max_bytes // 2:
+            raise ValueError("CONTENT_MAX_BYTES must be at most half of RECORD_MAX_BYTES")
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            content_max_bytes=self.content_max_bytes,
+            recipients_max=self.recipients_max,
+            id_max_bytes=self.id_max_bytes,
+        )
 
     @cached_property
     def bootstrap_servers(self) -> list[str]:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError
@@ -29,9 +29,11 @@ from google.protobuf.message import DecodeError
 from agents.route import Router
 from pipeline import metrics
 from pipeline.deliveries import DeliveryRecords
-from pipeline.dlq import DeadLetters, InvalidRecord, Record
+from pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records
+from pipeline.limits import Limits
 from pipeline.retry import retrying
+from pipeline.trace import TRACE_HEADERS, kafka_trace_headers, valid_trace
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
@@ -41,8 +43,8 @@ log = logging.getLogger(__name__)
 
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
-TRACE_HEADERS = ("traceparent", "tracestate")
 MEMBER_READ_ATTEMPTS = 3  # of a member read whose error is not transient
+_DEFAULT_LIMITS = Limits()
 
 
 class FanoutRecord(Record, Protocol):
@@ -81,7 +83,18 @@ class Diffusion:
         return self.read_min > 0 and members >= self.read_min
 
 
-def decode_event(value: bytes | None) -> PushEvent:
+def decode_event(
+    value: bytes | None, limits: Limits = _DEFAULT_LIMITS, max_bytes: int = 512 * 1024
+) -> PushEvent:
+    """A push event that keeps the contract and our limits, or InvalidRecord saying why.
+
+    Recipients' ids are checked later, one by one: a bad one costs only itself.
+    """
+    if value is not None and len(value) > max_bytes:
+        # It would not fit in the records it becomes (the body travels whole).
+        raise InvalidRecord(
+            "too_large", f"{len(value)} bytes; at most {max_bytes} (RECORD_MAX_BYTES)"
+        )
     try:
         event = PushEvent.FromString(value or b"")
     except DecodeError as exc:
@@ -92,8 +105,28 @@ def decode_event(value: bytes | None) -> PushEvent:
         raise InvalidRecord("invalid", "session_id is required")
     if event.persist_only and event.push_only:
         raise InvalidRecord("invalid", "persist_only and push_only are exclusive")
-    if event.session_type == SESSION_SINGLE and not (event.to_username or event.to_usernames):
+    if event.session_type not in (0, SESSION_SINGLE, SESSION_GROUP):
+        raise InvalidRecord("invalid", f"unknown session_type {event.session_type}")
+    explicit = bool(event.to_username or event.to_usernames)
+    if event.session_type == SESSION_SINGLE and not explicit:
         raise InvalidRecord("invalid", "single chat without to_username")
+    if not explicit and event.session_type != SESSION_GROUP:
+        # Members are read only for what says it is a group: a truncated or half-filled
+        # event must not reach a whole group.
+        raise InvalidRecord("invalid", "no recipients: set to_username(s) or session_type 2")
+    content = len(event.content)
+    if (
+        content * 4 > limits.content_max_bytes
+        and len(event.content.encode()) > limits.content_max_bytes
+    ):
+        raise InvalidRecord(
+            "too_large", f"content over {limits.content_max_bytes} bytes (CONTENT_MAX_BYTES)"
+        )
+    for field in ("session_id", "from_username"):
+        raw = getattr(event, field)
+        problem = limits.id_problem(raw) if raw else None
+        if problem:
+            raise InvalidRecord("invalid_id", f"{field} {raw[:64]!r}: {problem}")
     return event
 
 
@@ -115,12 +148,19 @@ _NO_TRACE: Mapping[str, str] = {}
 
 
 def trace_context(event: PushEvent, headers: Sequence[tuple[str, bytes]]) -> Mapping[str, str]:
-    """W3C trace context: the Kafka record's headers, overridden by the event's own."""
+    """W3C trace context: the Kafka record's headers, overridden by the event's own.
+
+    Keys are lower-cased (HTTP and Kafka headers are case-insensitive, gRPC metadata
+    keys must be lower case) and values that are not valid W3C are dropped: a bad header
+    would make every push to a gateway fail, for a trace nobody can follow.
+    """
     if not headers and not event.trace_headers:
         return _NO_TRACE  # most events: no dict to build
     context = kafka_trace_headers(headers)
-    context.update(event.trace_headers)
-    return context
+    for name, value in event.trace_headers.items():
+        if name.lower() in TRACE_HEADERS:
+            context[name.lower()] = value
+    return valid_trace(context)
 
 
 def recipients(event: PushEvent, members: Iterable[str] = ()) -> list[str]:
@@ -169,7 +209,9 @@ class Fanout:
         record_max_bytes: int = 512 * 1024,
         diffusion: Diffusion | None = None,
         member_concurrency: int = 16,
+        limits: Limits = _DEFAULT_LIMITS,
     ) -> None:
+        self._limits = limits
         self._members = members
         self._router = router
         self._out = outputs
@@ -185,10 +227,11 @@ class Fanout:
         """Fan a batch of push-events records out; returns the produced records' acks."""
         events: list[tuple[FanoutRecord, PushEvent]] = []
         for record in records:
-            event = await self._dead_letters.decoded(record, decode_event)
+            event = await self._dead_letters.decoded(record, self._decode)
             if event is not None:
                 events.append((record, event))
         groups = await self._resolve_groups({e.session_id for _, e in events if is_group_event(e)})
+        long_lists = self._limits.recipients_max
 
         deliveries = DeliveryRecords(
             partitions=self._partitions, max_users=self._max_users, max_bytes=self._max_bytes
@@ -209,7 +252,14 @@ class Fanout:
             if isinstance(group, _Large):
                 acks.append(await self._hand_over(event, group, context))
                 continue
-            users = recipients(event, group or ())
+            if len(event.to_usernames) > long_lists:
+                # Paged like a large group's members, so one event cannot hold the stage.
+                listed = _Large(len(event.to_usernames), read_diffusion=False)
+                acks.append(await self._hand_over(event, listed, context))
+                continue
+            users, refused = self._limits.split_ids(recipients(event, group or ()))
+            if refused:
+                await self._refuse_ids(record, event, refused)
             message = push_message(event)
             if not event.push_only:
                 deliveries.add(message, users, priority=event.priority, trace_headers=context)
@@ -228,6 +278,13 @@ class Fanout:
         metrics.DELIVERIES.inc(deliveries.deliveries)
         metrics.RECIPIENTS.inc(deliveries.recipients)
         return acks
+
+    def _decode(self, value: bytes) -> PushEvent:
+        return decode_event(value, self._limits, self._max_bytes)
+
+    async def _refuse_ids(self, record: FanoutRecord, event: PushEvent, refused: list[str]) -> None:
+        """The event, addressed to the recipients whose ids we refuse, to the DLQ."""
+        await refuse_ids(self._dead_letters, record, event, refused, self._limits)
 
     async def _resolve_groups(self, sessions: set[str]) -> dict[str, Resolved]:
         """Each group session of the batch read once, the sessions concurrently."""
@@ -287,13 +344,27 @@ class Fanout:
         return ack
 
 
-def kafka_trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
-    """W3C trace context from a Kafka record's headers, if its producer put it there."""
-    found: dict[str, str] = {}
-    for name, value in headers or ():
-        if name.lower() in TRACE_HEADERS and value is not None:
-            found[name.lower()] = value.decode(errors="replace")
-    return found
+async def refuse_ids(
+    dead_letters: DeadLetters,
+    record: Record,
+    event: PushEvent,
+    refused: list[str],
+    limits: Limits,
+) -> None:
+    """Dead-letter `event` for the `refused` recipients only (everyone else got it)."""
+    copy = PushEvent()
+    copy.CopyFrom(event)
+    del copy.to_usernames[:]
+    copy.to_username = ""
+    copy.to_usernames.extend(refused)
+    metrics.REFUSED_IDS.inc(len(refused))
+    problem = limits.id_problem(refused[0])
+    source = SourceRecord(record.topic, record.partition, record.offset, record.key, None)
+    await dead_letters.put(
+        replace(source, value=copy.SerializeToString()),
+        "invalid_user_id",
+        f"{len(refused)} recipient(s), first {refused[0][:64]!r}: {problem}",
+    )
 
 
 class FanoutConsumer(GroupConsumer):

@@ -25,13 +25,15 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from agents.fanout import Outputs, SendRecord, push_message
+from agents.fanout import Outputs, SendRecord, push_message, refuse_ids
 from agents.route import Router
 from pipeline import metrics
 from pipeline.deliveries import DeliveryRecords
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
+from pipeline.limits import Limits
 from pipeline.retry import retrying
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
 from stores.members import MemberStore, UnpageableGroup
 from stores.timeline import TimelineStore
@@ -82,6 +84,7 @@ class LargeGroups:
         pages_in_flight: int = 1,
         keep_done_seconds: float = 3600.0,
         ready: Callable[[], Awaitable[object]] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._ready = ready
         self._members = members
@@ -99,6 +102,7 @@ class LargeGroups:
         self._window = max(1, pages_in_flight)
         self._keep_done_ms = int(keep_done_seconds * 1000)
         self._pruned_at = 0.0
+        self._limits = limits or Limits()
 
     async def handle(self, record: SourceRecord) -> int:
         """Run one job to its end (or resume it); returns the pages fanned out now."""
@@ -113,7 +117,7 @@ class LargeGroups:
             # resumes from the saved cursor, for as long as it takes if the cause is
             # transient (a broker or store away), JOB_ATTEMPTS times otherwise.
             pages = await retrying(
-                lambda: self._attempt(job, key, record.partition),
+                lambda: self._attempt(job, key, record),
                 f"large group msg {key}",
                 permanent=(UnpageableGroup,),
                 attempts=JOB_ATTEMPTS,
@@ -130,7 +134,7 @@ class LargeGroups:
         self._prune(record.partition)
         return pages
 
-    async def _attempt(self, job: LargeGroupJob, key: str, partition: int) -> int:
+    async def _attempt(self, job: LargeGroupJob, key: str, record: SourceRecord) -> int:
         saved = self._cursors.get(key)
         if saved is not None and saved["done"]:
             return 0  # a replay of a finished job: its effects are all in place
@@ -142,9 +146,16 @@ class LargeGroups:
                 key,
                 saved["pages"],
             )
-        return await self._run(job, key, partition, saved)
+        return await self._run(job, key, record, saved)
 
-    async def _page(self, session_id: str, cursor: str) -> tuple[list[str], str | None]:
+    async def _page(self, event: PushEvent, cursor: str) -> tuple[list[str], str | None]:
+        if event.to_usernames:
+            # A recipient list too long to fan out inline: paged here, by position.
+            start = int(cursor or 0)
+            end = start + self._page_size
+            listed = list(event.to_usernames[start:end])
+            return listed, (str(end) if end < len(event.to_usernames) else None)
+        session_id = event.session_id
         return await retrying(
             lambda: self._members.page(session_id, cursor, self._page_size),
             "member store",
@@ -152,8 +163,10 @@ class LargeGroups:
             attempts=1,  # not transient: the job's own retry decides
         )
 
-    async def _run(self, job: LargeGroupJob, key: str, partition: int, saved: Cursor | None) -> int:
-        event = job.event
+    async def _run(
+        self, job: LargeGroupJob, key: str, record: SourceRecord, saved: Cursor | None
+    ) -> int:
+        event, partition = job.event, record.partition
         message = push_message(event)
         if job.read_diffusion:
             result = await retrying(
@@ -165,15 +178,14 @@ class LargeGroups:
                 return 0
         excluded = set(event.exclude_usernames)
         after, page_no = (saved["after"], saved["pages"]) if saved else ("", 0)
-        session_id = event.session_id
-        users, cursor = await self._page(session_id, after)
+        users, cursor = await self._page(event, after)
         # The next page is always being read while this one is built, sent and saved: a
         # member page may queue behind inbox writes on the same Redis.
-        ahead = self._read_ahead(session_id, cursor)
+        ahead = self._read_ahead(event, cursor)
         try:
             if page_no == 0 and event.from_username and not job.read_diffusion:
                 users = [event.from_username, *users]  # the sender's own inbox, as in fanout
-            records = self._build(job, message, users, excluded, page_no)
+            records = await self._build(record, job, message, users, excluded, page_no)
             # Pages sent whose cursor is not saved yet, oldest first: (pages after it,
             # cursor, acks). A crash redoes at most these, so their number is the window.
             in_flight: deque[tuple[int, str, list[Awaitable[object]]]] = deque()
@@ -190,9 +202,9 @@ class LargeGroups:
                 if not last:
                     assert ahead is not None
                     users, cursor = await ahead
-                    ahead = self._read_ahead(session_id, cursor)
+                    ahead = self._read_ahead(event, cursor)
                     last = not users and cursor is None  # the page before was full: the end
-                    records = self._build(job, message, users, excluded, page_no)
+                    records = await self._build(record, job, message, users, excluded, page_no)
                 while in_flight and (last or len(in_flight) >= self._window):
                     pages, after, acks = in_flight.popleft()
                     await asyncio.gather(*acks)
@@ -213,14 +225,15 @@ class LargeGroups:
                 ahead.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _read_ahead(
-        self, session_id: str, cursor: str | None
+        self, event: PushEvent, cursor: str | None
     ) -> asyncio.Task[tuple[list[str], str | None]] | None:
         if cursor is None:
             return None
-        return asyncio.ensure_future(self._page(session_id, cursor))
+        return asyncio.ensure_future(self._page(event, cursor))
 
-    def _build(
+    async def _build(
         self,
+        record: SourceRecord,
         job: LargeGroupJob,
         message: PushMessage,
         users: list[str],
@@ -232,7 +245,9 @@ class LargeGroups:
         unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages
         for name in (*excluded, ""):
             unique.pop(name, None)
-        chosen = list(unique)
+        chosen, refused = self._limits.split_ids(unique)
+        if refused:
+            await refuse_ids(self._dead_letters, record, event, refused, self._limits)
         out: list[tuple[SendRecord, bytes | None, bytes, int | None]] = []
         if not (event.push_only or job.read_diffusion):
             deliveries = DeliveryRecords(

@@ -22,6 +22,7 @@ from offline import records as offline_records
 from pipeline import metrics
 from pipeline.dlq import DeadLetters
 from pipeline.group_consumer import GroupConsumer, Records
+from pipeline.trace import grpc_metadata
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPush, GatewayPushBatch, OfflinePush
 
@@ -148,7 +149,7 @@ class PushConsumer(GroupConsumer):
                 message=push.message,
                 users=list(push.users),
                 on_done=settle,
-                metadata=list(push.trace_headers.items()) if push.trace_headers else (),
+                metadata=grpc_metadata(push.trace_headers),
             )
             batch.add()
             if session.offer(item):

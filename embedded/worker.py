@@ -70,10 +70,14 @@ class WorkerProcess:
             )
         return self
 
-    def get(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-        url = f"http://127.0.0.1:{self.port}{path}"
+    def get(self, path: str, timeout: float = 5.0, token: str | None = None) -> tuple[int, Any]:
+        """GET a view, with the worker's own WEB_AUTH_TOKEN unless `token` is given."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        token = self.env.get("WEB_AUTH_TOKEN") if token is None else token
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             body = exc.read()

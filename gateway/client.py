@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from gateway.tls import ChannelSecurity
 from pipeline import metrics
 from proto.resonance.gateway.v1.gateway_pb2 import (
     PushBatch,
@@ -71,6 +72,7 @@ class SessionConfig:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     max_attempts: int = 3
+    security: ChannelSecurity | None = None  # None: plaintext (a trusted network only)
 
 
 class _StreamBroken(Exception):
@@ -155,10 +157,16 @@ class GatewaySession:
         self._queue.clear()
         return [item for item in left if not item.finished]
 
+    def _channel(self) -> grpc.aio.Channel:
+        security = self._config.security
+        if security is None:
+            return grpc.aio.insecure_channel(self.address)
+        return grpc.aio.secure_channel(self.address, security.credentials, security.options())
+
     async def _run(self) -> None:
         failures = 0
         while not (self._closing and self.idle):
-            channel = grpc.aio.insecure_channel(self.address)
+            channel = self._channel()
             try:
                 await asyncio.wait_for(channel.channel_ready(), self._config.connect_timeout)
                 self._set_connected(True)

@@ -108,6 +108,7 @@ class GatewaySimulator:
         fail_users: Iterable[str] = (),
         ack: bool = True,
         stream: bool = True,
+        tls: grpc.ServerCredentials | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.bootstrap_servers = bootstrap_servers
@@ -119,6 +120,7 @@ class GatewaySimulator:
         self.fail_users = set(fail_users)
         self.ack = ack
         self.stream = stream
+        self.tls = tls
         self.recorder = Recorder()
         self.online: set[str] = set()
         self.draining = False
@@ -135,7 +137,11 @@ class GatewaySimulator:
     async def start(self) -> GatewaySimulator:
         self._server = grpc.aio.server()
         add_PushServiceServicer_to_server(_PushService(self), self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        bind = f"127.0.0.1:{self.port}"
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(bind, self.tls)
+        else:
+            self.port = self._server.add_insecure_port(bind)
         await self._server.start()
         if self.bootstrap_servers is None:
             return self  # gRPC only: presence and heartbeats are the caller's business

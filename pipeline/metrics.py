@@ -70,6 +70,10 @@ MEMBER_STORE_REFUSED = Counter(
     "Group messages dead-lettered because the member store holds something we cannot page",
     ["reason"],
 )
+REFUSED_IDS = Counter(
+    "resonance_refused_ids_total",
+    "Recipients whose user id breaks the id rules (length, characters), dead-lettered",
+)
 MESSAGE_AGE = Histogram(
     "resonance_message_age_seconds",
     "A message's age (now minus its logic timestamp) when a stage takes it: where time goes",
@@ -102,6 +106,7 @@ def totals() -> dict[str, float]:
         LARGE_GROUP_RESUMED,
         TIMELINE_WRITES,
         MEMBER_STORE_REFUSED,
+        REFUSED_IDS,
         STAGE_RESTARTS,
     ):
         for family in metric.collect():

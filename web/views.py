@@ -189,7 +189,9 @@ def register(app: Any, topology: Topology) -> None:
             if owner is None or request.query.get("routed"):
                 return self.json({"error": "no worker owns this user's routes now"}, status=503)
             url = URL(owner).with_path(request.path).with_query({"routed": "1"})
-            async with app.http_client.get(url) as response:
+            # The owner asks for the same token this worker was given.
+            forwarded = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+            async with app.http_client.get(url, headers=forwarded) as response:
                 if response.status != 200:
                     return self.bytes(
                         await response.read(),
@@ -252,13 +254,26 @@ def register(app: Any, topology: Topology) -> None:
             timeline_cursors = parse_timeline_cursors(request.query.get("timelines", ""))
         except ValueError as exc:
             return self.json({"error": str(exc)}, status=400)
-        entries = await topology.inbox.read(user, after, limit)
+        if problem := topology.settings.limits.id_problem(user):
+            return self.json({"error": f"user: {problem}"}, status=400)
+        try:
+            entries = await topology.inbox.read(user, after, limit)
+            timelines = await timelines_of(topology, user, timeline_cursors, limit)
+        except Exception as exc:
+            if not retry.is_transient(exc):
+                raise
+            # The store is away (down, paused, timing out): try again, not a server bug.
+            return self.json(
+                {"error": f"the inbox store is unavailable: {type(exc).__name__}"},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
         return self.json(
             {
                 "user": user,
                 "entries": [entry_json(e) for e in entries],
                 "next": entries[-1].cursor if entries else after,
-                "timelines": await timelines_of(topology, user, timeline_cursors, limit),
+                "timelines": timelines,
             }
         )
 

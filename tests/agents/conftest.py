@@ -68,6 +68,7 @@ class Sink:
         self.offline: list[OfflinePush] = []
         self.jobs: list[tuple[bytes | None, LargeGroupJob]] = []
         self.dead: list[tuple[str, dict[str, bytes]]] = []
+        self.dead_values: list[bytes | None] = []
 
     @staticmethod
     def _acked() -> Awaitable[object]:
@@ -99,6 +100,7 @@ class Sink:
             topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
         ) -> None:
             self.dead.append((topic, dict(headers)))
+            self.dead_values.append(value)
 
         return DeadLetters(send)
 

@@ -18,6 +18,7 @@ from tests.agents.conftest import Sink, router
 from tests.fakes import MemoryMembers as Members
 
 PARTITIONS = 8
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def make(
@@ -40,7 +41,7 @@ def make(
 
 def record(event: PushEvent | bytes, offset: int = 0) -> SourceRecord:
     value = event if isinstance(event, bytes) else event.SerializeToString()
-    return SourceRecord("push", 0, offset, b"k", value, [("traceparent", b"00-abc-def-01")])
+    return SourceRecord("push", 0, offset, b"k", value, [("traceparent", TRACEPARENT.encode())])
 
 
 def chat(msg_id: int, sender: str, to: str, session: str = "s") -> PushEvent:
@@ -57,7 +58,7 @@ async def test_single_chat_stores_both_pushes_the_recipient_routed_by_the_views(
     assert sink.offline == [] and len(acks) == 3
     (delivery,) = sink.delivered()
     assert delivery.message.msg_id == 1
-    assert dict(delivery.trace_headers) == {"traceparent": "00-abc-def-01"}
+    assert dict(delivery.trace_headers) == {"traceparent": TRACEPARENT}
 
 
 async def test_a_batch_is_one_deliveries_record_per_partition_and_one_push_record_per_gateway() -> (
@@ -87,7 +88,9 @@ async def test_users_without_a_pushable_gateway_go_offline() -> None:
         draining=("drain",),
     )
     fanout, sink, _ = make({"g": ["a", "b", "c", "d", "e"]}, route=route)
-    await fanout.handle([record(PushEvent(msg_id=9, session_id="g", from_username="c"))])
+    await fanout.handle(
+        [record(PushEvent(session_type=2, msg_id=9, session_id="g", from_username="c"))]
+    )
     assert sink.pushed() == {"up": ["d"]}
     assert sink.offline_users() == ["a", "b", "e"]
     assert {o.reason for o in sink.offline} == {"not_online"}
@@ -97,7 +100,9 @@ async def test_group_is_paged_and_read_once_per_batch() -> None:
     members = [f"m{i}" for i in range(1000)]
     fanout, sink, store = make({"g": members}, page_size=100)
     events = [
-        PushEvent(msg_id=i, session_id="g", from_username="m0", exclude_usernames=["m5"])
+        PushEvent(
+            session_type=2, msg_id=i, session_id="g", from_username="m0", exclude_usernames=["m5"]
+        )
         for i in (1, 2)
     ]
     await fanout.handle([record(e) for e in events])
@@ -108,12 +113,12 @@ async def test_group_is_paged_and_read_once_per_batch() -> None:
 async def test_big_recipient_lists_are_split_by_count_and_by_bytes() -> None:
     members = [f"m{i:05d}" for i in range(3000)]
     fanout, sink, _ = make({"g": members}, page_size=1000, max_users=100)
-    await fanout.handle([record(PushEvent(msg_id=3, session_id="g"))])
+    await fanout.handle([record(PushEvent(session_type=2, msg_id=3, session_id="g"))])
     assert all(len(d.users) <= 100 for d in sink.delivered())
     assert sink.stored() == members
 
     fanout, sink, _ = make({"g": members}, page_size=1000, max_bytes=16 * 1024)
-    big = PushEvent(msg_id=4, session_id="g", content="x" * 4000)
+    big = PushEvent(session_type=2, msg_id=4, session_id="g", content="x" * 4000)
     await fanout.handle([record(big)])
     assert sink.stored() == members
     assert all(batch.ByteSize() <= 16 * 1024 for _, batch in sink.deliveries)
@@ -190,8 +195,8 @@ async def test_a_group_the_store_cannot_page_is_dead_lettered_not_retried() -> N
     members.page = refuse  # type: ignore[method-assign]
     await fanout.handle(
         [
-            record(PushEvent(msg_id=1, session_id="bad")),
-            record(PushEvent(msg_id=2, session_id="ok")),
+            record(PushEvent(session_type=2, msg_id=1, session_id="bad")),
+            record(PushEvent(session_type=2, msg_id=2, session_id="ok")),
         ]
     )
     assert sink.stored() == ["a", "b"]
@@ -217,8 +222,8 @@ async def test_a_member_store_error_that_is_not_transient_dead_letters_only_its_
     members.page = broken  # type: ignore[method-assign]
     await fanout.handle(
         [
-            record(PushEvent(msg_id=1, session_id="bad")),
-            record(PushEvent(msg_id=2, session_id="ok")),
+            record(PushEvent(session_type=2, msg_id=1, session_id="bad")),
+            record(PushEvent(session_type=2, msg_id=2, session_id="ok")),
         ]
     )
     assert sink.stored() == ["a", "b"]  # the stage moves on
@@ -234,14 +239,18 @@ async def test_large_groups_are_handed_over_small_ones_fanned_out() -> None:
     )
     await fanout.handle(
         [
-            record(PushEvent(msg_id=1, session_id="big", trace_headers={"tracestate": "x"})),
-            record(PushEvent(msg_id=2, session_id="small")),
+            record(
+                PushEvent(
+                    session_type=2, msg_id=1, session_id="big", trace_headers={"tracestate": "x"}
+                )
+            ),
+            record(PushEvent(session_type=2, msg_id=2, session_id="small")),
         ]
     )
     ((key, job),) = sink.jobs
     assert key == b"big" and job.event.msg_id == 1
     assert job.read_diffusion and job.members == 250
-    assert dict(job.trace_headers) == {"traceparent": "00-abc-def-01", "tracestate": "x"}
+    assert dict(job.trace_headers) == {"traceparent": TRACEPARENT, "tracestate": "x"}
     assert sink.stored() == group[:150]
     # Only the group whose first page was full paid for a count; each read its first page.
     assert members.pages == 2
@@ -262,3 +271,91 @@ async def test_a_misconfigured_member_table_makes_events_wait_not_die() -> None:
     members.page = misconfigured  # type: ignore[method-assign]
     await fanout.handle([record(PushEvent(msg_id=5, session_id="g", session_type=2))])
     assert sink.stored() == ["a", "b"] and sink.dead == []
+
+
+# Limits: what producers we do not control may send (pipeline/limits.py).
+
+
+def reasons(sink: Sink) -> list[bytes]:
+    return [headers[H_REASON] for _, headers in sink.dead]
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (PushEvent(msg_id=1, session_id="s", to_username="b", content="x" * 300_000), "too_large"),
+        (PushEvent(msg_id=1, session_id="s", to_username="b", content="é" * 140_000), "too_large"),
+        (PushEvent(msg_id=1, session_id="s", to_username="b", session_type=7), "invalid"),
+        # No recipients and not said to be a group: a truncated event reaches no group.
+        (PushEvent(msg_id=1, session_id="g", from_username="a"), "invalid"),
+        (PushEvent(msg_id=1, session_id="s" * 129, to_username="b"), "invalid_id"),
+        (PushEvent(msg_id=1, session_id="s\x00", to_username="b"), "invalid_id"),
+        (PushEvent(msg_id=1, session_id="{s}", to_username="b"), "invalid_id"),
+        (
+            PushEvent(msg_id=1, session_id="s", from_username="a\u202e", to_username="b"),
+            "invalid_id",
+        ),
+    ],
+)
+async def test_events_over_a_limit_are_dead_lettered_with_the_reason(
+    event: PushEvent, reason: str
+) -> None:
+    fanout, sink, _ = make({"g": ["a", "b"]})
+    good = PushEvent(msg_id=2, session_id="t", from_username="a", to_username="b")
+    await fanout.handle([record(event), record(good, offset=1)])
+    assert reasons(sink) == [reason.encode()]
+    assert sink.stored() == ["a", "b"]  # the good event around it went through
+
+
+async def test_a_record_over_record_max_bytes_is_dead_lettered_not_sent() -> None:
+    fanout, sink, _ = make(max_bytes=16 * 1024)
+    event = PushEvent(msg_id=1, session_id="s", to_username="b", content="x" * 20_000)
+    await fanout.handle([record(event)])
+    assert reasons(sink) == [b"too_large"] and sink.deliveries == [] and sink.pushes == []
+
+
+async def test_refused_recipient_ids_cost_only_themselves() -> None:
+    fanout, sink, _ = make({"g": ["m1", "m\x002", "m3", "}m4", "m\u202e5", "m" * 200]})
+    await fanout.handle(
+        [
+            record(
+                PushEvent(msg_id=1, session_id="s", from_username="a", to_usernames=["b", "c\x00"])
+            ),
+            record(PushEvent(msg_id=2, session_id="g", from_username="a", session_type=2), 1),
+        ]
+    )
+    assert sink.stored() == ["a", "a", "b", "m1", "m3"]
+    assert reasons(sink) == [b"invalid_user_id"] * 2
+    letters = [PushEvent.FromString(v or b"") for v in sink.dead_values]
+    assert [sorted(e.to_usernames) for e in letters] == [
+        ["c\x00"],
+        sorted(["m\x002", "}m4", "m\u202e5", "m" * 200]),
+    ]
+    assert [e.msg_id for e in letters] == [1, 2]
+
+
+async def test_a_long_recipient_list_is_paged_by_the_large_group_agent() -> None:
+    fanout, sink, _ = make()
+    listed = [f"u{i}" for i in range(1001)]
+    await fanout.handle([record(PushEvent(msg_id=1, session_id="s", to_usernames=listed))])
+    ((key, job),) = sink.jobs
+    assert key == b"s" and list(job.event.to_usernames) == listed and not job.read_diffusion
+    assert sink.deliveries == [] and sink.pushes == []
+
+
+async def test_trace_headers_are_lower_cased_and_invalid_ones_dropped() -> None:
+    fanout, sink, _ = make()
+    capitalised = PushEvent(
+        msg_id=1,
+        session_id="s",
+        to_username="b",
+        trace_headers={"Traceparent": TRACEPARENT, "TraceState": "k=v", "X-Other": "y"},
+    )
+    invalid = PushEvent(
+        msg_id=2, session_id="s", to_username="b", trace_headers={"traceparent": "not\nvalid"}
+    )
+    bare = SourceRecord("push", 0, 1, b"k", invalid.SerializeToString(), [])
+    await fanout.handle([record(capitalised), bare])
+    first, second = sink.delivered()
+    assert dict(first.trace_headers) == {"traceparent": TRACEPARENT, "tracestate": "k=v"}
+    assert dict(second.trace_headers) == {}

@@ -1,0 +1,60 @@
+"""Kafka TLS and SASL, the same for Faust's clients and ours (stages, views, commands).
+
+KAFKA_SECURITY_PROTOCOL picks the listener kind, as in Kafka's own client settings;
+the CA, certificate and key files are PEM; SASL takes PLAIN or SCRAM credentials.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from aiokafka.helpers import create_ssl_context
+from faust.auth import SASLCredentials, SSLCredentials
+from faust.types.auth import CredentialsT
+
+if TYPE_CHECKING:
+    from settings import Settings
+
+
+def ssl_context(s: Settings) -> ssl.SSLContext | None:
+    if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=s.kafka_ssl_cafile or None,
+        certfile=s.kafka_ssl_certfile or None,
+        keyfile=s.kafka_ssl_keyfile or None,
+    )
+    return context
+
+
+def faust_credentials(s: Settings) -> CredentialsT | None:
+    """Faust's `broker_credentials` (None: plaintext)."""
+    context = ssl_context(s)
+    if s.kafka_security_protocol.startswith("SASL"):
+        return SASLCredentials(
+            username=s.kafka_sasl_username,
+            password=s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else "",
+            ssl_context=context,
+            mechanism=s.kafka_sasl_mechanism,
+        )
+    if context is not None:
+        return SSLCredentials(context)
+    return None
+
+
+def aiokafka_auth(s: Settings) -> dict[str, Any]:
+    """Keyword arguments for an aiokafka consumer or producer of ours."""
+    auth: dict[str, Any] = {"security_protocol": s.kafka_security_protocol}
+    context = ssl_context(s)
+    if context is not None:
+        auth["ssl_context"] = context
+    if s.kafka_security_protocol.startswith("SASL"):
+        auth.update(
+            sasl_mechanism=s.kafka_sasl_mechanism,
+            sasl_plain_username=s.kafka_sasl_username,
+            sasl_plain_password=s.kafka_sasl_password.get_secret_value()
+            if s.kafka_sasl_password
+            else "",
+        )
+    return auth

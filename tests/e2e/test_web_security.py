@@ -1,0 +1,77 @@
+"""Who may call the web views, on a real worker: loopback by default, a bearer token
+when set, Faust's own table views off, and a store that is away answered with 503."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import urllib.parse
+
+import redis.asyncio as aioredis
+
+from commands.traffic import single_chat
+from settings import Settings
+from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
+
+TOKEN = "s3cret-token-for-tests"
+
+
+def test_the_web_server_listens_on_loopback_unless_told() -> None:
+    assert Settings.model_fields["web_host"].default == "127.0.0.1"
+
+
+def _outside_address() -> str | None:
+    """This machine's address on its default route, if it has one besides loopback."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = str(probe.getsockname()[0])
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+async def test_views_need_the_token_and_faust_table_views_are_off(
+    pipeline_factory: PipelineFactory, redis_url: str
+) -> None:
+    p: Pipeline = pipeline_factory(web_auth_token=TOKEN, redis_timeout_seconds=0.5)
+    worker = await p.start_worker()
+    user = p.user(1)
+    await p.publish([single_chat(p.user(0), user, 1, "private")])
+
+    async def stored() -> bool:
+        return len(await p.inbox(user)) == 1
+
+    await eventually(stored, 30, "the message stored")
+    inbox = f"/inbox/{user}"
+    assert (await asyncio.to_thread(worker.get, inbox, token=""))[0] == 401
+    assert (await asyncio.to_thread(worker.get, inbox, token="s3cret-token-for-test"))[0] == 401
+    status, body = await asyncio.to_thread(worker.get, inbox)
+    assert status == 200 and body["entries"][0]["message"]["content"] == "private"
+    for path in ("/gateways", "/stats", f"/routes/{user}", "/large-groups"):
+        assert (await asyncio.to_thread(worker.get, path, token=""))[0] == 401, path
+    for path in ("/health", "/ready", "/metrics"):
+        status, _ = await asyncio.to_thread(worker.get, path, token="")
+        assert status in (200, 503) and status != 401, path
+    for path in ("/router/", "/table/", f"/table/routes/{user}/"):
+        assert (await asyncio.to_thread(worker.get, path))[0] == 404, path
+    # Ids the API cannot answer for are a 400, not a lookup of something else.
+    bad = urllib.parse.quote("a{b}")
+    assert (await asyncio.to_thread(worker.get, f"/inbox/{bad}"))[0] == 400
+
+    outside = _outside_address()
+    if outside is not None:
+        with contextlib.suppress(OSError), socket.create_connection((outside, worker.port), 1):
+            raise AssertionError(f"the web server answers on {outside}")
+
+    # Redis paused: the API says "try again" (503), it does not fail (500).
+    admin = aioredis.from_url(redis_url)
+    try:
+        await admin.client_pause(3000, all=True)
+        status, body = await asyncio.to_thread(worker.get, inbox)
+        assert status == 503 and "unavailable" in body["error"], (status, body)
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+    assert (await asyncio.to_thread(worker.get, inbox))[0] == 200
