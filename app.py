@@ -49,6 +49,8 @@ def faust_config(s: Settings) -> dict[str, Any]:
         "broker": transport.broker_url(s.kafka_broker_url),
         "store": f"{s.table_store}://",
         "topic_partitions": s.topic_partitions,
+        # web_bind is the address listened on; web_host names this worker in URLs.
+        "web_bind": s.web_host,
         "web_host": s.web_host,
         "web_port": s.web_port,
         "consumer_auto_offset_reset": "earliest",

@@ -173,9 +173,12 @@ def recipients(event: PushEvent, members: Iterable[str] = ()) -> list[str]:
         listed = members
     # A dict, not a set: explicit lists may repeat a name or name the sender, and the
     # order is kept so record contents are reproducible.
-    chosen = dict.fromkeys((event.from_username, *listed))
-    for name in (*event.exclude_usernames, ""):
+    sender = (event.from_username,) if event.from_username else ()  # "": a system message
+    chosen = dict.fromkeys((*sender, *listed))
+    for name in event.exclude_usernames:
         chosen.pop(name, None)
+    # An empty name listed as a recipient stays: it is refused (and dead-lettered) with
+    # the other ids we cannot use, not dropped without a trace.
     return list(chosen)
 
 

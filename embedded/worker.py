@@ -42,6 +42,14 @@ def pipeline_env(
     return env
 
 
+def _body(raw: bytes) -> Any:
+    """JSON views as JSON; anything else (/metrics) as text."""
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
 class WorkerProcess:
     def __init__(
         self, env: dict[str, str], workdir: Path, name: str = "worker", app: str = "app"
@@ -78,13 +86,9 @@ class WorkerProcess:
             request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"null")
+                return response.status, _body(response.read())
         except urllib.error.HTTPError as exc:
-            body = exc.read()
-            try:
-                return exc.code, json.loads(body)
-            except ValueError:
-                return exc.code, body.decode(errors="replace")
+            return exc.code, _body(exc.read())
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
