@@ -14,6 +14,7 @@ from pipeline.dlq import H_ERROR, H_REASON, DeadLetters
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
 from stores.inbox import RedisInboxStore
+from stores.postgres import PostgresInboxStore
 from tests.offline.conftest import DeadSink
 
 
@@ -88,3 +89,32 @@ async def test_a_store_away_is_retried_and_reported_as_a_stall(tag: str) -> None
         await asyncio.gather(task, return_exceptions=True)
         await inbox.close()
     assert "inbox write" not in retry.stalls()
+
+
+async def test_postgres_refusing_a_long_or_nul_session_id_costs_only_that_message(
+    postgres_dsn: str, pg_schema: str, tag: str
+) -> None:
+    """Records written before the id limits (or by another producer) reach PostgreSQL
+    with values its columns refuse: those messages are dead-lettered, the rest stored."""
+    inbox = PostgresInboxStore(postgres_dsn, max_entries=0, search_path=pg_schema)
+    dead = DeadSink()
+    storage = stage(inbox, dead)  # type: ignore[arg-type]
+    users = [f"{tag}-p{i}" for i in range(5)]
+    batch = DeliveryBatch()
+    for msg_id, session in ((501, "ok"), (502, "s" * 300), (503, "nul\x00id"), (504, "ok")):
+        batch.deliveries.add(
+            message=PushMessage(msg_id=msg_id, session_id=session, seq_id=msg_id), users=users
+        )
+    value = batch.SerializeToString()
+    try:
+        await asyncio.wait_for(
+            storage.handle([ConsumerRecord("d", 0, 0, 0, 0, None, value, None, 0, 0, ())]), 30
+        )
+        for user in users:
+            assert [e.msg_id for e in await inbox.read(user, 0, 10)] == [501, 504]
+        letters = [DeliveryBatch.FromString(v or b"").deliveries[0] for _, v, _ in dead.records]
+        assert sorted(d.message.msg_id for d in letters) == [502, 503]
+        assert all(sorted(d.users) == users for d in letters)  # one letter per message
+        assert {h[H_REASON] for _, _, h in dead.records} == {b"inbox_refused"}
+    finally:
+        await inbox.close()
