@@ -28,8 +28,8 @@ import faust
 import commands
 from agents import fanout, large_group, presence, push, registry, route, storage
 from embedded import tansu
+from gateway import tls as gateway_tls
 from gateway.client import GatewayPool, SessionConfig
-from gateway.tls import channel_security
 from offline.setup import offline_stage
 from pipeline import kafka_security, transport
 from pipeline.dlq import DeadLetters, dlq_topic
@@ -240,14 +240,7 @@ gateway_pool = GatewayPool(
         backoff_min=settings.push_backoff_min_seconds,
         backoff_max=settings.push_backoff_max_seconds,
         max_attempts=settings.push_max_attempts,
-        security=channel_security(
-            ca_file=settings.gateway_tls_ca_file,
-            cert_file=settings.gateway_tls_cert_file,
-            key_file=settings.gateway_tls_key_file,
-            server_name=settings.gateway_tls_server_name,
-        )
-        if settings.gateway_tls
-        else None,
+        security=gateway_tls.from_settings(settings),
     )
 )
 

@@ -209,7 +209,7 @@ class Settings(BaseSettings):
             raise ValueError("CONTENT_MAX_BYTES must be at most half of RECORD_MAX_BYTES")
         return self
 
-    @property
+    @cached_property
     def limits(self) -> Limits:
         return Limits(
             content_max_bytes=self.content_max_bytes,

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError
@@ -33,7 +33,7 @@ from pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.limits import Limits
 from pipeline.retry import retrying
-from pipeline.trace import TRACE_HEADERS, kafka_trace_headers, valid_trace
+from pipeline.trace import context_from
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
@@ -148,19 +148,10 @@ _NO_TRACE: Mapping[str, str] = {}
 
 
 def trace_context(event: PushEvent, headers: Sequence[tuple[str, bytes]]) -> Mapping[str, str]:
-    """W3C trace context: the Kafka record's headers, overridden by the event's own.
-
-    Keys are lower-cased (HTTP and Kafka headers are case-insensitive, gRPC metadata
-    keys must be lower case) and values that are not valid W3C are dropped: a bad header
-    would make every push to a gateway fail, for a trace nobody can follow.
-    """
+    """W3C trace context: the Kafka record's headers, overridden by the event's own."""
     if not headers and not event.trace_headers:
         return _NO_TRACE  # most events: no dict to build
-    context = kafka_trace_headers(headers)
-    for name, value in event.trace_headers.items():
-        if name.lower() in TRACE_HEADERS:
-            context[name.lower()] = value
-    return valid_trace(context)
+    return context_from(headers, event.trace_headers)
 
 
 def recipients(event: PushEvent, members: Iterable[str] = ()) -> list[str]:
@@ -195,7 +186,15 @@ class _Large:
         self.read_diffusion = read_diffusion
 
 
-Resolved = list[str] | _Large | UnpageableGroup
+@dataclass(frozen=True)
+class _Members:
+    """A small group's members, their ids checked once for the whole batch."""
+
+    users: list[str]
+    refused: list[str]
+
+
+Resolved = _Members | _Large | UnpageableGroup
 
 
 class Fanout:
@@ -234,7 +233,6 @@ class Fanout:
             if event is not None:
                 events.append((record, event))
         groups = await self._resolve_groups({e.session_id for _, e in events if is_group_event(e)})
-        long_lists = self._limits.recipients_max
 
         deliveries = DeliveryRecords(
             partitions=self._partitions, max_users=self._max_users, max_bytes=self._max_bytes
@@ -255,14 +253,20 @@ class Fanout:
             if isinstance(group, _Large):
                 acks.append(await self._hand_over(event, group, context))
                 continue
-            if len(event.to_usernames) > long_lists:
+            if len(event.to_usernames) > self._limits.recipients_max:
                 # Paged like a large group's members, so one event cannot hold the stage.
                 listed = _Large(len(event.to_usernames), read_diffusion=False)
                 acks.append(await self._hand_over(event, listed, context))
                 continue
-            users, refused = self._limits.split_ids(recipients(event, group or ()))
+            if group is None:
+                users, refused = self._limits.split_ids(recipients(event))
+            else:
+                # The sender's id was checked with the event, the members' with the group.
+                users = recipients(event, group.users)
+                excluded = event.exclude_usernames
+                refused = [u for u in group.refused if u not in excluded]
             if refused:
-                await self._refuse_ids(record, event, refused)
+                await refuse_ids(self._dead_letters, record, event, refused, self._limits)
             message = push_message(event)
             if not event.push_only:
                 deliveries.add(message, users, priority=event.priority, trace_headers=context)
@@ -284,10 +288,6 @@ class Fanout:
 
     def _decode(self, value: bytes) -> PushEvent:
         return decode_event(value, self._limits, self._max_bytes)
-
-    async def _refuse_ids(self, record: FanoutRecord, event: PushEvent, refused: list[str]) -> None:
-        """The event, addressed to the recipients whose ids we refuse, to the DLQ."""
-        await refuse_ids(self._dead_letters, record, event, refused, self._limits)
 
     async def _resolve_groups(self, sessions: set[str]) -> dict[str, Resolved]:
         """Each group session of the batch read once, the sessions concurrently."""
@@ -317,7 +317,7 @@ class Fanout:
                 while cursor is not None:
                     page, cursor = await self._page(session_id, cursor, self._page_size)
                     members += page
-                return members
+                return _Members(*self._limits.split_ids(members))
             except UnpageableGroup as exc:
                 log.error("group %s: %s", session_id, exc)
                 return exc
@@ -362,9 +362,10 @@ async def refuse_ids(
     copy.to_usernames.extend(refused)
     metrics.REFUSED_IDS.inc(len(refused))
     problem = limits.id_problem(refused[0])
-    source = SourceRecord(record.topic, record.partition, record.offset, record.key, None)
     await dead_letters.put(
-        replace(source, value=copy.SerializeToString()),
+        SourceRecord(
+            record.topic, record.partition, record.offset, record.key, copy.SerializeToString()
+        ),
         "invalid_user_id",
         f"{len(refused)} recipient(s), first {refused[0][:64]!r}: {problem}",
     )

@@ -118,20 +118,18 @@ class StorageConsumer(GroupConsumer):
 
     async def _dead_letter(self, refused: list[tuple[_Entry, Exception]]) -> None:
         """One dead letter per source record, message and reason, with its refused users."""
-        grouped: dict[tuple[int, int, int, str], list[str]] = {}
-        first: dict[tuple[int, int, int, str], tuple[SourceRecord, PushMessage, Exception]] = {}
-        for (source, message, users), exc in refused:
+        letters: dict[tuple[int, int, int, str], tuple[_Entry, Exception, list[str]]] = {}
+        for entry, exc in refused:
+            source, message, users = entry
             key = (source.partition, source.offset, message.msg_id, refusal_reason(exc))
-            grouped.setdefault(key, []).extend(users)
-            first.setdefault(key, (source, message, exc))
-        for key, users in grouped.items():
-            source, message, exc = first[key]
+            letters.setdefault(key, (entry, exc, []))[2].extend(users)
+        for (_, _, _, reason), ((source, message, _), exc, users) in letters.items():
             metrics.INBOX_WRITES.labels("refused").inc(len(users))
             self.refused += len(users)
             value = DeliveryBatch(deliveries=[Delivery(message=message, users=users)])
             await self._dead_letters.put(
                 replace(source, value=value.SerializeToString()),
-                key[3],
+                reason,
                 f"{len(users)} recipient(s), first {users[0]!r}: {redis_reply(exc)[:300]}",
             )
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from settings import Settings
 
 
 @dataclass(frozen=True)
@@ -35,3 +39,15 @@ def channel_security(
         certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
     )
     return ChannelSecurity(credentials, server_name)
+
+
+def from_settings(s: Settings) -> ChannelSecurity | None:
+    """GATEWAY_TLS*: None (plaintext) unless GATEWAY_TLS is on."""
+    if not s.gateway_tls:
+        return None
+    return channel_security(
+        ca_file=s.gateway_tls_ca_file,
+        cert_file=s.gateway_tls_cert_file,
+        key_file=s.gateway_tls_key_file,
+        server_name=s.gateway_tls_server_name,
+    )

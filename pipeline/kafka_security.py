@@ -6,6 +6,7 @@ the CA, certificate and key files are PEM; SASL takes PLAIN or SCRAM credentials
 
 from __future__ import annotations
 
+import functools
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +21,20 @@ if TYPE_CHECKING:
 def ssl_context(s: Settings) -> ssl.SSLContext | None:
     if s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
+    return _context(s.kafka_ssl_cafile, s.kafka_ssl_certfile, s.kafka_ssl_keyfile)
+
+
+@functools.cache
+def _context(cafile: str, certfile: str, keyfile: str) -> ssl.SSLContext:
+    # One context for every client of the worker: the files are read once.
     context: ssl.SSLContext = create_ssl_context(
-        cafile=s.kafka_ssl_cafile or None,
-        certfile=s.kafka_ssl_certfile or None,
-        keyfile=s.kafka_ssl_keyfile or None,
+        cafile=cafile or None, certfile=certfile or None, keyfile=keyfile or None
     )
     return context
+
+
+def _password(s: Settings) -> str:
+    return s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else ""
 
 
 def faust_credentials(s: Settings) -> CredentialsT | None:
@@ -34,7 +43,7 @@ def faust_credentials(s: Settings) -> CredentialsT | None:
     if s.kafka_security_protocol.startswith("SASL"):
         return SASLCredentials(
             username=s.kafka_sasl_username,
-            password=s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else "",
+            password=_password(s),
             ssl_context=context,
             mechanism=s.kafka_sasl_mechanism,
         )
@@ -53,8 +62,6 @@ def aiokafka_auth(s: Settings) -> dict[str, Any]:
         auth.update(
             sasl_mechanism=s.kafka_sasl_mechanism,
             sasl_plain_username=s.kafka_sasl_username,
-            sasl_plain_password=s.kafka_sasl_password.get_secret_value()
-            if s.kafka_sasl_password
-            else "",
+            sasl_plain_password=_password(s),
         )
     return auth

@@ -16,16 +16,23 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACESTATE_MAX = 512  # W3C: at most 32 list members; propagators cut longer ones anyway
 
 
-def kafka_trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
-    """W3C trace context from a Kafka record's headers, if its producer put it there."""
-    found: dict[str, str] = {}
-    for name, value in headers or ():
-        if name.lower() in TRACE_HEADERS and value is not None:
-            found[name.lower()] = value.decode(errors="replace")
-    return found
+def context_from(
+    kafka_headers: Sequence[tuple[str, bytes]] | None, *overrides: Mapping[str, str]
+) -> dict[str, str]:
+    """The valid W3C context in a Kafka record's headers, overridden by each mapping in
+    turn (e.g. the event's own trace_headers); names lower-cased, anything else dropped."""
+    context: dict[str, str] = {}
+    for name, raw in kafka_headers or ():
+        if name.lower() in TRACE_HEADERS and raw is not None:
+            context[name.lower()] = raw.decode(errors="replace")
+    for mapping in overrides:
+        for name, value in mapping.items():
+            if name.lower() in TRACE_HEADERS:
+                context[name.lower()] = value
+    return _valid(context)
 
 
-def valid_trace(context: dict[str, str]) -> dict[str, str]:
+def _valid(context: dict[str, str]) -> dict[str, str]:
     parent = context.get("traceparent")
     if parent is None or not _TRACEPARENT.fullmatch(parent) or parent.startswith("ff"):
         return {}  # tracestate means nothing without a parent
@@ -39,7 +46,4 @@ def valid_trace(context: dict[str, str]) -> dict[str, str]:
 
 def grpc_metadata(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     """Trace headers as gRPC metadata, whoever wrote them: lower-cased, valid or none."""
-    if not headers:
-        return []
-    context = {k.lower(): v for k, v in headers.items() if k.lower() in TRACE_HEADERS}
-    return list(valid_trace(context).items())
+    return list(context_from((), headers).items()) if headers else []
