@@ -243,7 +243,7 @@ class LargeGroups:
         """A page's records, as fanout would make them: (send, key, value, partition)."""
         event, context = job.event, dict(job.trace_headers)
         unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages
-        for name in (*excluded, ""):
+        for name in excluded:
             unique.pop(name, None)
         chosen, refused = self._limits.split_ids(unique)
         if refused:

@@ -270,7 +270,7 @@ async def test_a_timeline_key_of_the_wrong_type_dead_letters_the_job(
 
 async def test_a_long_recipient_list_is_paged_from_the_event_and_bad_ids_refused() -> None:
     h = Harness(GROUP[:10])  # the member store is not read for an explicit list
-    listed = [f"r{i:04d}" for i in range(230)] + ["bad\x00id"]
+    listed = [f"r{i:04d}" for i in range(230)] + ["bad\x00id", ""]
     event = PushEvent(msg_id=98, session_id="dm-fan", from_username="admin", to_usernames=listed)
     assert (
         await h.groups.handle(
@@ -278,8 +278,9 @@ async def test_a_long_recipient_list_is_paged_from_the_event_and_bad_ids_refused
         )
         == 3
     )
-    assert sorted(h.users()) == sorted(["admin", *listed[:-1]])
+    assert sorted(h.users()) == sorted(["admin", *listed[:-2]])
     assert h.saves == [1, 2, 3] and h.cursors["98"]["done"]
     assert h.dead == ["invalid_user_id"]
     (letter,) = [PushEvent.FromString(v or b"") for v in h.sink.dead_values]
-    assert list(letter.to_usernames) == ["bad\x00id"]
+    # An empty name is refused like any unusable id: dead-lettered, not dropped unseen.
+    assert list(letter.to_usernames) == ["bad\x00id", ""]
