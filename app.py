@@ -31,7 +31,7 @@ from embedded import tansu
 from gateway import tls as gateway_tls
 from gateway.client import GatewayPool, SessionConfig
 from offline.setup import offline_stage
-from pipeline import kafka_security, transport
+from pipeline import kafka_security, metrics, transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.topic_view import TopicView
 from settings import Settings
@@ -159,7 +159,19 @@ routes_view = TopicView(
     consumer_config=kafka_consumer_config(settings, None, hot=True),
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
 )
-gateways = gateway_rules.Gateways(max_skew_ms=settings.clock_skew_ms)
+
+
+def _forget_gateway(gateway_id: str) -> None:
+    metrics.forget_gateway(gateway_id)
+    gateway_pool.forget(gateway_id)
+
+
+gateways = gateway_rules.Gateways(
+    max_skew_ms=settings.clock_skew_ms,
+    timeout_ms=int(settings.gateway_timeout_seconds * 1000),
+    forget_after_ms=int(settings.gateway_view_lookback_seconds * 1000),
+    on_forget=_forget_gateway,
+)
 gateways_view = TopicView(
     topic=gateway_heartbeats.get_topic_name(),
     apply=gateways.apply,
@@ -340,6 +352,11 @@ own_group_stages = [
     for stage in (storage_consumer, fanout_consumer, push_consumer, offline_consumer)
     if stage is not None
 ]
+
+
+@app.timer(interval=settings.gateway_timeout_seconds)
+async def _forget_gone_gateways() -> None:
+    gateways.forget_gone()
 
 
 @app.task

@@ -155,10 +155,11 @@ class PushConsumer(GroupConsumer):
             if session.offer(item):
                 enqueued += 1
             else:
-                # A slow gateway must not hold up the others on this partition: divert.
-                metrics.PUSH_ENQUEUE_FAILED.labels(gateway_id, "queue_full").inc()
-                await settle(
-                    PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
-                )
+                # A slow or silent gateway must not hold up the others on this partition.
+                reason = "gateway_overloaded" if session.healthy else "gateway_unhealthy"
+                metrics.PUSH_ENQUEUE_FAILED.labels(
+                    gateway_id, "queue_full" if session.healthy else "unhealthy"
+                ).inc()
+                await settle(PushOutcome(delivered=[], failed=item.users, reason=reason))
         if enqueued:
             metrics.PUSH_ENQUEUE.labels(gateway_id).inc(enqueued)

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 class PushOutcome:
     delivered: list[str]
     failed: list[str]
-    reason: str = ""  # why `failed` failed: gateway_rejected, gateway_failed, gateway_unreachable
+    # why `failed` failed: gateway_rejected, gateway_failed, gateway_unreachable,
+    # gateway_timeout, gateway_unhealthy, gateway_overloaded
+    reason: str = ""
 
 
 @dataclass(eq=False)
@@ -79,8 +81,18 @@ class _StreamBroken(Exception):
     pass
 
 
+class _AckTimeout(_StreamBroken):
+    pass
+
+
 class _Unimplemented(Exception):
     pass
+
+
+def _is_ack_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # a unary Push's timeout
+    return isinstance(exc, _AckTimeout)
 
 
 class GatewaySession:
@@ -100,6 +112,10 @@ class GatewaySession:
         self._unary = False
         self._closing = False
         self.connected = False
+        # False from a broken connection or a missed ack until the gateway acks again.
+        # Meanwhile it gets one batch of work (the probe) and everything else goes to
+        # offline push at once: a silent gateway must not cost every message a timeout.
+        self.healthy = True
         self.pushed_batches = 0
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
@@ -123,8 +139,11 @@ class GatewaySession:
         return not self._queue and not self._retry and not self._inflight
 
     def offer(self, item: PushItem) -> bool:
-        """Queue an item; False if the queue is full or the session is closing."""
+        """Queue an item; False if the queue is full, the session is closing, or the
+        gateway is unhealthy and already has its probe batch."""
         if self._closing or len(self._queue) >= self._config.queue_max_items:
+            return False
+        if not self.healthy and self.depth + self.inflight >= self._config.batch_max_items:
             return False
         self._queue.append(item)
         self._wakeup.set()
@@ -183,8 +202,14 @@ class GatewaySession:
             except Exception as exc:  # whatever broke this connection, the session lives on
                 failures += 1
                 self.failures += 1
+                self.healthy = False
                 log.warning("gateway %s at %s: %r", self.gateway_id, self.address, exc)
-                self._requeue_inflight(count_attempt=True)
+                if _is_ack_timeout(exc):
+                    # Connected, yet silent: what it holds has waited a whole ack timeout
+                    # and resending it would wait as long again. Offline push takes it.
+                    await self._give_up_all("gateway_timeout")
+                else:
+                    self._requeue_inflight(count_attempt=True)
             finally:
                 self._set_connected(False)
                 await channel.close(grace=None)
@@ -232,6 +257,19 @@ class GatewaySession:
         self._retry.extendleft(reversed(retry))
         if retry:
             self._wakeup.set()
+
+    async def _give_up_all(self, reason: str) -> None:
+        items = [item for batch, _, _ in self._inflight.values() for item in batch]
+        items += [*self._retry, *self._queue]
+        # Out of the queues before any await: nothing else may see them again.
+        self._inflight.clear()
+        self._retry.clear()
+        self._queue.clear()
+        self._window_free.set()
+        self._depth_gauge.set(0)
+        await self._finish_all(
+            [(item, PushOutcome(delivered=[], failed=item.users, reason=reason)) for item in items]
+        )
 
     async def _fail_exhausted(self) -> None:
         limit = self._config.max_attempts
@@ -320,6 +358,7 @@ class GatewaySession:
             if entry is None:
                 continue  # an ack for a batch already given up on and resent
             items, placed, sent_at = entry
+            self.healthy = True
             self._window_free.set()
             metrics.PUSH_DURATION.observe(time.monotonic() - sent_at)
             self.pushed_batches += 1
@@ -331,7 +370,7 @@ class GatewaySession:
             if self._inflight:
                 _, _, sent_at = next(iter(self._inflight.values()))
                 if time.monotonic() - sent_at > self._config.ack_timeout:
-                    raise _StreamBroken(f"no ack within {self._config.ack_timeout}s")
+                    raise _AckTimeout(f"no ack within {self._config.ack_timeout}s")
 
     async def _run_unary(self, stub: Any) -> None:
         while True:
@@ -347,6 +386,7 @@ class GatewaySession:
             )
             responses = {id(item): r for group in results for item, r in group}
             del self._inflight[batch_id]
+            self.healthy = True
             self.pushed_batches += 1
             await self._settle(items, [responses[id(item)] for item in items])
 
@@ -445,7 +485,7 @@ class GatewayPool:
     def __init__(self, config: SessionConfig) -> None:
         self._config = config
         self._sessions: dict[str, GatewaySession] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[Any]] = set()
 
     def session(self, gateway_id: str, address: str) -> GatewaySession:
         current = self._sessions.get(gateway_id)
@@ -472,6 +512,19 @@ class GatewayPool:
                 overflow.append((item, outcome))
         await new._finish_all(overflow)
 
+    def forget(self, gateway_id: str) -> None:
+        """Close the session of a gateway gone for good, unless it still holds work.
+
+        A session with work left keeps it: its items expire to offline push by themselves.
+        """
+        session = self._sessions.get(gateway_id)
+        if session is None or not session.idle:
+            return
+        del self._sessions[gateway_id]
+        task = asyncio.create_task(session.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def drain(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         await asyncio.gather(*(s.drain(deadline) for s in self._sessions.values()))
@@ -482,6 +535,7 @@ class GatewayPool:
             gid: {
                 "address": s.address,
                 "connected": s.connected,
+                "healthy": s.healthy,
                 "mode": "unary" if s._unary else "stream",
                 "queued": s.depth,
                 "inflight": s.inflight,

@@ -55,6 +55,11 @@ DEAD_LETTERS = Counter(
 PRESENCE_CHANGES = Counter(
     "resonance_presence_changes_total", "Presence changes applied to routes", ["result"]
 )
+GATEWAY_HEARTBEATS_REFUSED = Counter(
+    "resonance_gateway_heartbeats_refused_total",
+    "Valid heartbeats refused: address_taken (the id is bound to another, live address)",
+    ["reason"],
+)
 FUTURE_TIMESTAMPS = Counter(
     "resonance_future_timestamps_total",
     "Heartbeat and presence timestamps beyond CLOCK_SKEW_SECONDS, clamped",
@@ -116,3 +121,9 @@ def totals() -> dict[str, float]:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return out
+
+
+def forget_gateway(gateway_id: str) -> None:
+    """Drop a gone gateway's labelled series: gateway ids come and go with deployments."""
+    for metric in (PUSH_ENQUEUE, PUSH_ENQUEUE_FAILED, GATEWAY_QUEUE_DEPTH):
+        metric.remove_by_labels({"gateway": gateway_id})

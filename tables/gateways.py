@@ -11,12 +11,19 @@ with a backlog) sees every gateway equally far behind, so its own lag cancels ou
 does not send online users to offline push. The wall clock is only a backstop, for when
 every gateway falls silent together (there is then no newer heartbeat to compare with):
 it allows LAG_ALLOWANCE timeouts before it counts.
+
+A gateway id belongs to the address of its first heartbeat until that gateway drains or
+is down: a heartbeat naming the same id at another address is refused meanwhile, so one
+forged record cannot redirect a live gateway's users. A gateway silent longer than
+FORGET_AFTER is forgotten (with its metric labels and its push session): a starting
+worker, which reads only that far back, would not know it either.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -26,8 +33,12 @@ from pipeline import metrics
 from pipeline.dlq import InvalidRecord
 from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
 
+log = logging.getLogger(__name__)
+
 LAG_ALLOWANCE = 3
 DEFAULT_SKEW_MS = 5000
+DEFAULT_TIMEOUT_MS = 15_000
+DEFAULT_FORGET_AFTER_MS = 60_000
 
 
 class GatewayInfo(TypedDict):
@@ -87,6 +98,11 @@ def silent_ms(info: GatewayInfo, at: Clock) -> int:
     return max(0, behind_newest, unheard_beyond_allowance)
 
 
+def releases_id(previous: GatewayInfo, at: Clock) -> bool:
+    """Whether `previous`'s id may move to another address: it drained, or it is down."""
+    return previous["draining"] or silent_ms(previous, at) > at.timeout_ms
+
+
 def is_pushable(info: GatewayInfo | None, at: Clock) -> bool:
     return info is not None and not info["draining"] and silent_ms(info, at) <= at.timeout_ms
 
@@ -113,13 +129,26 @@ class Gateways(Mapping[str, GatewayInfo]):
     """This worker's view of every gateway's last heartbeat, fed from the heartbeat topic.
 
     Invalid heartbeats are skipped here (and counted); the registry agent dead-letters
-    them once, on the one worker that owns their partition.
+    them once, on the one worker that owns their partition. A heartbeat for an id bound
+    to another address is refused and counted in
+    resonance_gateway_heartbeats_refused_total{reason="address_taken"}.
     """
 
-    def __init__(self, max_skew_ms: int = DEFAULT_SKEW_MS) -> None:
+    def __init__(
+        self,
+        max_skew_ms: int = DEFAULT_SKEW_MS,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        forget_after_ms: int = DEFAULT_FORGET_AFTER_MS,
+        on_forget: Callable[[str], None] | None = None,
+    ) -> None:
         self._infos: dict[str, GatewayInfo] = {}
         self._max_skew_ms = max_skew_ms
+        self._timeout_ms = timeout_ms
+        self._forget_after_ms = forget_after_ms
+        self._on_forget = on_forget
+        self._newest_ts = 0
         self.rejected = 0
+        self.refused = 0
 
     def apply(self, record: Any) -> None:
         try:
@@ -129,8 +158,45 @@ class Gateways(Mapping[str, GatewayInfo]):
             return
         now_ms = int(time.time() * 1000)
         info = from_heartbeat(heartbeat, record.timestamp, now_ms, self._max_skew_ms)
-        if is_newer(info, self._infos.get(heartbeat.gateway_id)):
-            self._infos[heartbeat.gateway_id] = info
+        gateway_id = heartbeat.gateway_id
+        previous = self._infos.get(gateway_id)
+        if previous is not None and previous["address"] != info["address"]:
+            # The claim's own timestamp counts less the skew it may be ahead by: otherwise a
+            # claim from the (clamped) future would make the bound gateway look down.
+            claimed_ts = info["ts"] - self._max_skew_ms
+            at = Clock(max(self._newest_ts, claimed_ts), now_ms, self._timeout_ms)
+            if not releases_id(previous, at):
+                self._refuse(gateway_id, previous["address"], info["address"])
+                return
+        elif not is_newer(info, previous):
+            return
+        self._infos[gateway_id] = info
+        self._newest_ts = max(self._newest_ts, info["ts"])
+
+    def _refuse(self, gateway_id: str, bound: str, claimed: str) -> None:
+        self.refused += 1
+        metrics.GATEWAY_HEARTBEATS_REFUSED.labels("address_taken").inc()
+        if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... time
+            log.warning(
+                "gateway %r is bound to %s until it drains or goes down: refused a heartbeat"
+                " from %s (%d refused so far)",
+                gateway_id,
+                bound,
+                claimed,
+                self.refused,
+            )
+
+    def forget_gone(self, now_ms: int | None = None) -> list[str]:
+        """Drop the gateways silent longer than FORGET_AFTER; returns their ids."""
+        at = Clock(
+            self._newest_ts, int(time.time() * 1000) if now_ms is None else now_ms, self._timeout_ms
+        )
+        gone = [g for g, info in self._infos.items() if silent_ms(info, at) > self._forget_after_ms]
+        for gateway_id in gone:
+            del self._infos[gateway_id]
+            if self._on_forget is not None:
+                self._on_forget(gateway_id)
+        return gone
 
     def __getitem__(self, gateway_id: str) -> GatewayInfo:
         return self._infos[gateway_id]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -39,8 +40,10 @@ class Outcomes:
 
     async def wait(self, count: int, seconds: float = 10) -> None:
         self.expected = count
-        if len(self.items) < count:
-            await asyncio.wait_for(self.done.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            while len(self.items) < count:
+                self.done.clear()
+                await self.done.wait()
 
 
 def message(msg_id: int, session: str = "s1", seq: int = 1) -> PushMessage:
@@ -123,20 +126,41 @@ async def test_unary_only_gateway_gets_everything_in_order() -> None:
     assert pool.stats() == {}
 
 
-async def test_gateway_that_never_acks_fails_after_retries() -> None:
+async def test_a_silent_gateway_costs_one_ack_timeout_then_gets_only_a_probe() -> None:
     sim = await GatewaySimulator("gw-mute", bootstrap_servers=None, ack=False).start()
-    await sim.connect(["u0"])
-    pool = GatewayPool(FAST)
+    await sim.connect([f"u{i}" for i in range(10)])
+    config = dataclasses.replace(FAST, batch_max_items=4)
+    pool = GatewayPool(config)
     outcomes = Outcomes()
-    pool.session(sim.gateway_id, sim.address).offer(
-        PushItem(message(9), ["u0"], outcomes.handler(9))
+    session = pool.session(sim.gateway_id, sim.address)
+    for i in range(3):
+        assert session.offer(PushItem(message(i, f"s{i}"), [f"u{i}"], outcomes.handler(i)))
+    started = asyncio.get_running_loop().time()
+    await outcomes.wait(3, seconds=5)
+    waited = asyncio.get_running_loop().time() - started
+    # Given up after one ack timeout, not resent: offline push takes them.
+    assert {o.reason for _, o in outcomes.items} == {"gateway_timeout"}
+    assert waited < config.ack_timeout * 2, waited
+    assert sim.recorder.batches == 1 and not session.healthy
+
+    # Unhealthy: one batch of work goes to it as a probe, the rest is refused at once.
+    accepted = [
+        i
+        for i in range(10, 20)
+        if session.offer(PushItem(message(i, f"s{i}"), [f"u{i - 10}"], outcomes.handler(i)))
+    ]
+    assert accepted == [10, 11, 12, 13]
+    sim.ack = True  # it recovers: the probe is acked, and it takes full work again
+    await outcomes.wait(7, seconds=5)
+    assert [o.delivered for i, o in outcomes.items if i >= 10] == [["u0"], ["u1"], ["u2"], ["u3"]]
+    assert session.healthy
+    assert all(
+        session.offer(PushItem(message(i), ["u9"], outcomes.handler(i))) for i in range(20, 40)
     )
-    await outcomes.wait(1, seconds=15)
-    await pool.drain(0.1)
+    await outcomes.wait(27, seconds=5)
+    await pool.drain(0.5)
     await sim.stop()
-    ((_, outcome),) = outcomes.items
-    assert outcome.failed == ["u0"] and outcome.reason == "gateway_failed"
-    assert sim.recorder.batches == FAST.max_attempts, "resent once per attempt"
+    assert session.failures == 1
 
 
 async def test_unreachable_gateway_diverts_after_ack_timeout() -> None:

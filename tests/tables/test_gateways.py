@@ -1,7 +1,23 @@
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from gateway.client import GatewayPool, SessionConfig
+from pipeline import metrics
 from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
-from tables.gateways import LAG_ALLOWANCE, clock, from_heartbeat, is_newer, is_pushable, status
+from tables.gateways import (
+    LAG_ALLOWANCE,
+    Gateways,
+    clock,
+    from_heartbeat,
+    is_newer,
+    is_pushable,
+    status,
+)
 
 T = 1_800_000_000_000
 TIMEOUT = 5_000
@@ -61,3 +77,74 @@ def test_a_forged_future_heartbeat_holds_a_gateway_id_only_until_the_next_real_o
         GatewayHeartbeat(gateway_id="a", address="a:1", timestamp=T + 5_001), 0, T + 5_001, skew
     )
     assert is_newer(real, forged)
+
+
+class _Record:
+    def __init__(self, gateway_id: str, address: str, ts: int, draining: bool = False) -> None:
+        beat = GatewayHeartbeat(
+            gateway_id=gateway_id, address=address, timestamp=ts, draining=draining
+        )
+        self.value = beat.SerializeToString()
+        self.timestamp = ts
+
+
+def _view(now: int, **kwargs: Any) -> Gateways:
+    view = Gateways(max_skew_ms=5_000, timeout_ms=TIMEOUT, **kwargs)
+    view.apply(_Record("a", "a:1", now - 1_000))
+    return view
+
+
+def test_a_gateway_id_stays_bound_to_its_first_address_while_it_is_up() -> None:
+    now = int(time.time() * 1000)
+    view = _view(now)
+    # Another address claims the id, even with a timestamp from the future: refused.
+    view.apply(_Record("a", "evil:1", now + 3_600_000))
+    view.apply(_Record("a", "evil:1", now))
+    assert view["a"]["address"] == "a:1" and view.refused == 2
+    view.apply(_Record("a", "a:1", now))  # the real gateway's own heartbeats go on
+    assert view["a"]["ts"] == now
+
+
+def test_a_draining_gateway_releases_its_id() -> None:
+    now = int(time.time() * 1000)
+    view = _view(now)
+    view.apply(_Record("a", "a:1", now, draining=True))
+    view.apply(_Record("a", "a:2", now + 10))  # the same gateway, restarted elsewhere
+    assert view["a"]["address"] == "a:2" and not view["a"]["draining"]
+
+
+def test_a_gateway_down_longer_than_the_timeout_releases_its_id() -> None:
+    now = int(time.time() * 1000)
+    view = _view(now - 60_000)  # last heard a minute ago, in event time
+    view.apply(_Record("a", "a:2", now))
+    assert view["a"]["address"] == "a:2" and view.refused == 0
+
+
+def test_gateways_silent_past_the_horizon_are_forgotten_with_their_metric_labels() -> None:
+    now = int(time.time() * 1000)
+    forgotten: list[str] = []
+    view = Gateways(timeout_ms=TIMEOUT, forget_after_ms=60_000, on_forget=forgotten.append)
+    view.apply(_Record("gone", "g:1", now - 61_000))
+    view.apply(_Record("live", "l:1", now))
+    metrics.PUSH_ENQUEUE.labels("gone").inc()
+    metrics.PUSH_ENQUEUE_FAILED.labels("gone", "queue_full").inc()
+    metrics.GATEWAY_QUEUE_DEPTH.labels("gone").set(3)
+    metrics.PUSH_ENQUEUE.labels("live").inc()
+
+    assert view.forget_gone(now) == ["gone"] and forgotten == ["gone"]
+    assert list(view) == ["live"]
+    metrics.forget_gateway("gone")
+    exposed = generate_latest().decode()
+    assert 'gateway="gone"' not in exposed and 'gateway="live"' in exposed
+    # Everyone silent together (this worker's own clock): forgotten after the allowance.
+    assert view.forget_gone(now + 60_000) == []
+    assert view.forget_gone(now + 60_001 + LAG_ALLOWANCE * TIMEOUT) == ["live"]
+
+
+async def test_the_pool_closes_an_idle_session_of_a_forgotten_gateway() -> None:
+    pool = GatewayPool(SessionConfig())
+    session = pool.session("gone", "127.0.0.1:1")
+    pool.forget("gone")
+    await asyncio.gather(*pool._retiring)
+    assert "gone" not in pool.stats() and session._closing and session._task is None
+    pool.forget("never-seen")  # nothing to close
