@@ -311,7 +311,8 @@ fanout_consumer = fanout.FanoutConsumer(
     batch_max_records=settings.fanout_batch_max_records,
     max_pending_batches=4,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
-    before_commit=lambda: app.producer.flush(),
+    commit_interval=settings.commit_interval_ms / 1000,
+    before_commit=dead_letters.acked,
     wait_before_consuming=views_caught_up,
 )
 push_consumer = push.PushConsumer(
@@ -324,7 +325,8 @@ push_consumer = push.PushConsumer(
     max_pending_bytes=settings.push_pending_bytes,
     drain_seconds=settings.push_drain_seconds,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
-    before_commit=lambda: app.producer.flush(),
+    commit_interval=settings.commit_interval_ms / 1000,
+    before_commit=dead_letters.acked,
 )
 storage_consumer = storage.StorageConsumer(
     topic=deliveries.get_topic_name(),
@@ -334,7 +336,7 @@ storage_consumer = storage.StorageConsumer(
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     batch_max_records=settings.storage_batch_max_records,
     retry_max_seconds=settings.storage_retry_max_seconds,
-    before_commit=lambda: app.producer.flush(),
+    before_commit=dead_letters.acked,
 )
 
 
@@ -345,7 +347,7 @@ offline_consumer = offline_stage(
     dead_letters=dead_letters,
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
-    before_commit=lambda: app.producer.flush(),
+    before_commit=dead_letters.acked,
 )
 own_group_stages = [
     stage

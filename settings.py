@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     member_page_size: int = Field(1000, ge=1)
     delivery_max_users: int = Field(5000, ge=1)
     fanout_batch_max_records: int = Field(500, ge=1)
+    # How often a stage commits the offsets whose effect is done (in the background). A
+    # SIGKILL makes the next owner redo up to this much work: pushes sent twice.
+    commit_interval_ms: int = Field(20, ge=1)
 
     # Large groups: from this many members a group message is paged by the large_group
     # agent with a resumable cursor (0: never); from the second threshold it is written

@@ -57,6 +57,7 @@ def offline_stage(
         batch_max_records=s.offline_batch_max_records,
         before_commit=before_commit,
         idle_fetch_wait_ms=idle_fetch_wait_ms,
+        commit_interval=s.commit_interval_ms / 1000,
     )
 
 

@@ -6,6 +6,8 @@ so the offset advances and an operator can list and replay it later.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,8 +72,18 @@ def dlq_topic(topic: str) -> str:
 
 
 class DeadLetters:
+    """Dead-letters records with their reason. `send` returns once the record is queued,
+    with the broker's acknowledgement (awaitable) or None; a stage awaits `acked()` before
+    it commits offsets past what it dead-lettered."""
+
     def __init__(self, send: SendRaw) -> None:
         self._send = send
+        self._unacked: set[asyncio.Future[Any]] = set()
+
+    async def acked(self) -> None:
+        """Until every letter sent so far is acknowledged by the broker."""
+        if self._unacked:
+            await asyncio.gather(*self._unacked)
 
     async def put(self, record: Record, reason: str, error: BaseException | str) -> None:
         detail = str(error)[:1000]
@@ -83,7 +95,11 @@ class DeadLetters:
             (H_OFFSET, str(record.offset).encode()),
             (H_AT, str(int(time.time() * 1000)).encode()),
         ]
-        await self._send(dlq_topic(record.topic), record.key, record.value, headers)
+        ack = await self._send(dlq_topic(record.topic), record.key, record.value, headers)
+        if inspect.isawaitable(ack):
+            future = asyncio.ensure_future(ack)
+            self._unacked.add(future)
+            future.add_done_callback(self._unacked.discard)
         metrics.DEAD_LETTERS.labels(record.topic, reason).inc()
         log.warning(
             "dead-lettered %s[%d]@%d: %s: %s",

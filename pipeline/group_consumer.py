@@ -14,10 +14,13 @@ effect independently, some much later than others (pushes, each acknowledged by 
 gateway), implements `handle_each` instead: one awaitable (or None) per record, so one
 slow record holds back neither the others' offsets nor the fetching, which then stops
 only at `max_pending_bytes` of records in hand.
-Offsets are committed per partition only up to the first batch not yet done, at most
-every COMMIT_INTERVAL and whenever the topic is idle. A batch that fails restarts the
-consumer, which resumes from the committed offsets: effects are idempotent, or their
-repetition is what the stage promises (gateways dedupe pushes by msg_id).
+Offsets are committed per partition only up to the first batch not yet done, every
+`commit_interval` and whenever the topic is idle, one commit at a time in the background:
+fetching goes on while the broker commits. What a SIGKILL makes the next owner do again
+(pushes sent twice) is what took effect since the last commit: about one commit round
+trip of work. A batch that fails restarts the consumer, which resumes from the committed
+offsets: effects are idempotent, or their repetition is what the stage promises (gateways
+dedupe pushes by msg_id).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pipeline.fetch_wait import FetchWait
 
 log = logging.getLogger(__name__)
 
-COMMIT_INTERVAL = 0.5  # seconds: a commit per fetch cost more broker work than the writes
+COMMIT_INTERVAL = 0.1  # seconds
 RESTART_BACKOFF_MAX = 5.0
 
 Records = list[ConsumerRecord[Any, Any]]
@@ -136,6 +139,7 @@ class GroupConsumer(Service):
         drain_seconds: float = 5.0,
         effect_timeout: float = 120.0,
         idle_fetch_wait_ms: int | None = None,
+        commit_interval: float = COMMIT_INTERVAL,
         wait_before_consuming: Callable[[], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -159,6 +163,11 @@ class GroupConsumer(Service):
         self._failed: BaseException | None = None
         self._stopping = False
         self._last_commit = time.monotonic()
+        self._commit_interval = commit_interval
+        # One commit at a time, in order: an older commit landing after a newer one would
+        # move the group's offset back.
+        self._commit_lock = asyncio.Lock()
+        self._committing: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
         self.joined = False  # has been through a group join (possibly with no partitions)
         self.restarts = 0
@@ -245,6 +254,12 @@ class GroupConsumer(Service):
             self._fetch_wait = FetchWait(busy, self._idle_fetch_wait_ms)
 
     async def _stop_consumer(self) -> None:
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            # A commit under way finishes on the consumer it started with (bounded: a
+            # commit waiting on a broker that is gone is given up).
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(committing, 5.0)
         consumer, self._consumer = self._consumer, None
         for future in self._pending:
             future.cancel()
@@ -332,8 +347,12 @@ class GroupConsumer(Service):
                 else:
                     self._track(effect, segments, list(fetched))
         idle = not fetched and not self._pending
-        if idle or time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
-            await self._commit()
+        due = idle or time.monotonic() - self._last_commit >= self._commit_interval
+        if due and (self._committing is None or self._committing.done()):
+            if self._committing is not None:
+                self._committing.result()  # a commit that failed fails the step: restart
+            self._last_commit = time.monotonic()
+            self._committing = asyncio.create_task(self._commit())
 
     def _track(
         self,
@@ -389,22 +408,30 @@ class GroupConsumer(Service):
                 future.cancel()
 
     async def _commit(self) -> None:
+        async with self._commit_lock:
+            await self._commit_now()
+
+    async def _commit_now(self) -> None:
         consumer = self._consumer
-        offsets = self._offsets.committable()
         if consumer is None:
             return
+        offsets = self._offsets.committable()
         # Only partitions still ours: a rebalance may have taken some since they were handled.
         owned = consumer.assignment()
         offsets = {tp: o for tp, o in offsets.items() if tp in owned}
         if not offsets:
             return
-        self._last_commit = time.monotonic()
+        started = time.monotonic()
         if self._before_commit is not None:
             # What handling sent elsewhere (dead letters) is out before the offsets say done.
             await self._before_commit()
+        flushed = time.monotonic()
         try:
             await consumer.commit(offsets)
             self._progress = True
+            durations = metrics.COMMIT_DURATION
+            durations.labels(self.stage, "flush").observe(flushed - started)
+            durations.labels(self.stage, "commit").observe(time.monotonic() - flushed)
         except (CommitFailedError, KafkaError) as exc:
             log.info("%s: commit skipped after a rebalance: %s", self._topic, exc)
         for tp, offset in offsets.items():

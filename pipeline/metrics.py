@@ -88,6 +88,12 @@ MESSAGE_AGE = Histogram(
 FANOUT_AGE = MESSAGE_AGE.labels("fanout")
 PUSH_AGE = MESSAGE_AGE.labels("push")
 GATEWAY_ACK_AGE = MESSAGE_AGE.labels("gateway_ack")
+COMMIT_DURATION = Histogram(
+    "resonance_commit_duration_seconds",
+    "Offset commits of the own-group stages: flushing what they produced, then the commit",
+    ["stage", "step"],  # step: flush | commit
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 STAGE_RESTARTS = Counter(
     "resonance_stage_restarts_total",
     "Own-group stages restarted from their committed offsets after a failed batch",

@@ -11,7 +11,7 @@ from commands.traffic import group_chat
 from embedded.expectations import received
 from embedded.worker import WorkerProcess
 from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
-from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
+from tests.harness import Pipeline, PipelineFactory, eventually
 
 
 async def inbox_msg_ids(redis_url: str, users: list[str]) -> dict[str, list[int]]:

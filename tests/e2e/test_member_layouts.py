@@ -21,8 +21,8 @@ from commands.traffic import group_chat
 from embedded.expectations import Expected, expected, received
 from embedded.worker import WorkerProcess
 from pipeline.dlq import H_REASON
-from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
 from tests.e2e.test_large_groups import inbox_msg_ids
+from tests.harness import Pipeline, PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow
 

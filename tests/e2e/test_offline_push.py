@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from commands.traffic import group_chat
 from embedded.providers import ProviderServer
 from offline.tokens import DeviceToken, RedisDeviceTokenStore
-from tests.e2e.conftest import PipelineFactory, eventually
+from tests.harness import PipelineFactory, eventually
 from tests.offline.conftest import pem
 
 

@@ -11,7 +11,7 @@ from embedded.expectations import expected, pushed_in_order, received
 from pipeline.dlq import H_REASON
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch, GatewayPushBatch
-from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
+from tests.harness import Pipeline, PipelineFactory, eventually
 
 
 def traffic(p: Pipeline, users: list[str], group: str) -> list[PushEvent]:

@@ -7,7 +7,7 @@ import asyncio
 from commands.traffic import group_chat, single_chat
 from embedded.expectations import expected, received
 from stores.postgres import PostgresInboxStore, PostgresMemberStore
-from tests.e2e.conftest import PipelineFactory, eventually
+from tests.harness import PipelineFactory, eventually
 
 
 async def test_postgres_backends_store_every_inbox_entry_once(

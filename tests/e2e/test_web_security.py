@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from commands.traffic import single_chat
 from settings import Settings
-from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
+from tests.harness import Pipeline, PipelineFactory, eventually
 
 TOKEN = "s3cret-token-for-tests"
 

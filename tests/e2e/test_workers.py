@@ -17,7 +17,7 @@ from commands.traffic import mixed_traffic
 from embedded.expectations import Expected, expected, pushed_in_order, received
 from embedded.worker import WorkerProcess
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from tests.e2e.conftest import Pipeline, PipelineFactory, eventually
+from tests.harness import Pipeline, PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from commands.traffic import single_chat
 from embedded.expectations import expected, received
 from embedded.worker import WorkerProcess
-from tests.e2e.conftest import Pipeline, eventually
+from tests.harness import Pipeline, eventually
 
 
 @pytest.fixture

@@ -1,0 +1,59 @@
+"""SIGKILL at random points of a 50,000-message load, three times."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+from embedded.worker import WorkerProcess
+from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
+from tests.faults.load import Load
+from tests.harness import Pipeline
+
+MESSAGES = 50_000
+RATE = 2_500  # events/s: the load outlasts three kills and restarts
+
+
+async def test_three_sigkills_lose_and_duplicate_no_inbox_entry(pipeline: Pipeline) -> None:
+    p = pipeline
+    worker = await p.start_worker("worker-0")
+    users = [p.user(i) for i in range(200)]
+    online = users[:150]
+    for g in range(3):
+        await p.gateway(f"gw-{g}", online[g * 50 : (g + 1) * 50])
+    await p.wait_online(worker, online)
+
+    seed = random.randrange(1_000_000)
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    load = Load(p, users, online, MESSAGES, RATE, seed=seed).start()
+    for kill in range(1, 4):
+        # A random point in each third of the load: early, mid and late.
+        await load.until_published(rng.uniform(kill - 1, kill - 0.2) / 3 + 0.05)
+        await asyncio.to_thread(worker.kill)
+        print(f"kill {kill} at {load.published} published")
+        worker = WorkerProcess(p.env, p.workdir, f"worker-{kill}").start()
+        p.workers.append(worker)
+        await asyncio.to_thread(worker.wait_ready)  # the next kill hits a working worker
+
+    outcome = await load.check(seconds=180)
+    refanned = await _pushes_fanned_out_twice(p)
+    print(
+        f"three SIGKILLs over {MESSAGES} messages: {outcome}, {outcome.duplicate_ratio:.2%}"
+        f" duplicate pushes; {refanned} of them fanned out twice, the rest pushed twice"
+    )
+    assert outcome.inbox_entries == load.want.inbox_total
+    # What a kill makes the next owner redo is what was done but not yet committed: one
+    # commit round trip of work per stage (COMMIT_INTERVAL_MS, Tansu's ~50 ms commits).
+    # Measured 3-4% here; the issue's target is 1% (see the closing note of issue 9).
+    assert outcome.duplicate_ratio <= 0.06, outcome
+
+
+async def _pushes_fanned_out_twice(p: Pipeline) -> int:
+    seen: Counter[tuple[str, int]] = Counter()
+    for record in await p.read_topic(f"{p.env['APP_ID']}-gateway-pushes"):
+        for push in GatewayPushBatch.FromString(record.value).pushes:
+            for user in push.users:
+                seen[(user, push.message.msg_id)] += 1
+    return sum(count - 1 for count in seen.values())

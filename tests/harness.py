@@ -1,0 +1,161 @@
+"""End-to-end harness: real worker processes, Tansu, Redis and gRPC gateway simulators.
+
+Shared by the end-to-end tests and the fault suite (their conftests import the fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from commands.dlq import read_all
+from embedded.broker import EmbeddedBroker
+from embedded.worker import WorkerProcess, pipeline_env
+from gateway.simulator import GatewaySimulator
+from offline.records import decode as decode_offline
+from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+from stores.inbox import InboxEntry, RedisInboxStore
+from stores.members import RedisMemberStore
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], seconds: float = 60, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
+@dataclass
+class Pipeline:
+    tag: str
+    broker: EmbeddedBroker
+    redis_url: str
+    workdir: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    workers: list[WorkerProcess] = field(default_factory=list)
+    sims: list[GatewaySimulator] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.env = pipeline_env(
+            tag=self.tag, broker_url=self.broker.url, redis_url=self.redis_url, **self.overrides
+        )
+        self.inbox_store = RedisInboxStore(self.redis_url, max_entries=0, message_ttl=3600)
+        self.members = RedisMemberStore(self.redis_url)
+        self._producer: AIOKafkaProducer | None = None
+
+    def user(self, i: int) -> str:
+        return f"{self.tag}-u{i:05d}"
+
+    def topic(self, name: str) -> str:
+        return self.env[name]
+
+    async def start_worker(self, name: str = "worker", **overrides: Any) -> WorkerProcess:
+        env = {**self.env, **{k.upper(): str(v) for k, v in overrides.items()}}
+        worker = WorkerProcess(env, self.workdir, name).start()
+        self.workers.append(worker)
+        try:
+            await asyncio.to_thread(worker.wait_ready)
+        except Exception:
+            print(worker.log_tail())
+            raise
+        return worker
+
+    async def gateway(self, gateway_id: str, users: list[str], **knobs: Any) -> GatewaySimulator:
+        sim = GatewaySimulator(
+            f"{self.tag}-{gateway_id}",
+            bootstrap_servers=self.broker.bootstrap,
+            presence_topic=self.topic("TOPIC_PRESENCE"),
+            heartbeat_topic=self.topic("TOPIC_HEARTBEATS"),
+            heartbeat_interval=0.5,
+            **knobs,
+        )
+        await sim.start()
+        self.sims.append(sim)
+        await sim.connect(users)
+        await sim.flush_presence()
+        return sim
+
+    async def wait_online(
+        self, worker: WorkerProcess, users: list[str], seconds: float = 30
+    ) -> None:
+        async def all_online() -> bool:
+            for user in users:
+                status, body = await asyncio.to_thread(worker.get, f"/routes/{user}")
+                if status != 200 or not body["online_gateways"] or not body["view_gateways"]:
+                    return False
+            return True
+
+        await eventually(all_online, seconds, f"routes of {len(users)} users")
+
+    async def publish(self, events: Sequence[PushEvent | bytes]) -> None:
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.broker.bootstrap, linger_ms=2)
+            await self._producer.start()
+        for event in events:
+            if isinstance(event, bytes):
+                await self._producer.send(self.topic("TOPIC_PUSH_EVENTS"), event, key=b"garbage")
+            else:
+                await self._producer.send(
+                    self.topic("TOPIC_PUSH_EVENTS"),
+                    event.SerializeToString(),
+                    key=event.session_id.encode(),
+                )
+        await self._producer.flush()
+
+    async def inbox(self, user: str) -> list[InboxEntry]:
+        return await self.inbox_store.read(user, 0, 100_000)
+
+    async def offline(self) -> list[OfflinePush]:
+        records = await read_all(
+            self.broker.bootstrap, self.topic("TOPIC_OFFLINE_PUSHES"), 1_000_000
+        )
+        return [push for r in records for push in decode_offline(r.value)]
+
+    async def read_topic(self, topic: str) -> list[Any]:
+        return await read_all(self.broker.bootstrap, topic, 1_000_000)
+
+    async def close(self) -> None:
+        for sim in self.sims:
+            await sim.stop()
+        for worker in self.workers:
+            await asyncio.to_thread(worker.stop)
+        if self._producer is not None:
+            await self._producer.stop()
+        await self.inbox_store.close()
+        await self.members.close()
+
+
+PipelineFactory = Callable[..., Pipeline]
+
+
+@pytest.fixture
+async def pipeline_factory(
+    broker: EmbeddedBroker, redis_url: str, tag: str, workdir: Path
+) -> AsyncIterator[PipelineFactory]:
+    made: list[Pipeline] = []
+
+    def make(**overrides: Any) -> Pipeline:
+        p = Pipeline(tag, broker, redis_url, workdir, overrides)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        await p.close()
+
+
+@pytest.fixture
+async def pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
+    return pipeline_factory()
