@@ -74,6 +74,9 @@ class SessionConfig:
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     max_attempts: int = 3
+    # Items an unhealthy gateway gets while it has not acked again (the probe): a silent
+    # gateway holds this many messages for an ack timeout, the rest go offline at once.
+    probe_items: int = 8
     security: ChannelSecurity | None = None  # None: plaintext (a trusted network only)
 
 
@@ -113,7 +116,7 @@ class GatewaySession:
         self._closing = False
         self.connected = False
         # False from a broken connection or a missed ack until the gateway acks again.
-        # Meanwhile it gets one batch of work (the probe) and everything else goes to
+        # Meanwhile it gets a few items (the probe) and everything else goes to
         # offline push at once: a silent gateway must not cost every message a timeout.
         self.healthy = True
         self.pushed_batches = 0
@@ -143,7 +146,7 @@ class GatewaySession:
         gateway is unhealthy and already has its probe batch."""
         if self._closing or len(self._queue) >= self._config.queue_max_items:
             return False
-        if not self.healthy and self.depth + self.inflight >= self._config.batch_max_items:
+        if not self.healthy and self.depth + self.inflight >= self._config.probe_items:
             return False
         self._queue.append(item)
         self._wakeup.set()

@@ -129,7 +129,7 @@ async def test_unary_only_gateway_gets_everything_in_order() -> None:
 async def test_a_silent_gateway_costs_one_ack_timeout_then_gets_only_a_probe() -> None:
     sim = await GatewaySimulator("gw-mute", bootstrap_servers=None, ack=False).start()
     await sim.connect([f"u{i}" for i in range(10)])
-    config = dataclasses.replace(FAST, batch_max_items=4)
+    config = dataclasses.replace(FAST, probe_items=4)
     pool = GatewayPool(config)
     outcomes = Outcomes()
     session = pool.session(sim.gateway_id, sim.address)
@@ -143,7 +143,7 @@ async def test_a_silent_gateway_costs_one_ack_timeout_then_gets_only_a_probe() -
     assert waited < config.ack_timeout * 2, waited
     assert sim.recorder.batches == 1 and not session.healthy
 
-    # Unhealthy: one batch of work goes to it as a probe, the rest is refused at once.
+    # Unhealthy: a few items go to it as a probe, the rest is refused at once.
     accepted = [
         i
         for i in range(10, 20)
