@@ -38,7 +38,7 @@ from settings import Settings
 from stores import setup as stores
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
-from web import auth, views
+from web import auth, errors, views
 
 settings = Settings()
 
@@ -69,10 +69,10 @@ def faust_config(s: Settings) -> dict[str, Any]:
     credentials = kafka_security.faust_credentials(s)
     if credentials is not None:
         config["broker_credentials"] = credentials
+    middlewares: list[Any] = [errors.json_errors]
     if s.web_auth_token is not None:
-        config["web_application_options"] = {
-            "middlewares": [auth.bearer_middleware(s.web_auth_token.get_secret_value())]
-        }
+        middlewares.append(auth.bearer_middleware(s.web_auth_token.get_secret_value()))
+    config["web_application_options"] = {"middlewares": middlewares}
     auth.warn_if_open(s.web_host, protected=s.web_auth_token is not None)
     if s.tansu:
         # DESIGN.md section 6: Tansu's group join waits half the session timeout; its
