@@ -33,6 +33,7 @@ from gateway.client import GatewayPool, SessionConfig
 from offline.setup import offline_stage
 from pipeline import kafka_security, metrics, transport
 from pipeline.dlq import DeadLetters, dlq_topic
+from pipeline.offset_marks import OffsetMarks
 from pipeline.topic_view import TopicView
 from settings import Settings
 from stores import setup as stores
@@ -291,6 +292,16 @@ app.agent(presence_by_user, name="routes")(
 )
 app.agent(gateway_heartbeats, name="registry")(registry.agent(dead_letters))
 
+# Where each stage's done work ends, in Redis between Kafka commits (pipeline/offset_marks.py).
+offset_marks = (
+    OffsetMarks(
+        settings.redis_url.get_secret_value(),
+        settings.app_id,
+        timeout=settings.redis_timeout_seconds,
+    )
+    if settings.offset_marks
+    else None
+)
 fanout_consumer = fanout.FanoutConsumer(
     fanout=fanout.Fanout(
         members=members,
@@ -312,6 +323,7 @@ fanout_consumer = fanout.FanoutConsumer(
     max_pending_batches=4,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     commit_interval=settings.commit_interval_ms / 1000,
+    marks=offset_marks,
     before_commit=dead_letters.acked,
     wait_before_consuming=views_caught_up,
 )
@@ -326,6 +338,7 @@ push_consumer = push.PushConsumer(
     drain_seconds=settings.push_drain_seconds,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     commit_interval=settings.commit_interval_ms / 1000,
+    marks=offset_marks,
     before_commit=dead_letters.acked,
 )
 storage_consumer = storage.StorageConsumer(
@@ -336,6 +349,8 @@ storage_consumer = storage.StorageConsumer(
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     batch_max_records=settings.storage_batch_max_records,
     retry_max_seconds=settings.storage_retry_max_seconds,
+    commit_interval=settings.commit_interval_ms / 1000,
+    marks=offset_marks,
     before_commit=dead_letters.acked,
 )
 

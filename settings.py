@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # How often a stage commits the offsets whose effect is done (in the background). A
     # SIGKILL makes the next owner redo up to this much work: pushes sent twice.
     commit_interval_ms: int = Field(20, ge=1)
+    # Stages also mark where their done work ends in Redis (REDIS_URL) as it moves, well
+    # before the Kafka commit: a worker taking a partition starts from the later of both.
+    offset_marks: bool = True
 
     # Large groups: from this many members a group message is paged by the large_group
     # agent with a resumable cursor (0: never); from the second threshold it is written

@@ -18,9 +18,10 @@ Offsets are committed per partition only up to the first batch not yet done, eve
 `commit_interval` and whenever the topic is idle, one commit at a time in the background:
 fetching goes on while the broker commits. What a SIGKILL makes the next owner do again
 (pushes sent twice) is what took effect since the last commit: about one commit round
-trip of work. A batch that fails restarts the consumer, which resumes from the committed
-offsets: effects are idempotent, or their repetition is what the stage promises (gateways
-dedupe pushes by msg_id).
+trip of work, unless `marks` (pipeline/offset_marks.py) keep the done prefix in Redis as
+it moves: a successor then starts from the mark. A batch that fails restarts the
+consumer, which resumes from the committed offsets: effects are idempotent, or their
+repetition is what the stage promises (gateways dedupe pushes by msg_id).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from mode import Service
 from pipeline import metrics
 from pipeline.dlq import SourceRecord
 from pipeline.fetch_wait import FetchWait
+from pipeline.offset_marks import OffsetMarks
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,13 @@ class Offsets:
         ready, self._ready = self._ready, {}
         return ready
 
+    def done_ends(self) -> dict[TopicPartition, int]:
+        """Each partition's end of its done prefix since the last `committable`, kept."""
+        for tp, segments in self._open.items():
+            while segments and segments[0].done:
+                self._ready[tp] = segments.popleft().end
+        return dict(self._ready)
+
     def waiting(self, tps: Iterable[TopicPartition]) -> bool:
         return any(self._open.get(tp) for tp in tps)
 
@@ -115,13 +124,15 @@ class Offsets:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, stage: GroupConsumer) -> None:
+    def __init__(self, stage: GroupConsumer, consumer: AIOKafkaConsumer) -> None:
         self._stage = stage
+        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         await self._stage._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._stage._on_assigned(assigned, self._consumer)
         self._stage.joined = True
 
 
@@ -140,6 +151,7 @@ class GroupConsumer(Service):
         effect_timeout: float = 120.0,
         idle_fetch_wait_ms: int | None = None,
         commit_interval: float = COMMIT_INTERVAL,
+        marks: OffsetMarks | None = None,
         wait_before_consuming: Callable[[], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -168,6 +180,9 @@ class GroupConsumer(Service):
         # move the group's offset back.
         self._commit_lock = asyncio.Lock()
         self._committing: asyncio.Task[None] | None = None
+        self._marks = marks
+        self._marks_due = asyncio.Event()
+        self._mark_task: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
         self.joined = False  # has been through a group join (possibly with no partitions)
         self.restarts = 0
@@ -214,10 +229,14 @@ class GroupConsumer(Service):
 
     async def on_start(self) -> None:
         await self._start_consumer()
+        if self._marks is not None:
+            self._mark_task = asyncio.create_task(self._mark_loop(self._marks))
         self._consume_task = asyncio.create_task(self._consume(), name=f"stage:{self.stage}")
 
     async def on_stop(self) -> None:
         self._stopping = True
+        if self._mark_task is not None:
+            self._mark_task.cancel()
         deadline = time.monotonic() + self._drain_seconds
         task = self._consume_task
         if task is not None:
@@ -241,7 +260,7 @@ class GroupConsumer(Service):
         consumer = AIOKafkaConsumer(
             enable_auto_commit=False, auto_offset_reset="earliest", **self._consumer_config
         )
-        consumer.subscribe([self._topic], listener=_Rebalance(self))
+        consumer.subscribe([self._topic], listener=_Rebalance(self, consumer))
         try:
             await consumer.start()
         except BaseException:
@@ -346,6 +365,8 @@ class GroupConsumer(Service):
                     Offsets.close(segments)
                 else:
                     self._track(effect, segments, list(fetched))
+        if fetched:
+            self._marks_due.set()
         idle = not fetched and not self._pending
         due = idle or time.monotonic() - self._last_commit >= self._commit_interval
         if due and (self._committing is None or self._committing.done()):
@@ -383,8 +404,53 @@ class GroupConsumer(Service):
                 self._failed = done.exception()
             else:
                 Offsets.close(segments)
+                self._marks_due.set()
 
         future.add_done_callback(finished)
+
+    @property
+    def _group(self) -> str:
+        return str(self._consumer_config.get("group_id"))
+
+    async def _mark_loop(self, marks: OffsetMarks) -> None:
+        marked: dict[TopicPartition, int] = {}
+        while True:
+            await self._marks_due.wait()
+            self._marks_due.clear()
+            consumer = self._consumer
+            if consumer is None:
+                continue
+            owned = consumer.assignment()
+            ends = {
+                tp: offset
+                for tp, offset in self._offsets.done_ends().items()
+                if tp in owned and marked.get(tp) != offset
+            }
+            if not ends:
+                continue
+            try:
+                await marks.save(self._group, ends)
+                marked.update(ends)
+            except Exception as exc:  # a hint only: Kafka's commits still hold
+                log.warning("%s: offset marks not saved: %r", self.stage, exc)
+                await asyncio.sleep(1.0)
+
+    async def _on_assigned(self, assigned: set[TopicPartition], consumer: AIOKafkaConsumer) -> None:
+        """Start each partition from its mark when the mark is ahead of the commit."""
+        if self._marks is None or not assigned:
+            return
+        try:
+            marks = await self._marks.load(self._group, assigned)
+            if not marks:
+                return
+            ends = await consumer.end_offsets(list(marks))
+            for tp, mark in marks.items():
+                committed = await consumer.committed(tp) or 0
+                if committed < mark <= ends.get(tp, -1):
+                    consumer.seek(tp, mark)
+                    metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - committed)
+        except Exception as exc:
+            log.warning("%s: offset marks not read, starting from the commits: %r", self.stage, exc)
 
     async def _wait_pending(self, tps: set[TopicPartition] | None, deadline: float) -> None:
         while True:

@@ -94,6 +94,11 @@ COMMIT_DURATION = Histogram(
     ["stage", "step"],  # step: flush | commit
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+OFFSETS_SKIPPED = Counter(
+    "resonance_offsets_skipped_total",
+    "Records a stage did not redo on taking a partition: done before, marked, not committed",
+    ["stage"],
+)
 STAGE_RESTARTS = Counter(
     "resonance_stage_restarts_total",
     "Own-group stages restarted from their committed offsets after a failed batch",

@@ -48,11 +48,11 @@ async def test_three_sigkills_lose_and_duplicate_no_inbox_entry(pipeline: Pipeli
         f" duplicate pushes; {refanned} of them fanned out twice, the rest pushed twice"
     )
     assert outcome.inbox_entries == load.want.inbox_total
-    # What a kill makes the next owner redo is what took effect but was not yet committed:
-    # about one commit round trip of work per stage (Tansu commits take ~50 ms), more when
-    # the kill lands while a restarted worker catches up. Measured 2.8-5.6% here, from
-    # 8.6-10.4% before commits went to the background; the target is 1%.
-    assert outcome.duplicate_ratio <= 0.08, outcome
+    # What a kill makes the next owner redo is what took effect but was not yet marked
+    # done: fanout's batches in flight (their records sent, not all acknowledged) and a
+    # Redis write's worth of pushes. Measured here: 8.6-10.4% with 0.5 s commits, 2.8-5.6%
+    # with background commits, about 2% with offset marks. The target is 1%.
+    assert outcome.duplicate_ratio <= 0.05, outcome
 
 
 def _watch_ready(worker: WorkerProcess, timeout: float = 90) -> list[int]:

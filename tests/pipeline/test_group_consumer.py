@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from embedded.broker import EmbeddedBroker
 from pipeline.group_consumer import GroupConsumer, Offsets, Records
+from pipeline.offset_marks import OffsetMarks
 from tests.pipeline.test_topic_view import make_topic, produce, until
 
 
@@ -271,3 +272,87 @@ async def test_stop_ends_by_the_drain_deadline_even_with_a_batch_that_cannot_fin
     await asyncio.wait_for(stage.stop(), 10)
     assert time.monotonic() - started < 5  # the 1 s deadline, and the consumer's close
     assert await committed(broker, group, [TopicPartition(topic, 0)]) == 0  # never done
+
+
+class Done(GroupConsumer):
+    """Every batch takes effect at once; commits wait on `commits_open` (shut: a worker
+    killed before its next Kafka commit)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen: list[bytes] = []
+        self.commits_open = asyncio.Event()
+        super().__init__(stage="test-marks", before_commit=self.commits_open.wait, **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        self.seen += [r.value for r in records]
+        return None
+
+    async def kill(self) -> None:
+        """What SIGKILL leaves: no drain, no final commit, the group left uncommitted."""
+        for task in (self._consume_task, self._mark_task, self._committing):
+            if task is not None:
+                task.cancel()
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def test_a_successor_starts_from_the_marks_not_the_older_commit(
+    broker: EmbeddedBroker, tag: str, redis_url: str
+) -> None:
+    topic, group = f"{tag}.marked", f"{tag}-group"
+    await make_topic(broker, topic, 2)
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
+    tps = [TopicPartition(topic, p) for p in (0, 1)]
+    marks = OffsetMarks(redis_url, tag)
+    config = group_config(broker, group)
+    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    await first.start()
+    await until(lambda: len(first.seen) == 100)
+    await until_async(lambda: _marked(marks, group, tps, 100))
+    await first.kill()
+    assert await committed(broker, group, tps) == 0  # Kafka never heard of the work
+
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 110)])
+    second = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    second.commits_open.set()
+    await second.start()
+    try:
+        await until(lambda: len(second.seen) == 10)
+        await asyncio.sleep(0.5)
+        assert sorted(second.seen) == sorted(f"r{i}".encode() for i in range(100, 110))
+    finally:
+        await second.stop()
+    assert await committed(broker, group, tps) == 110
+    await marks.close()
+
+
+async def test_a_mark_beyond_the_end_of_a_partition_is_ignored(
+    broker: EmbeddedBroker, tag: str, redis_url: str
+) -> None:
+    topic, group = f"{tag}.recreated", f"{tag}-group"
+    await make_topic(broker, topic, 2)
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(20)])
+    tps = [TopicPartition(topic, p) for p in (0, 1)]
+    marks = OffsetMarks(redis_url, tag)
+    await marks.save(group, dict.fromkeys(tps, 5_000))  # left by an older incarnation
+    stage = Done(
+        topic=topic, consumer_config=group_config(broker, group), batch_max_records=30, marks=marks
+    )
+    stage.commits_open.set()
+    await stage.start()
+    try:
+        await until(lambda: len(stage.seen) == 20)
+    finally:
+        await stage.stop()
+        await marks.close()
+
+
+async def _marked(marks: OffsetMarks, group: str, tps: list[TopicPartition], total: int) -> bool:
+    return sum((await marks.load(group, tps)).values()) == total
+
+
+async def until_async(check: Callable[[], Awaitable[bool]], seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
