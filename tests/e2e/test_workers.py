@@ -130,7 +130,8 @@ async def test_every_push_and_inbox_entry_with_several_workers(
         assert stats["stages"]["fanout"]["assigned"], stats["stages"]
 
 
-@pytest.mark.parametrize("count", [2, 3])
+# Two workers, one joining and leaving mid-load: tests/faults/test_workers.py.
+@pytest.mark.parametrize("count", [3])
 async def test_a_worker_leaving_mid_load_loses_nothing(
     pipeline_factory: PipelineFactory, count: int
 ) -> None:

@@ -281,7 +281,10 @@ class Done(GroupConsumer):
     def __init__(self, **kwargs: Any) -> None:
         self.seen: list[bytes] = []
         self.commits_open = asyncio.Event()
-        super().__init__(stage="test-marks", before_commit=self.commits_open.wait, **kwargs)
+        super().__init__(stage="test-marks", before_commit=self._commit_allowed, **kwargs)
+
+    async def _commit_allowed(self) -> None:
+        await self.commits_open.wait()
 
     async def handle(self, records: Records) -> Awaitable[object] | None:
         self.seen += [r.value for r in records]
