@@ -324,6 +324,7 @@ fanout_consumer = fanout.FanoutConsumer(
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     commit_interval=settings.commit_interval_ms / 1000,
     marks=offset_marks,
+    dead_letters=dead_letters,
     before_commit=dead_letters.acked,
     wait_before_consuming=views_caught_up,
 )

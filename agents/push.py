@@ -91,7 +91,7 @@ class PushConsumer(GroupConsumer):
         self._pool = pool
         self._offline = offline
         self._dead_letters = dead_letters
-        super().__init__(stage="push", **kwargs)
+        super().__init__(stage="push", dead_letters=dead_letters, **kwargs)
 
     async def drain(self, deadline: float) -> None:
         # Queued pushes get until the deadline to be acknowledged; what is left then is

@@ -46,7 +46,7 @@ class StorageConsumer(GroupConsumer):
         self.duplicates = 0
         self.refused = 0
         self.pending_since: float | None = None
-        super().__init__(stage="storage", **kwargs)
+        super().__init__(stage="storage", dead_letters=dead_letters, **kwargs)
 
     def stats(self) -> dict[str, Any]:
         return {

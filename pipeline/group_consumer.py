@@ -39,14 +39,18 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
 from pipeline import metrics
-from pipeline.dlq import SourceRecord
+from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.fetch_wait import FetchWait
 from pipeline.offset_marks import OffsetMarks
+from pipeline.retry import is_transient
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.1  # seconds
 RESTART_BACKOFF_MAX = 5.0
+# After this many restarts in a row without progress, on an error that is not transient,
+# the stage takes its next records one at a time and dead-letters the one that fails.
+ISOLATE_AFTER = 3
 
 Records = list[ConsumerRecord[Any, Any]]
 
@@ -152,6 +156,7 @@ class GroupConsumer(Service):
         idle_fetch_wait_ms: int | None = None,
         commit_interval: float = COMMIT_INTERVAL,
         marks: OffsetMarks | None = None,
+        dead_letters: DeadLetters | None = None,
         wait_before_consuming: Callable[[], Awaitable[object]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -181,6 +186,8 @@ class GroupConsumer(Service):
         self._commit_lock = asyncio.Lock()
         self._committing: asyncio.Task[None] | None = None
         self._marks = marks
+        self._isolation_letters = dead_letters
+        self._isolate = 0  # records still to take one at a time
         self._marks_due = asyncio.Event()
         self._mark_task: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
@@ -316,6 +323,14 @@ class GroupConsumer(Service):
             if self._failed is not None and not self._stopping:
                 # Crash-only recovery: a fresh consumer resumes from the committed offsets.
                 failures += 1
+                if (
+                    failures >= ISOLATE_AFTER
+                    and self._isolation_letters is not None
+                    and not is_transient(self._failed)
+                ):
+                    # The same batch keeps failing for a reason retrying will not change:
+                    # find the record it is about, one record at a time.
+                    self._isolate = self._batch_max
                 self.restarts += 1
                 metrics.STAGE_RESTARTS.labels(self.stage).inc()
                 delay = min(RESTART_BACKOFF_MAX, 0.1 * 2**failures)
@@ -343,6 +358,8 @@ class GroupConsumer(Service):
         if full:
             # Backpressure: Kafka is the buffer while the records in hand take effect.
             await asyncio.wait(self._pending, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+        elif self._isolate and not self._pending:
+            fetched = await self._step_isolated(self._consumer)
         else:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
             fetched = {tp: rs for tp, rs in batch.items() if rs}
@@ -374,6 +391,40 @@ class GroupConsumer(Service):
                 self._committing.result()  # a commit that failed fails the step: restart
             self._last_commit = time.monotonic()
             self._committing = asyncio.create_task(self._commit())
+
+    async def _step_isolated(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, Records]:
+        """One record, to its effect; one that fails for good is dead-lettered, and only it."""
+        assert self._isolation_letters is not None
+        batch = await consumer.getmany(timeout_ms=200, max_records=1)
+        fetched = {tp: rs for tp, rs in batch.items() if rs}
+        for tp, records in fetched.items():
+            for record in records:
+                segments = self._offsets.open({tp: [record]})
+                try:
+                    if self.per_record:
+                        (effect,) = await self.handle_each([record])
+                    else:
+                        effect = await self.handle([record])
+                    if effect is not None:
+                        await asyncio.wait_for(effect, self._effect_timeout)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise  # not this record's fault: restart, isolation goes on
+                    log.error(
+                        "%s: %s[%d]@%d fails alone: dead-lettered",
+                        self.stage,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        exc_info=exc,
+                    )
+                    await self._isolation_letters.put(
+                        source_record(record), "stage_failed", f"{type(exc).__name__}: {exc}"
+                    )
+                Offsets.close(segments)
+                self._marks_due.set()
+                self._isolate = max(0, self._isolate - 1)
+        return {}  # handled here: nothing left for the batch path
 
     def _track(
         self,

@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from embedded.broker import EmbeddedBroker
+from pipeline.dlq import H_ERROR, H_REASON, DeadLetters
 from pipeline.group_consumer import GroupConsumer, Offsets, Records
 from pipeline.offset_marks import OffsetMarks
 from tests.pipeline.test_topic_view import make_topic, produce, until
@@ -359,3 +360,82 @@ async def until_async(check: Callable[[], Awaitable[bool]], seconds: float = 15)
     while not await check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
+
+
+class Letters:
+    """A DeadLetters' send that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, dict[str, bytes]]] = []
+
+    async def __call__(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
+        self.sent.append((topic, value, dict(headers)))
+
+
+class PoisonInBatch(GroupConsumer):
+    """A batch holding b"poison" fails with `error` every time (a bug, bad data)."""
+
+    def __init__(self, error: Exception, fails: int = 1_000_000, **kwargs: Any) -> None:
+        self.done: set[bytes] = set()
+        self.error = error
+        self.fails = fails
+        super().__init__(stage="test-poison", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        values = [r.value for r in records]
+        if b"poison" in values and self.fails > 0:
+            self.fails -= 1
+            raise self.error
+        self.done.update(values)
+        return None
+
+
+async def test_a_record_that_fails_every_batch_it_is_in_is_dead_lettered_alone(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.poison", f"{tag}-group"
+    await make_topic(broker, topic, 2)
+    values = [f"r{i}".encode() for i in range(60)]
+    values[21] = b"poison"
+    await produce(broker, topic, [(i % 2, v) for i, v in enumerate(values)])
+    letters = Letters()
+    stage = PoisonInBatch(
+        ValueError("cannot handle this"),
+        topic=topic,
+        consumer_config=group_config(broker, group),
+        batch_max_records=30,
+        dead_letters=DeadLetters(letters),
+    )
+    await stage.start()
+    try:
+        await until(lambda: len(stage.done) == 59, seconds=30)
+    finally:
+        await stage.stop()
+    assert stage.done == set(values) - {b"poison"}
+    ((dlq, value, headers),) = letters.sent
+    assert dlq == f"{topic}.dlq" and value == b"poison"
+    assert headers[H_REASON] == b"stage_failed" and b"cannot handle this" in headers[H_ERROR]
+    assert await committed(broker, group, [TopicPartition(topic, p) for p in (0, 1)]) == 60
+
+
+async def test_a_transient_error_is_never_dead_lettered(broker: EmbeddedBroker, tag: str) -> None:
+    topic, group = f"{tag}.flaky", f"{tag}-group"
+    await make_topic(broker, topic, 1)
+    await produce(broker, topic, [(0, b"a"), (0, b"poison"), (0, b"b")])
+    letters = Letters()
+    stage = PoisonInBatch(
+        ConnectionError("the store is away"),
+        fails=5,  # more restarts than ISOLATE_AFTER, then the store is back
+        topic=topic,
+        consumer_config=group_config(broker, group),
+        batch_max_records=30,
+        dead_letters=DeadLetters(letters),
+    )
+    await stage.start()
+    try:
+        await until(lambda: stage.done == {b"a", b"poison", b"b"}, seconds=30)
+    finally:
+        await stage.stop()
+    assert letters.sent == [] and stage.restarts == 5
