@@ -6,6 +6,7 @@ process (so kill -9 means kill -9), configured only through environment variable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,9 +108,10 @@ class WorkerProcess:
         raise TimeoutError(f"{self.name} not ready after {timeout}s; see {self.log_path}")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no final commit."""
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL: no shutdown, no final commit. Nothing to do once it has exited."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it exited just now
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def stop(self, timeout: float = 60.0) -> None:

@@ -127,10 +127,10 @@ class Pipeline:
         return await read_all(self.broker.bootstrap, topic, 1_000_000)
 
     async def close(self) -> None:
-        for sim in self.sims:
-            await sim.stop()
-        for worker in self.workers:
-            await asyncio.to_thread(worker.stop)
+        # Teardown only: what a test needs of a graceful stop it asks for itself. SIGKILL
+        # is seconds faster per worker than Faust's shutdown, and every name is the test's.
+        await asyncio.gather(*(asyncio.to_thread(worker.kill) for worker in self.workers))
+        await asyncio.gather(*(sim.stop() for sim in self.sims))
         if self._producer is not None:
             await self._producer.stop()
         await self.inbox_store.close()
