@@ -15,8 +15,21 @@ from dataclasses import dataclass
 
 from commands.traffic import single_chat
 from embedded.expectations import Expected, expected, received
+from embedded.worker import WorkerProcess
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from tests.harness import Pipeline, eventually
+
+
+async def users_online(
+    p: Pipeline, worker: WorkerProcess, total: int, online: int, gateways: int
+) -> tuple[list[str], list[str]]:
+    """`total` users, the first `online` of them spread over `gateways` simulators."""
+    users = [p.user(i) for i in range(total)]
+    share = online // gateways
+    for g in range(gateways):
+        await p.gateway(f"gw-{g}", users[g * share : (g + 1) * share])
+    await p.wait_online(worker, users[: share * gateways])
+    return users, users[: share * gateways]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections import Counter
 
 from embedded.worker import WorkerProcess
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
-from tests.faults.load import Load
+from tests.faults.load import Load, users_online
 from tests.harness import Pipeline
 
 MESSAGES = 50_000
@@ -19,11 +19,7 @@ RATE = 2_500  # events/s: the load outlasts three kills and restarts
 async def test_three_sigkills_lose_and_duplicate_no_inbox_entry(pipeline: Pipeline) -> None:
     p = pipeline
     worker = await p.start_worker("worker-0")
-    users = [p.user(i) for i in range(200)]
-    online = users[:150]
-    for g in range(3):
-        await p.gateway(f"gw-{g}", online[g * 50 : (g + 1) * 50])
-    await p.wait_online(worker, online)
+    users, online = await users_online(p, worker, 200, online=150, gateways=3)
 
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from commands.traffic import single_chat
-from tests.faults.load import Load
+from tests.faults.load import Load, users_online
 from tests.harness import Pipeline, eventually
 
 
@@ -58,10 +58,6 @@ async def test_stalled_inbox_store_does_not_delay_pushes(
     assert [await p.inbox(u) for u in users] == [[]] * len(users)  # the real Redis got nothing
 
 
-async def _at_least(total: Awaitable[int], want: int) -> bool:
-    return await total >= want
-
-
 async def _true(value: bool) -> bool:
     return value
 
@@ -71,11 +67,7 @@ async def test_redis_paused_ten_seconds_mid_load_loses_nothing(
 ) -> None:
     p = pipeline
     worker = await p.start_worker()
-    users = [p.user(i) for i in range(100)]
-    online = users[:60]
-    await p.gateway("gw-a", online[:30])
-    await p.gateway("gw-b", online[30:])
-    await p.wait_online(worker, online)
+    users, online = await users_online(p, worker, 100, online=60, gateways=2)
 
     load = Load(p, users, online, 20_000, rate=1_000).start()
     await load.until_published(0.25)

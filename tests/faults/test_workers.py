@@ -8,7 +8,7 @@ from typing import Any
 
 from commands.traffic import group_chat
 from pipeline.dlq import H_REASON
-from tests.faults.load import Load
+from tests.faults.load import Load, users_online
 from tests.harness import Pipeline, PipelineFactory
 
 DRAIN_SECONDS = 3.0
@@ -17,11 +17,7 @@ DRAIN_SECONDS = 3.0
 async def test_a_second_worker_joins_and_leaves_mid_load(pipeline: Pipeline) -> None:
     p = pipeline
     first = await p.start_worker("worker-1")
-    users = [p.user(i) for i in range(120)]
-    online = users[:90]
-    for g in range(3):
-        await p.gateway(f"gw-{g}", online[g * 30 : (g + 1) * 30])
-    await p.wait_online(first, online)
+    users, online = await users_online(p, first, 120, online=90, gateways=3)
 
     load = Load(p, users, online, 20_000, rate=1_500).start()
     await load.until_published(0.2)
