@@ -115,7 +115,9 @@ class GatewaySession:
         self._unary = False
         self._closing = False
         self.connected = False
-        # False from a broken connection or a missed ack until the gateway acks again.
+        # False from a missed ack (connected, yet silent) until the gateway acks again.
+        # A broken or refused connection alone does not count: a restarting gateway, or
+        # one negotiating down to unary Push, is not silent.
         # Meanwhile it gets a few items (the probe) and everything else goes to
         # offline push at once: a silent gateway must not cost every message a timeout.
         self.healthy = True
@@ -205,9 +207,9 @@ class GatewaySession:
             except Exception as exc:  # whatever broke this connection, the session lives on
                 failures += 1
                 self.failures += 1
-                self.healthy = False
                 log.warning("gateway %s at %s: %r", self.gateway_id, self.address, exc)
                 if _is_ack_timeout(exc):
+                    self.healthy = False
                     # Connected, yet silent: what it holds has waited a whole ack timeout
                     # and resending it would wait as long again. Offline push takes it.
                     await self._give_up_all("gateway_timeout")
