@@ -302,6 +302,13 @@ offset_marks = (
     if settings.offset_marks
     else None
 )
+# What every own-group stage shares: how long an idle fetch waits, how often it commits,
+# and that its dead letters are acknowledged before offsets past them are.
+stage_options: dict[str, Any] = {
+    "idle_fetch_wait_ms": settings.idle_fetch_max_wait_ms,
+    "commit_interval": settings.commit_interval_ms / 1000,
+    "before_commit": dead_letters.acked,
+}
 fanout_consumer = fanout.FanoutConsumer(
     fanout=fanout.Fanout(
         members=members,
@@ -321,12 +328,10 @@ fanout_consumer = fanout.FanoutConsumer(
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-fanout", hot=True),
     batch_max_records=settings.fanout_batch_max_records,
     max_pending_batches=4,
-    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
-    commit_interval=settings.commit_interval_ms / 1000,
     marks=offset_marks,
     dead_letters=dead_letters,
-    before_commit=dead_letters.acked,
     wait_before_consuming=views_caught_up,
+    **stage_options,
 )
 push_consumer = push.PushConsumer(
     pool=gateway_pool,
@@ -337,22 +342,18 @@ push_consumer = push.PushConsumer(
     batch_max_records=settings.push_batch_max_records,
     max_pending_bytes=settings.push_pending_bytes,
     drain_seconds=settings.push_drain_seconds,
-    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
-    commit_interval=settings.commit_interval_ms / 1000,
     marks=offset_marks,
-    before_commit=dead_letters.acked,
+    **stage_options,
 )
 storage_consumer = storage.StorageConsumer(
     topic=deliveries.get_topic_name(),
     inbox=inbox,
     dead_letters=dead_letters,
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-storage"),
-    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     batch_max_records=settings.storage_batch_max_records,
     retry_max_seconds=settings.storage_retry_max_seconds,
-    commit_interval=settings.commit_interval_ms / 1000,
     marks=offset_marks,
-    before_commit=dead_letters.acked,
+    **stage_options,
 )
 
 
@@ -362,8 +363,7 @@ offline_consumer = offline_stage(
     topic=offline_pushes.get_topic_name(),
     dead_letters=dead_letters,
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
-    idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
-    before_commit=dead_letters.acked,
+    **stage_options,
 )
 own_group_stages = [
     stage

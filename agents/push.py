@@ -156,10 +156,12 @@ class PushConsumer(GroupConsumer):
                 enqueued += 1
             else:
                 # A slow or silent gateway must not hold up the others on this partition.
-                reason = "gateway_overloaded" if session.healthy else "gateway_unhealthy"
-                metrics.PUSH_ENQUEUE_FAILED.labels(
-                    gateway_id, "queue_full" if session.healthy else "unhealthy"
-                ).inc()
+                label, reason = (
+                    ("queue_full", "gateway_overloaded")
+                    if session.healthy
+                    else ("unhealthy", "gateway_unhealthy")
+                )
+                metrics.PUSH_ENQUEUE_FAILED.labels(gateway_id, label).inc()
                 await settle(PushOutcome(delivered=[], failed=item.users, reason=reason))
         if enqueued:
             metrics.PUSH_ENQUEUE.labels(gateway_id).inc(enqueued)

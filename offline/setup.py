@@ -6,7 +6,6 @@ a worker without offline push is ~15 MB lighter.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +29,11 @@ def offline_stage(
     topic: str,
     dead_letters: DeadLetters,
     consumer_config: dict[str, Any],
-    before_commit: Callable[[], Awaitable[None]],
-    idle_fetch_wait_ms: int | None = None,
+    **stage_options: Any,
 ) -> OfflinePushConsumer | None:
-    """The offline push stage, or None when no provider is configured."""
+    """The offline push stage, or None when no provider is configured.
+
+    `stage_options` go to its GroupConsumer as they go to every stage's (app.py)."""
     if not configured(s):
         return None
     from offline.processor import OfflinePushConsumer, OfflinePusher
@@ -55,9 +55,7 @@ def offline_stage(
         clients=clients,
         consumer_config=consumer_config,
         batch_max_records=s.offline_batch_max_records,
-        before_commit=before_commit,
-        idle_fetch_wait_ms=idle_fetch_wait_ms,
-        commit_interval=s.commit_interval_ms / 1000,
+        **stage_options,
     )
 
 

@@ -104,18 +104,19 @@ class Offsets:
 
     def committable(self) -> dict[TopicPartition, int]:
         """Offsets to commit now (and forget): each partition's end of its done prefix."""
-        for tp, segments in self._open.items():
-            while segments and segments[0].done:
-                self._ready[tp] = segments.popleft().end
+        self._advance()
         ready, self._ready = self._ready, {}
         return ready
 
     def done_ends(self) -> dict[TopicPartition, int]:
         """Each partition's end of its done prefix since the last `committable`, kept."""
+        self._advance()
+        return dict(self._ready)
+
+    def _advance(self) -> None:
         for tp, segments in self._open.items():
             while segments and segments[0].done:
                 self._ready[tp] = segments.popleft().end
-        return dict(self._ready)
 
     def waiting(self, tps: Iterable[TopicPartition]) -> bool:
         return any(self._open.get(tp) for tp in tps)
@@ -359,7 +360,7 @@ class GroupConsumer(Service):
             # Backpressure: Kafka is the buffer while the records in hand take effect.
             await asyncio.wait(self._pending, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
         elif self._isolate and not self._pending:
-            fetched = await self._step_isolated(self._consumer)
+            await self._step_isolated(self._consumer)
         else:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
             fetched = {tp: rs for tp, rs in batch.items() if rs}
@@ -392,12 +393,11 @@ class GroupConsumer(Service):
             self._last_commit = time.monotonic()
             self._committing = asyncio.create_task(self._commit())
 
-    async def _step_isolated(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, Records]:
+    async def _step_isolated(self, consumer: AIOKafkaConsumer) -> None:
         """One record, to its effect; one that fails for good is dead-lettered, and only it."""
         assert self._isolation_letters is not None
         batch = await consumer.getmany(timeout_ms=200, max_records=1)
-        fetched = {tp: rs for tp, rs in batch.items() if rs}
-        for tp, records in fetched.items():
+        for tp, records in batch.items():
             for record in records:
                 segments = self._offsets.open({tp: [record]})
                 try:
@@ -424,7 +424,6 @@ class GroupConsumer(Service):
                 Offsets.close(segments)
                 self._marks_due.set()
                 self._isolate = max(0, self._isolate - 1)
-        return {}  # handled here: nothing left for the batch path
 
     def _track(
         self,
