@@ -55,6 +55,7 @@ def offline_stage(
         clients=clients,
         consumer_config=consumer_config,
         batch_max_records=s.offline_batch_max_records,
+        dead_letters=dead_letters,  # a record failing alone for good is dead-lettered
         **stage_options,
     )
 
