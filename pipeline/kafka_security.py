@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka.helpers import create_ssl_context
 from faust.auth import SASLCredentials, SSLCredentials
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.types.auth import CredentialsT
 
 if TYPE_CHECKING:
@@ -53,15 +54,6 @@ def faust_credentials(s: Settings) -> CredentialsT | None:
 
 
 def aiokafka_auth(s: Settings) -> dict[str, Any]:
-    """Keyword arguments for an aiokafka consumer or producer of ours."""
-    auth: dict[str, Any] = {"security_protocol": s.kafka_security_protocol}
-    context = ssl_context(s)
-    if context is not None:
-        auth["ssl_context"] = context
-    if s.kafka_security_protocol.startswith("SASL"):
-        auth.update(
-            sasl_mechanism=s.kafka_sasl_mechanism,
-            sasl_plain_username=s.kafka_sasl_username,
-            sasl_plain_password=_password(s),
-        )
-    return auth
+    """Keyword arguments for an aiokafka consumer or producer of ours: Faust's own mapping
+    of the same credentials, so its clients and ours cannot disagree."""
+    return dict(credentials_to_aiokafka_auth(faust_credentials(s)))
