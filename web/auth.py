@@ -34,9 +34,9 @@ def bearer_middleware(
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # compare_digest: the time taken does not tell how much of a guess was right.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            return web.json_response(
-                {"error": "a bearer token is required (Authorization: Bearer <WEB_AUTH_TOKEN>)"},
-                status=401,
+            # web/errors.py answers it as JSON, as every other refusal.
+            raise web.HTTPUnauthorized(
+                text="a bearer token is required (Authorization: Bearer <WEB_AUTH_TOKEN>)",
                 headers={"WWW-Authenticate": 'Bearer realm="resonance-task"'},
             )
         return await handler(request)

@@ -2,19 +2,20 @@
 
 aiohttp answers its own refusals (no such path, method not allowed, a request line too
 long) with plain text, and an exception in a view with an HTML page; clients of a JSON
-API should not have to parse either.
+API should not have to parse either. A store that is away is a 503 with Retry-After,
+whichever view met it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-log = logging.getLogger(__name__)
+from pipeline.retry import is_transient
+from web.auth import Handler
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger(__name__)
 
 
 @web.middleware
@@ -29,6 +30,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() != "content-type"},
         )
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):
+            # A store is away (down, paused, timing out): try again, not a server bug.
+            return web.json_response(
+                {"error": f"a store is unavailable: {type(exc).__name__}"},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": "internal error"}, status=500)

@@ -256,18 +256,9 @@ def register(app: Any, topology: Topology) -> None:
             return self.json({"error": str(exc)}, status=400)
         if problem := topology.settings.limits.id_problem(user):
             return self.json({"error": f"user: {problem}"}, status=400)
-        try:
-            entries = await topology.inbox.read(user, after, limit)
-            timelines = await timelines_of(topology, user, timeline_cursors, limit)
-        except Exception as exc:
-            if not retry.is_transient(exc):
-                raise
-            # The store is away (down, paused, timing out): try again, not a server bug.
-            return self.json(
-                {"error": f"the inbox store is unavailable: {type(exc).__name__}"},
-                status=503,
-                headers={"Retry-After": "1"},
-            )
+        # A store that is away answers 503 (web/errors.py).
+        entries = await topology.inbox.read(user, after, limit)
+        timelines = await timelines_of(topology, user, timeline_cursors, limit)
         return self.json(
             {
                 "user": user,
