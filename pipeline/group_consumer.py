@@ -97,6 +97,12 @@ class Offsets:
                 segments.append(segment)
         return segments
 
+    def skip(self, tp: TopicPartition, end: int) -> None:
+        """Offsets below `end` are done without being handled here (an offset mark said so)."""
+        segment = _Segment(end)
+        segment.done = True
+        self._open.setdefault(tp, deque()).append(segment)
+
     @staticmethod
     def close(segments: Iterable[_Segment]) -> None:
         for segment in segments:
@@ -190,6 +196,7 @@ class GroupConsumer(Service):
         self._isolation_letters = dead_letters
         self._isolate = 0  # records still to take one at a time
         self._marks_due = asyncio.Event()
+        self._unapplied_marks: dict[TopicPartition, int] = {}
         self._mark_task: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
         self.joined = False  # has been through a group join (possibly with no partitions)
@@ -293,6 +300,7 @@ class GroupConsumer(Service):
         self._pending.clear()
         self._pending_bytes = 0
         self._offsets = Offsets()
+        self._unapplied_marks = {}
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -364,6 +372,8 @@ class GroupConsumer(Service):
         else:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
             fetched = {tp: rs for tp, rs in batch.items() if rs}
+            if self._unapplied_marks:
+                fetched = self._skip_marked(self._consumer, fetched)
             if self._fetch_wait is not None:
                 self._fetch_wait.observe(self._consumer, bool(fetched))
             if fetched and self.per_record:
@@ -397,6 +407,9 @@ class GroupConsumer(Service):
         """One record, to its effect; one that fails for good is dead-lettered, and only it."""
         assert self._isolation_letters is not None
         batch = await consumer.getmany(timeout_ms=200, max_records=1)
+        batch = {tp: rs for tp, rs in batch.items() if rs}
+        if self._unapplied_marks:
+            batch = self._skip_marked(consumer, batch)
         for tp, records in batch.items():
             for record in records:
                 segments = self._offsets.open({tp: [record]})
@@ -486,21 +499,45 @@ class GroupConsumer(Service):
                 await asyncio.sleep(1.0)
 
     async def _on_assigned(self, assigned: set[TopicPartition], consumer: AIOKafkaConsumer) -> None:
-        """Start each partition from its mark when the mark is ahead of the commit."""
+        """Load the marks of what we were given; each applies at its partition's first fetch.
+
+        Not here, against `end_offsets`: a mark past the partition's end means the topic was
+        recreated (and on Tansu a seek past the end waits there for ever, skipping what is
+        produced below it), but Tansu's ListOffsets(latest) answers the first offset of the
+        last batch + 1, short of the end a mark usually is. A fetch's high watermark is right
+        on both brokers.
+        """
+        self._unapplied_marks = {}
         if self._marks is None or not assigned:
             return
         try:
-            marks = await self._marks.load(self._group, assigned)
-            if not marks:
-                return
-            ends = await consumer.end_offsets(list(marks))
-            for tp, mark in marks.items():
-                committed = await consumer.committed(tp) or 0
-                if committed < mark <= ends.get(tp, -1):
-                    consumer.seek(tp, mark)
-                    metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - committed)
+            self._unapplied_marks = await self._marks.load(self._group, assigned)
         except Exception as exc:
             log.warning("%s: offset marks not read, starting from the commits: %r", self.stage, exc)
+
+    def _skip_marked(
+        self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, Records]
+    ) -> dict[TopicPartition, Records]:
+        """Drop what a partition's mark says is done, at its first fetch since assignment."""
+        for tp, records in list(fetched.items()):
+            mark = self._unapplied_marks.pop(tp, None)
+            if mark is None or records[0].offset >= mark:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None or mark > highwater:
+                log.warning(
+                    "%s: %s mark %d is past its end %s: ignored", self.stage, tp, mark, highwater
+                )
+                continue
+            metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - records[0].offset)
+            self._offsets.skip(tp, mark)
+            kept = [r for r in records if r.offset >= mark]
+            if kept:
+                fetched[tp] = kept
+            else:
+                del fetched[tp]
+                consumer.seek(tp, mark)  # also drops what the consumer has prefetched below it
+        return fetched
 
     async def _wait_pending(self, tps: set[TopicPartition] | None, deadline: float) -> None:
         while True:
@@ -517,6 +554,8 @@ class GroupConsumer(Service):
             await self._wait_pending(revoked, time.monotonic() + self._drain_seconds)
         await self._commit()
         self._offsets.forget(revoked)
+        for tp in revoked:
+            self._unapplied_marks.pop(tp, None)
         # What is still in flight there will not commit here: stop counting it against
         # backpressure (the work itself goes on, and its repeat by the next owner is fine).
         for future, tps in list(self._pending.items()):
