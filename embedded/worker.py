@@ -67,7 +67,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
+        # Unbuffered: a worker killed with SIGKILL (the fault suite's) keeps its last lines.
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "faust", "-A", self.app, "worker", "-l", "info"],
