@@ -342,6 +342,7 @@ push_consumer = push.PushConsumer(
     batch_max_records=settings.push_batch_max_records,
     max_pending_bytes=settings.push_pending_bytes,
     drain_seconds=settings.push_drain_seconds,
+    dedupe_records=settings.push_dedupe_records,
     marks=offset_marks,
     **stage_options,
 )

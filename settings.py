@@ -165,6 +165,10 @@ class Settings(BaseSettings):
     # gateway-pushes records in hand (bytes) while gateways acknowledge them; beyond it
     # the push stage stops fetching. Each gateway's own queue is PUSH_QUEUE_MAX_ITEMS.
     push_pending_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    # How many of a gateway-pushes partition's last records the push stage remembers, to
+    # send no user a message it was offered already (a fanout redone after a crash writes
+    # its pushes again, a few records after the first copies); 0 turns that off.
+    push_dedupe_records: int = Field(256, ge=0)
 
     # Offline push (offline/): a provider is on when its settings are set; the stage runs
     # in its own consumer group when any is. Rates are HTTP requests per second.

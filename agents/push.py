@@ -8,14 +8,25 @@ its offset commit. Records settle independently: fetching goes on while gateways
 up to PUSH_PENDING_BYTES of records in hand.
 A full gateway queue diverts to offline push instead of waiting, so a slow gateway never
 holds up the others.
+
+A push whose (gateway, msg_id, user) this partition already offered is not sent again:
+a fanout (or large-group page) redone after its worker died writes its pushes a second
+time, after the first copies, to the same partition (keyed by gateway). The memory of
+what was offered is the last `dedupe_records` records of each partition; a worker taking
+a partition fills it from the records before where it resumes, which are all settled.
+The first copy settles the user either way (pushed, or handed to offline push).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+
+from aiokafka import TopicPartition
+from google.protobuf.message import DecodeError
 
 from gateway.client import GatewayPool, PushItem, PushOutcome
 from offline import records as offline_records
@@ -79,6 +90,40 @@ class _Settlement:
             await asyncio.gather(*self.acks)
 
 
+# However few records that is, a partition remembers at most this many offered users.
+OFFERED_MAX_USERS = 200_000
+
+
+class Offered:
+    """The users each (gateway, msg_id) was offered to in a partition's last records."""
+
+    def __init__(self, max_records: int, max_users: int = OFFERED_MAX_USERS) -> None:
+        self._users: dict[tuple[str, int], set[str]] = {}
+        self._records: deque[list[tuple[tuple[str, int], list[str]]]] = deque()
+        self._count = 0
+        self._max_records = max_records
+        self._max_users = max_users
+
+    def fresh(self, gateway_id: str, msg_id: int, users: Iterable[str]) -> list[str]:
+        seen = self._users.get((gateway_id, msg_id))
+        return list(users) if seen is None else [u for u in users if u not in seen]
+
+    def add(self, record: list[tuple[tuple[str, int], list[str]]]) -> None:
+        for key, users in record:
+            self._users.setdefault(key, set()).update(users)
+            self._count += len(users)
+        self._records.append(record)
+        while self._records and (
+            len(self._records) > self._max_records or self._count > self._max_users
+        ):
+            for key, users in self._records.popleft():
+                seen = self._users[key]
+                seen.difference_update(users)
+                self._count -= len(users)
+                if not seen:
+                    del self._users[key]
+
+
 class PushConsumer(GroupConsumer):
     def __init__(
         self,
@@ -86,12 +131,72 @@ class PushConsumer(GroupConsumer):
         pool: GatewayPool,
         offline: OfflineSink,
         dead_letters: DeadLetters,
+        dedupe_records: int = 0,
         **kwargs: Any,
     ) -> None:
         self._pool = pool
         self._offline = offline
         self._dead_letters = dead_letters
-        super().__init__(stage="push", dead_letters=dead_letters, **kwargs)
+        self._dedupe_records = dedupe_records
+        self._offered: dict[TopicPartition, Offered] = {}
+        super().__init__(
+            stage="push", dead_letters=dead_letters, replay_records=dedupe_records, **kwargs
+        )
+
+    def _offered_on(self, tp: TopicPartition) -> Offered | None:
+        if not self._dedupe_records:
+            return None
+        offered = self._offered.get(tp)
+        if offered is None:
+            offered = self._offered[tp] = Offered(self._dedupe_records)
+        return offered
+
+    def released(self, tps: set[TopicPartition] | None) -> None:
+        # What was offered but may not have settled is redone by whoever resumes the
+        # partition (this worker too, after a restart): it must not count as offered.
+        if tps is None:
+            self._offered.clear()
+        for tp in tps or ():
+            self._offered.pop(tp, None)
+
+    def replayed(self, tp: TopicPartition, records: Records) -> None:
+        # Settled before this worker took the partition: what they carried counts as offered.
+        offered = self._offered_on(tp)
+        assert offered is not None  # replayed only with dedupe_records
+        for record in records:
+            try:
+                pushes = GatewayPushBatch.FromString(record.value)
+            except DecodeError:
+                continue  # dead-lettered when it was first read
+            offered.add(
+                [((pushes.gateway_id, p.message.msg_id), list(p.users)) for p in pushes.pushes]
+            )
+
+    def _drop_offered(self, tp: TopicPartition, pushes: GatewayPushBatch) -> None:
+        """Strip users this partition already offered the same message to; remember the rest."""
+        offered = self._offered_on(tp)
+        if offered is None:
+            return
+        gateway_id = pushes.gateway_id
+        kept: list[GatewayPush] = []
+        remembered: list[tuple[tuple[str, int], list[str]]] = []
+        repeated = 0
+        for push in pushes.pushes:
+            msg_id = push.message.msg_id
+            fresh = offered.fresh(gateway_id, msg_id, push.users)
+            if len(fresh) < len(push.users):
+                repeated += len(push.users) - len(fresh)
+                if not fresh:
+                    continue
+                del push.users[:]
+                push.users.extend(fresh)
+            kept.append(push)
+            remembered.append(((gateway_id, msg_id), fresh))
+        if repeated:
+            metrics.PUSH_REPEATS_DROPPED.inc(repeated)
+            del pushes.pushes[:]
+            pushes.pushes.extend(kept)
+        offered.add(remembered)
 
     async def drain(self, deadline: float) -> None:
         # Queued pushes get until the deadline to be acknowledged; what is left then is
@@ -110,6 +215,7 @@ class PushConsumer(GroupConsumer):
             if pushes is None:
                 effects.append(None)
                 continue
+            self._drop_offered(TopicPartition(record.topic, record.partition), pushes)
             settlement = _Settlement()
             await self._offer(pushes, settlement)
             settlement.settled()

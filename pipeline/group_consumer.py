@@ -71,6 +71,19 @@ class _Segment:
         self.done = False
 
 
+class _Resume:
+    """Where a partition taken by this stage resumes: known at its first fetch."""
+
+    __slots__ = ("done_below", "mark")
+
+    def __init__(self, mark: int | None) -> None:
+        self.mark = mark  # from offset marks; valid only if within the partition
+        self.done_below: int | None = None
+
+    def __repr__(self) -> str:
+        return f"_Resume(mark={self.mark}, done_below={self.done_below})"
+
+
 class Offsets:
     """Which fetched offsets have taken effect; only a done prefix of a partition commits."""
 
@@ -165,6 +178,7 @@ class GroupConsumer(Service):
         marks: OffsetMarks | None = None,
         dead_letters: DeadLetters | None = None,
         wait_before_consuming: Callable[[], Awaitable[object]] | None = None,
+        replay_records: int = 0,
         **kwargs: Any,
     ) -> None:
         self._topic = topic
@@ -196,7 +210,8 @@ class GroupConsumer(Service):
         self._isolation_letters = dead_letters
         self._isolate = 0  # records still to take one at a time
         self._marks_due = asyncio.Event()
-        self._unapplied_marks: dict[TopicPartition, int] = {}
+        self._resuming: dict[TopicPartition, _Resume] = {}
+        self._replay_records = replay_records
         self._mark_task: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
         self.joined = False  # has been through a group join (possibly with no partitions)
@@ -300,7 +315,8 @@ class GroupConsumer(Service):
         self._pending.clear()
         self._pending_bytes = 0
         self._offsets = Offsets()
-        self._unapplied_marks = {}
+        self._resuming = {}
+        self.released(None)
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -372,8 +388,8 @@ class GroupConsumer(Service):
         else:
             batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
             fetched = {tp: rs for tp, rs in batch.items() if rs}
-            if self._unapplied_marks:
-                fetched = self._skip_marked(self._consumer, fetched)
+            if self._resuming:
+                fetched = self._resume(self._consumer, fetched)
             if self._fetch_wait is not None:
                 self._fetch_wait.observe(self._consumer, bool(fetched))
             if fetched and self.per_record:
@@ -408,8 +424,8 @@ class GroupConsumer(Service):
         assert self._isolation_letters is not None
         batch = await consumer.getmany(timeout_ms=200, max_records=1)
         batch = {tp: rs for tp, rs in batch.items() if rs}
-        if self._unapplied_marks:
-            batch = self._skip_marked(consumer, batch)
+        if self._resuming:
+            batch = self._resume(consumer, batch)
         for tp, records in batch.items():
             for record in records:
                 segments = self._offsets.open({tp: [record]})
@@ -498,6 +514,17 @@ class GroupConsumer(Service):
                 log.warning("%s: offset marks not saved: %r", self.stage, exc)
                 await asyncio.sleep(1.0)
 
+    def replayed(self, tp: TopicPartition, records: Records) -> None:
+        """Records before where this stage resumes a partition: done already, not to redo.
+
+        Fed, with `replay_records`, when a partition is taken: the last that many records
+        before its resume point, so a stage can tell a repeat of done work (the same
+        push fanned out again by a successor of a killed fanout) from new work.
+        """
+
+    def released(self, tps: set[TopicPartition] | None) -> None:
+        """These partitions (None: all) are no longer handled here from where they were."""
+
     async def _on_assigned(self, assigned: set[TopicPartition], consumer: AIOKafkaConsumer) -> None:
         """Load the marks of what we were given; each applies at its partition's first fetch.
 
@@ -507,36 +534,65 @@ class GroupConsumer(Service):
         last batch + 1, short of the end a mark usually is. A fetch's high watermark is right
         on both brokers.
         """
-        self._unapplied_marks = {}
-        if self._marks is None or not assigned:
-            return
-        try:
-            self._unapplied_marks = await self._marks.load(self._group, assigned)
-        except Exception as exc:
-            log.warning("%s: offset marks not read, starting from the commits: %r", self.stage, exc)
+        marks: dict[TopicPartition, int] = {}
+        if self._marks is not None and assigned:
+            try:
+                marks = await self._marks.load(self._group, assigned)
+            except Exception as exc:
+                log.warning("%s: offset marks not read, from the commits: %r", self.stage, exc)
+        self._resuming = {
+            tp: _Resume(marks.get(tp)) for tp in assigned if tp in marks or self._replay_records
+        }
 
-    def _skip_marked(
+    def _resume(
         self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, Records]
     ) -> dict[TopicPartition, Records]:
-        """Drop what a partition's mark says is done, at its first fetch since assignment."""
+        """Of a partition's first records since it was taken, keep only what is to be done.
+
+        The first fetch starts at the committed offset; a valid mark moves the point where
+        work resumes further. What lies before that point is handed to `replayed` (the
+        `replay_records` before it, fetched again for the purpose) and never handled again.
+        """
         for tp, records in list(fetched.items()):
-            mark = self._unapplied_marks.pop(tp, None)
-            if mark is None or records[0].offset >= mark:
+            resume = self._resuming.get(tp)
+            if resume is None:
                 continue
-            highwater = consumer.highwater(tp)
-            if highwater is None or mark > highwater:
-                log.warning(
-                    "%s: %s mark %d is past its end %s: ignored", self.stage, tp, mark, highwater
-                )
-                continue
-            metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - records[0].offset)
-            self._offsets.skip(tp, mark)
-            kept = [r for r in records if r.offset >= mark]
-            if kept:
-                fetched[tp] = kept
+            if resume.done_below is None:
+                start = records[0].offset
+                resume.done_below = start
+                mark = resume.mark
+                if mark is not None and mark > start:
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and mark <= highwater:
+                        resume.done_below = mark
+                        metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - start)
+                        self._offsets.skip(tp, mark)
+                    else:
+                        log.warning(
+                            "%s: %s mark %d is past its end %s: ignored",
+                            self.stage,
+                            tp,
+                            mark,
+                            highwater,
+                        )
+                wanted = max(0, resume.done_below - self._replay_records)
+                if wanted != start:
+                    # Back for the records to replay, or on past what is done: the consumer
+                    # drops what it prefetched from elsewhere.
+                    consumer.seek(tp, wanted)
+                    del fetched[tp]
+                    continue
+            done_below = resume.done_below
+            if records[0].offset < done_below:
+                before = [r for r in records if r.offset < done_below]
+                if self._replay_records:
+                    self.replayed(tp, before)
+                records = records[len(before) :]
+            if records:
+                fetched[tp] = records
+                del self._resuming[tp]
             else:
                 del fetched[tp]
-                consumer.seek(tp, mark)  # also drops what the consumer has prefetched below it
         return fetched
 
     async def _wait_pending(self, tps: set[TopicPartition] | None, deadline: float) -> None:
@@ -555,7 +611,8 @@ class GroupConsumer(Service):
         await self._commit()
         self._offsets.forget(revoked)
         for tp in revoked:
-            self._unapplied_marks.pop(tp, None)
+            self._resuming.pop(tp, None)
+        self.released(revoked)
         # What is still in flight there will not commit here: stop counting it against
         # backpressure (the work itself goes on, and its repeat by the next owner is fine).
         for future, tps in list(self._pending.items()):

@@ -48,6 +48,10 @@ INBOX_WRITES = Counter(
     "resonance_inbox_writes_total", "Inbox entries written", ["result"]
 )  # result: new | duplicate
 PUSHED_USERS = Counter("resonance_pushed_users_total", "Users acknowledged by their gateway")
+PUSH_REPEATS_DROPPED = Counter(
+    "resonance_push_repeats_dropped_total",
+    "Users not pushed again: their partition had offered them the same message (a redone fanout)",
+)
 OFFLINE_USERS = Counter("resonance_offline_users_total", "Users sent to offline push", ["reason"])
 DEAD_LETTERS = Counter(
     "resonance_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"]

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Awaitable
 
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 
-from agents.push import OfflineSink, PushConsumer
+from agents.push import Offered, OfflineSink, PushConsumer
 from gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
@@ -70,3 +70,94 @@ async def test_a_record_whose_offline_handover_failed_does_not_count_as_done() -
     # Failing, not pending for ever: the stage restarts from the committed offset at once.
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(effect, 5)
+
+
+class Accepting:
+    """A gateway session that takes every push and acknowledges it at once."""
+
+    def __init__(self) -> None:
+        self.users: list[tuple[int, str]] = []
+        self.answers: list[asyncio.Future[None]] = []
+
+    def offer(self, item: PushItem) -> bool:
+        self.users += [(item.message.msg_id, u) for u in item.users]
+        outcome = PushOutcome(delivered=item.users, failed=[], reason="")
+        self.answers.append(asyncio.ensure_future(item.on_done(outcome)))
+        return True
+
+
+def push_record(offset: int, pushes: dict[int, list[str]], partition: int = 0) -> ConsumerRecord:
+    batch = GatewayPushBatch(gateway_id="gw", address="gw:1")
+    for msg_id, users in pushes.items():
+        push = batch.pushes.add()
+        push.message.CopyFrom(PushMessage(msg_id=msg_id, session_id="s"))
+        push.users.extend(users)
+    value = batch.SerializeToString()
+    return ConsumerRecord("pushes", partition, offset, 0, 0, b"gw", value, None, 2, len(value), ())
+
+
+def deduping(session: Accepting, dedupe_records: int = 8) -> PushConsumer:
+    class One(GatewayPool):
+        def session(self, gateway_id: str, address: str) -> Accepting:  # type: ignore[override]
+            return session
+
+    return PushConsumer(
+        pool=One(SessionConfig()),
+        offline=OfflineSink(Sink().outputs().offline_pushes),
+        dead_letters=Sink().dead_letters(),
+        topic="pushes",
+        consumer_config={},
+        batch_max_records=10,
+        dedupe_records=dedupe_records,
+    )
+
+
+async def test_a_push_written_again_by_a_redone_fanout_reaches_only_users_not_offered() -> None:
+    gateway = Accepting()
+    stage = deduping(gateway)
+    first = await stage.handle_each([push_record(0, {1: ["a", "b"], 2: ["c"]})])
+    # The redone fanout's copy: message 1 now also for "d" (it came online meanwhile).
+    again = await stage.handle_each([push_record(1, {1: ["a", "b", "d"], 2: ["c"], 3: ["e"]})])
+    await asyncio.gather(*(e for e in first + again if e is not None))
+    assert gateway.users == [(1, "a"), (1, "b"), (2, "c"), (1, "d"), (3, "e")]
+
+
+async def test_a_partition_taken_over_counts_the_replayed_records_as_offered() -> None:
+    gateway = Accepting()
+    stage = deduping(gateway)
+    stage.replayed(TopicPartition("pushes", 0), [push_record(5, {1: ["a"], 2: ["b"]})])
+    (effect,) = await stage.handle_each([push_record(6, {1: ["a"], 2: ["b", "c"]})])
+    assert effect is not None
+    await effect
+    assert gateway.users == [(2, "c")]
+    # Another partition's memory is its own.
+    (effect,) = await stage.handle_each([push_record(0, {1: ["a"]}, partition=1)])
+    assert effect is not None
+    await effect
+    assert gateway.users == [(2, "c"), (1, "a")]
+
+
+async def test_what_was_offered_before_a_restart_or_a_revoke_is_offered_again() -> None:
+    # Offered is not settled: whoever resumes the partition (this worker after a restart)
+    # redoes it from the committed offset, and must send it.
+    gateway = Accepting()
+    stage = deduping(gateway)
+    await asyncio.gather(*filter(None, await stage.handle_each([push_record(0, {1: ["a"]})])))
+    stage.released({TopicPartition("pushes", 0)})
+    await asyncio.gather(*filter(None, await stage.handle_each([push_record(0, {1: ["a"]})])))
+    assert gateway.users == [(1, "a"), (1, "a")]
+
+
+def test_the_memory_keeps_the_last_records_only() -> None:
+    offered = Offered(max_records=2)
+    offered.add([(("gw", 1), ["a"])])
+    offered.add([(("gw", 2), ["b"])])
+    offered.add([(("gw", 2), ["c"])])  # a third record: the first is forgotten
+    assert offered.fresh("gw", 1, ["a"]) == ["a"]
+    assert offered.fresh("gw", 2, ["b", "c", "x"]) == ["x"]
+
+    few_users = Offered(max_records=10, max_users=3)
+    few_users.add([(("gw", 1), ["a", "b"])])
+    few_users.add([(("gw", 2), ["c", "d"])])  # four users: the oldest record goes
+    assert few_users.fresh("gw", 1, ["a", "b"]) == ["a", "b"]
+    assert few_users.fresh("gw", 2, ["c", "d"]) == []

@@ -281,6 +281,7 @@ class Done(GroupConsumer):
 
     def __init__(self, **kwargs: Any) -> None:
         self.seen: list[bytes] = []
+        self.replays: dict[int, list[int]] = {}
         self.commits_open = asyncio.Event()
         super().__init__(stage="test-marks", before_commit=self._commit_allowed, **kwargs)
 
@@ -290,6 +291,9 @@ class Done(GroupConsumer):
     async def handle(self, records: Records) -> Awaitable[object] | None:
         self.seen += [r.value for r in records]
         return None
+
+    def replayed(self, tp: TopicPartition, records: Records) -> None:
+        self.replays.setdefault(tp.partition, []).extend(r.offset for r in records)
 
     async def kill(self) -> None:
         """What SIGKILL leaves: no drain, no final commit, the group left uncommitted."""
@@ -362,6 +366,38 @@ async def test_a_mark_at_the_end_of_the_last_producer_batch_is_honoured(
     finally:
         await second.stop()
     assert await committed(broker, group, tps) == 104
+    await marks.close()
+
+
+async def test_a_successor_replays_the_records_before_its_resume_point_without_redoing_them(
+    broker: EmbeddedBroker, tag: str, redis_url: str
+) -> None:
+    topic, group = f"{tag}.replayed", f"{tag}-group"
+    await make_topic(broker, topic, 2)
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
+    tps = [TopicPartition(topic, p) for p in (0, 1)]
+    marks = OffsetMarks(redis_url, tag)
+    config = group_config(broker, group)
+    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    await first.start()
+    await until(lambda: len(first.seen) == 100)
+    await until_async(lambda: _marked(marks, group, tps, 100))
+    await first.kill()
+
+    second = Done(
+        topic=topic, consumer_config=config, batch_max_records=30, marks=marks, replay_records=10
+    )
+    second.commits_open.set()
+    await second.start()
+    try:
+        await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 104)])
+        await until(lambda: len(second.seen) >= 4)
+        await asyncio.sleep(0.5)
+        assert sorted(second.seen) == sorted(f"r{i}".encode() for i in range(100, 104))
+        # The ten records before the mark of each partition, in order, once.
+        assert second.replays == {0: list(range(40, 50)), 1: list(range(40, 50))}
+    finally:
+        await second.stop()
     await marks.close()
 
 
