@@ -308,16 +308,7 @@ async def test_a_successor_starts_from_the_marks_not_the_older_commit(
     broker: EmbeddedBroker, tag: str, redis_url: str
 ) -> None:
     topic, group = f"{tag}.marked", f"{tag}-group"
-    await make_topic(broker, topic, 2)
-    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
-    tps = [TopicPartition(topic, p) for p in (0, 1)]
-    marks = OffsetMarks(redis_url, tag)
-    config = group_config(broker, group)
-    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
-    await first.start()
-    await until(lambda: len(first.seen) == 100)
-    await until_async(lambda: _marked(marks, group, tps, 100))
-    await first.kill()
+    tps, marks, config = await _done_marked_and_killed(broker, tag, redis_url, topic, group)
     assert await committed(broker, group, tps) == 0  # Kafka never heard of the work
 
     await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 110)])
@@ -342,16 +333,7 @@ async def test_a_mark_at_the_end_of_the_last_producer_batch_is_honoured(
     # the last batch + 1, so a check of the mark against it threw the mark away whenever
     # the producer had batched (every partition here is one batch of 50).
     topic, group = f"{tag}.caught-up", f"{tag}-group"
-    await make_topic(broker, topic, 2)
-    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
-    tps = [TopicPartition(topic, p) for p in (0, 1)]
-    marks = OffsetMarks(redis_url, tag)
-    config = group_config(broker, group)
-    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
-    await first.start()
-    await until(lambda: len(first.seen) == 100)
-    await until_async(lambda: _marked(marks, group, tps, 100))
-    await first.kill()
+    tps, marks, config = await _done_marked_and_killed(broker, tag, redis_url, topic, group)
 
     second = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
     second.commits_open.set()
@@ -373,16 +355,7 @@ async def test_a_successor_replays_the_records_before_its_resume_point_without_r
     broker: EmbeddedBroker, tag: str, redis_url: str
 ) -> None:
     topic, group = f"{tag}.replayed", f"{tag}-group"
-    await make_topic(broker, topic, 2)
-    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
-    tps = [TopicPartition(topic, p) for p in (0, 1)]
-    marks = OffsetMarks(redis_url, tag)
-    config = group_config(broker, group)
-    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
-    await first.start()
-    await until(lambda: len(first.seen) == 100)
-    await until_async(lambda: _marked(marks, group, tps, 100))
-    await first.kill()
+    _, marks, config = await _done_marked_and_killed(broker, tag, redis_url, topic, group)
 
     second = Done(
         topic=topic, consumer_config=config, batch_max_records=30, marks=marks, replay_records=10
@@ -420,6 +393,23 @@ async def test_a_mark_beyond_the_end_of_a_partition_is_ignored(
     finally:
         await stage.stop()
         await marks.close()
+
+
+async def _done_marked_and_killed(
+    broker: EmbeddedBroker, tag: str, redis_url: str, topic: str, group: str
+) -> tuple[list[TopicPartition], OffsetMarks, dict[str, Any]]:
+    """100 records over 2 partitions, done and marked by a stage then killed uncommitted."""
+    await make_topic(broker, topic, 2)
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
+    tps = [TopicPartition(topic, p) for p in (0, 1)]
+    marks = OffsetMarks(redis_url, tag)
+    config = group_config(broker, group)
+    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    await first.start()
+    await until(lambda: len(first.seen) == 100)
+    await until_async(lambda: _marked(marks, group, tps, 100))
+    await first.kill()
+    return tps, marks, config
 
 
 async def _marked(marks: OffsetMarks, group: str, tps: list[TopicPartition], total: int) -> bool:
