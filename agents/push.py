@@ -108,6 +108,34 @@ class Offered:
         seen = self._users.get((gateway_id, msg_id))
         return list(users) if seen is None else [u for u in users if u not in seen]
 
+    def remember(self, pushes: GatewayPushBatch) -> None:
+        """A settled record's pushes, as offered."""
+        gateway_id = pushes.gateway_id
+        self.add([((gateway_id, p.message.msg_id), list(p.users)) for p in pushes.pushes])
+
+    def drop_repeats(self, pushes: GatewayPushBatch) -> int:
+        """Strip the users already offered the same message; remember the rest. Stripped."""
+        gateway_id = pushes.gateway_id
+        kept: list[GatewayPush] = []
+        record: list[tuple[tuple[str, int], list[str]]] = []
+        repeated = 0
+        for push in pushes.pushes:
+            msg_id = push.message.msg_id
+            fresh = self.fresh(gateway_id, msg_id, push.users)
+            if len(fresh) < len(push.users):
+                repeated += len(push.users) - len(fresh)
+                if not fresh:
+                    continue
+                del push.users[:]
+                push.users.extend(fresh)
+            kept.append(push)
+            record.append(((gateway_id, msg_id), fresh))
+        if repeated:
+            del pushes.pushes[:]
+            pushes.pushes.extend(kept)
+        self.add(record)
+        return repeated
+
     def add(self, record: list[tuple[tuple[str, int], list[str]]]) -> None:
         for key, users in record:
             self._users.setdefault(key, set()).update(users)
@@ -143,9 +171,7 @@ class PushConsumer(GroupConsumer):
             stage="push", dead_letters=dead_letters, replay_records=dedupe_records, **kwargs
         )
 
-    def _offered_on(self, tp: TopicPartition) -> Offered | None:
-        if not self._dedupe_records:
-            return None
+    def _offered_on(self, tp: TopicPartition) -> Offered:
         offered = self._offered.get(tp)
         if offered is None:
             offered = self._offered[tp] = Offered(self._dedupe_records)
@@ -162,41 +188,11 @@ class PushConsumer(GroupConsumer):
     def replayed(self, tp: TopicPartition, records: Records) -> None:
         # Settled before this worker took the partition: what they carried counts as offered.
         offered = self._offered_on(tp)
-        assert offered is not None  # replayed only with dedupe_records
         for record in records:
             try:
-                pushes = GatewayPushBatch.FromString(record.value)
+                offered.remember(GatewayPushBatch.FromString(record.value))
             except DecodeError:
                 continue  # dead-lettered when it was first read
-            offered.add(
-                [((pushes.gateway_id, p.message.msg_id), list(p.users)) for p in pushes.pushes]
-            )
-
-    def _drop_offered(self, tp: TopicPartition, pushes: GatewayPushBatch) -> None:
-        """Strip users this partition already offered the same message to; remember the rest."""
-        offered = self._offered_on(tp)
-        if offered is None:
-            return
-        gateway_id = pushes.gateway_id
-        kept: list[GatewayPush] = []
-        remembered: list[tuple[tuple[str, int], list[str]]] = []
-        repeated = 0
-        for push in pushes.pushes:
-            msg_id = push.message.msg_id
-            fresh = offered.fresh(gateway_id, msg_id, push.users)
-            if len(fresh) < len(push.users):
-                repeated += len(push.users) - len(fresh)
-                if not fresh:
-                    continue
-                del push.users[:]
-                push.users.extend(fresh)
-            kept.append(push)
-            remembered.append(((gateway_id, msg_id), fresh))
-        if repeated:
-            metrics.PUSH_REPEATS_DROPPED.inc(repeated)
-            del pushes.pushes[:]
-            pushes.pushes.extend(kept)
-        offered.add(remembered)
 
     async def drain(self, deadline: float) -> None:
         # Queued pushes get until the deadline to be acknowledged; what is left then is
@@ -215,7 +211,9 @@ class PushConsumer(GroupConsumer):
             if pushes is None:
                 effects.append(None)
                 continue
-            self._drop_offered(TopicPartition(record.topic, record.partition), pushes)
+            if self._dedupe_records:
+                tp = TopicPartition(record.topic, record.partition)
+                metrics.PUSH_REPEATS_DROPPED.inc(self._offered_on(tp).drop_repeats(pushes))
             settlement = _Settlement()
             await self._offer(pushes, settlement)
             settlement.settled()

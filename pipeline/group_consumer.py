@@ -80,16 +80,14 @@ class _Resume:
         self.mark = mark  # from offset marks; valid only if within the partition
         self.done_below: int | None = None
 
-    def __repr__(self) -> str:
-        return f"_Resume(mark={self.mark}, done_below={self.done_below})"
-
 
 class Offsets:
     """Which fetched offsets have taken effect; only a done prefix of a partition commits."""
 
     def __init__(self) -> None:
         self._open: dict[TopicPartition, deque[_Segment]] = {}
-        self._ready: dict[TopicPartition, int] = {}
+        self._done: dict[TopicPartition, int] = {}  # end of each partition's done prefix
+        self._taken: dict[TopicPartition, int] = {}  # what `committable` last handed out
 
     def open(self, fetched: dict[TopicPartition, Records]) -> list[_Segment]:
         segments = []
@@ -122,20 +120,17 @@ class Offsets:
             segment.done = True
 
     def committable(self) -> dict[TopicPartition, int]:
-        """Offsets to commit now (and forget): each partition's end of its done prefix."""
-        self._advance()
-        ready, self._ready = self._ready, {}
+        """Offsets to commit now: each partition's end of its done prefix, where it moved."""
+        ready = {tp: end for tp, end in self.done_ends().items() if self._taken.get(tp) != end}
+        self._taken.update(ready)
         return ready
 
     def done_ends(self) -> dict[TopicPartition, int]:
-        """Each partition's end of its done prefix since the last `committable`, kept."""
-        self._advance()
-        return dict(self._ready)
-
-    def _advance(self) -> None:
+        """Each partition's end of its done prefix (offset marks save these as they move)."""
         for tp, segments in self._open.items():
             while segments and segments[0].done:
-                self._ready[tp] = segments.popleft().end
+                self._done[tp] = segments.popleft().end
+        return dict(self._done)
 
     def waiting(self, tps: Iterable[TopicPartition]) -> bool:
         return any(self._open.get(tp) for tp in tps)
@@ -144,7 +139,8 @@ class Offsets:
         # Batches of a partition we no longer own may still finish: they must not commit.
         for tp in tps:
             self._open.pop(tp, None)
-            self._ready.pop(tp, None)
+            self._done.pop(tp, None)
+            self._taken.pop(tp, None)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -386,10 +382,7 @@ class GroupConsumer(Service):
         elif self._isolate and not self._pending:
             await self._step_isolated(self._consumer)
         else:
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=self._batch_max)
-            fetched = {tp: rs for tp, rs in batch.items() if rs}
-            if self._resuming:
-                fetched = self._resume(self._consumer, fetched)
+            fetched = await self._fetch(self._consumer, self._batch_max)
             if self._fetch_wait is not None:
                 self._fetch_wait.observe(self._consumer, bool(fetched))
             if fetched and self.per_record:
@@ -419,14 +412,17 @@ class GroupConsumer(Service):
             self._last_commit = time.monotonic()
             self._committing = asyncio.create_task(self._commit())
 
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, max_records: int
+    ) -> dict[TopicPartition, Records]:
+        batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+        fetched = {tp: rs for tp, rs in batch.items() if rs}
+        return self._resume(consumer, fetched) if self._resuming else fetched
+
     async def _step_isolated(self, consumer: AIOKafkaConsumer) -> None:
         """One record, to its effect; one that fails for good is dead-lettered, and only it."""
         assert self._isolation_letters is not None
-        batch = await consumer.getmany(timeout_ms=200, max_records=1)
-        batch = {tp: rs for tp, rs in batch.items() if rs}
-        if self._resuming:
-            batch = self._resume(consumer, batch)
-        for tp, records in batch.items():
+        for tp, records in (await self._fetch(consumer, 1)).items():
             for record in records:
                 segments = self._offsets.open({tp: [record]})
                 try:
@@ -559,22 +555,7 @@ class GroupConsumer(Service):
                 continue
             if resume.done_below is None:
                 start = records[0].offset
-                resume.done_below = start
-                mark = resume.mark
-                if mark is not None and mark > start:
-                    highwater = consumer.highwater(tp)
-                    if highwater is not None and mark <= highwater:
-                        resume.done_below = mark
-                        metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - start)
-                        self._offsets.skip(tp, mark)
-                    else:
-                        log.warning(
-                            "%s: %s mark %d is past its end %s: ignored",
-                            self.stage,
-                            tp,
-                            mark,
-                            highwater,
-                        )
+                resume.done_below = self._resume_point(consumer, tp, start, resume.mark)
                 wanted = max(0, resume.done_below - self._replay_records)
                 if wanted != start:
                     # Back for the records to replay, or on past what is done: the consumer
@@ -582,18 +563,31 @@ class GroupConsumer(Service):
                     consumer.seek(tp, wanted)
                     del fetched[tp]
                     continue
-            done_below = resume.done_below
-            if records[0].offset < done_below:
-                before = [r for r in records if r.offset < done_below]
-                if self._replay_records:
-                    self.replayed(tp, before)
-                records = records[len(before) :]
-            if records:
-                fetched[tp] = records
+            before = [r for r in records if r.offset < resume.done_below]
+            if before and self._replay_records:
+                self.replayed(tp, before)
+            if len(before) < len(records):
+                fetched[tp] = records[len(before) :]
                 del self._resuming[tp]
             else:
                 del fetched[tp]
         return fetched
+
+    def _resume_point(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, mark: int | None
+    ) -> int:
+        """The committed offset (`start`), or the mark if it is ahead and within the partition."""
+        if mark is None or mark <= start:
+            return start
+        highwater = consumer.highwater(tp)
+        if highwater is None or mark > highwater:
+            log.warning(
+                "%s: %s mark %d is past its end %s: ignored", self.stage, tp, mark, highwater
+            )
+            return start
+        metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - start)
+        self._offsets.skip(tp, mark)
+        return mark
 
     async def _wait_pending(self, tps: set[TopicPartition] | None, deadline: float) -> None:
         while True:

@@ -313,14 +313,7 @@ async def test_a_successor_starts_from_the_marks_not_the_older_commit(
 
     await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 110)])
     second = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
-    second.commits_open.set()
-    await second.start()
-    try:
-        await until(lambda: len(second.seen) == 10)
-        await asyncio.sleep(0.5)
-        assert sorted(second.seen) == sorted(f"r{i}".encode() for i in range(100, 110))
-    finally:
-        await second.stop()
+    await _handles_only(second, range(100, 110))
     assert await committed(broker, group, tps) == 110
     await marks.close()
 
@@ -336,17 +329,7 @@ async def test_a_mark_at_the_end_of_the_last_producer_batch_is_honoured(
     tps, marks, config = await _done_marked_and_killed(broker, tag, redis_url, topic, group)
 
     second = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
-    second.commits_open.set()
-    await second.start()
-    try:
-        await until(lambda: second.assigned)
-        await asyncio.sleep(1.0)  # what it would redo, it would have fetched by now
-        await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 104)])
-        await until(lambda: len(second.seen) >= 4)
-        await asyncio.sleep(0.5)
-        assert sorted(second.seen) == sorted(f"r{i}".encode() for i in range(100, 104))
-    finally:
-        await second.stop()
+    await _handles_only(second, range(100, 104), produce_once_assigned=(broker, topic))
     assert await committed(broker, group, tps) == 104
     await marks.close()
 
@@ -360,17 +343,9 @@ async def test_a_successor_replays_the_records_before_its_resume_point_without_r
     second = Done(
         topic=topic, consumer_config=config, batch_max_records=30, marks=marks, replay_records=10
     )
-    second.commits_open.set()
-    await second.start()
-    try:
-        await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 104)])
-        await until(lambda: len(second.seen) >= 4)
-        await asyncio.sleep(0.5)
-        assert sorted(second.seen) == sorted(f"r{i}".encode() for i in range(100, 104))
-        # The ten records before the mark of each partition, in order, once.
-        assert second.replays == {0: list(range(40, 50)), 1: list(range(40, 50))}
-    finally:
-        await second.stop()
+    await _handles_only(second, range(100, 104), produce_once_assigned=(broker, topic))
+    # The ten records before the mark of each partition, in order, once.
+    assert second.replays == {0: list(range(40, 50)), 1: list(range(40, 50))}
     await marks.close()
 
 
@@ -410,6 +385,26 @@ async def _done_marked_and_killed(
     await until_async(lambda: _marked(marks, group, tps, 100))
     await first.kill()
     return tps, marks, config
+
+
+async def _handles_only(
+    stage: Done, new: range, produce_once_assigned: tuple[EmbeddedBroker, str] | None = None
+) -> None:
+    """Run a successor until it has handled `new` (produced already, or to the given
+    broker and topic once it has its partitions); it must handle nothing else."""
+    stage.commits_open.set()
+    await stage.start()
+    try:
+        if produce_once_assigned is not None:
+            await until(lambda: stage.assigned)
+            await asyncio.sleep(1.0)  # what it would redo, it would have fetched by now
+            broker, topic = produce_once_assigned
+            await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in new])
+        await until(lambda: len(stage.seen) >= len(new))
+        await asyncio.sleep(0.5)
+        assert sorted(stage.seen) == sorted(f"r{i}".encode() for i in new)
+    finally:
+        await stage.stop()
 
 
 async def _marked(marks: OffsetMarks, group: str, tps: list[TopicPartition], total: int) -> bool:
