@@ -47,7 +47,7 @@ async def test_three_sigkills_lose_and_duplicate_no_inbox_entry(pipeline: Pipeli
     # What a kill makes the next owner redo is what took effect but was not yet marked
     # done: pushes gateways got but had not acknowledged, and fanout batches in flight,
     # whose pushes the push stage now recognises and drops (agents/push.py). It swings with
-    # where the kill lands: a replacement still catching up has far more in flight. Three
+    # where the kill lands: a replacement still catching up has far more in flight. Five
     # runs: 0%, 0%, 0%, 2.98%, 4.21% (the last two killed during a catch-up). Target: 1%.
     assert outcome.duplicate_ratio <= 0.12, outcome
 
