@@ -85,7 +85,16 @@ class DeadLetters:
         if self._unacked:
             await asyncio.gather(*self._unacked)
 
-    async def put(self, record: Record, reason: str, error: BaseException | str) -> None:
+    async def put(
+        self,
+        record: Record,
+        reason: str,
+        error: BaseException | str,
+        extra_headers: Sequence[tuple[str, bytes]] = (),
+        dlq: str | None = None,
+    ) -> Awaitable[object] | None:
+        """Send the letter (to `dlq`, by default the record's topic's dead-letter topic);
+        returns the broker's acknowledgement (acked() awaits it too)."""
         detail = str(error)[:1000]
         headers = [
             (H_REASON, reason.encode()),
@@ -94,13 +103,16 @@ class DeadLetters:
             (H_PARTITION, str(record.partition).encode()),
             (H_OFFSET, str(record.offset).encode()),
             (H_AT, str(int(time.time() * 1000)).encode()),
+            *extra_headers,
         ]
-        ack = await self._send(dlq_topic(record.topic), record.key, record.value, headers)
+        dlq = dlq or dlq_topic(record.topic)
+        ack = await self._send(dlq, record.key, record.value, headers)
+        future: asyncio.Future[Any] | None = None
         if inspect.isawaitable(ack):
             future = asyncio.ensure_future(ack)
             self._unacked.add(future)
             future.add_done_callback(self._unacked.discard)
-        metrics.DEAD_LETTERS.labels(record.topic, reason).inc()
+        metrics.DEAD_LETTERS.labels(dlq.removesuffix(DLQ_SUFFIX), reason).inc()
         log.warning(
             "dead-lettered %s[%d]@%d: %s: %s",
             record.topic,
@@ -109,6 +121,7 @@ class DeadLetters:
             reason,
             detail,
         )
+        return future
 
     async def decoded(self, record: Record, decode: Callable[[bytes], T]) -> T | None:
         """`decode(value)`, or None once the record is dead-lettered with the reason.

@@ -210,6 +210,7 @@ class GroupConsumer(Service):
         self._replay_records = replay_records
         self._mark_task: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
+        self._deferred: dict[TopicPartition, int] = {}
         self.joined = False  # has been through a group join (possibly with no partitions)
         self.restarts = 0
         super().__init__(**kwargs)
@@ -398,6 +399,11 @@ class GroupConsumer(Service):
             elif fetched:
                 segments = self._offsets.open(fetched)
                 effect = await self.handle([r for rs in fetched.values() for r in rs])
+                if self._deferred:
+                    deferred, self._deferred = self._deferred, {}
+                    for tp, segment in zip(fetched, segments, strict=True):
+                        if tp in deferred:
+                            segment.end = deferred[tp]  # fetched again when due
                 if effect is None:
                     Offsets.close(segments)
                 else:
@@ -482,6 +488,23 @@ class GroupConsumer(Service):
                 self._marks_due.set()
 
         future.add_done_callback(finished)
+
+    def defer(self, tp: TopicPartition, offset: int, seconds: float) -> None:
+        """From `handle`: `tp`'s records from `offset` on are not for now. The partition
+        is paused for `seconds` (the other partitions go on) and fetched again from
+        `offset` then; nothing of it from there on counts as done."""
+        consumer = self._consumer
+        assert consumer is not None and not self.per_record
+        self._deferred[tp] = offset
+        consumer.seek(tp, offset)
+        consumer.pause(tp)
+        asyncio.get_running_loop().call_later(max(0.0, seconds), self._undefer, consumer, tp)
+
+    def _undefer(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        # Only on the consumer that paused it, and only if the partition is still ours.
+        mine = self._consumer is consumer
+        if mine and tp in consumer.assignment():
+            consumer.resume(tp)
 
     @property
     def _group(self) -> str:
