@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.limits import Limits
 from pipeline.retry import retrying
 from pipeline.trace import context_from
+from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
@@ -52,10 +53,6 @@ class FanoutRecord(Record, Protocol):
 
     @property
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
-
-
-# (key, value, partition or None) -> the broker's acknowledgement, once the record is queued.
-SendRecord = Callable[[bytes | None, bytes, int | None], Awaitable[Awaitable[object]]]
 
 
 @dataclass(frozen=True)

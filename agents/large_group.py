@@ -25,13 +25,14 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from agents.fanout import Outputs, SendRecord, push_message, refuse_ids
+from agents.fanout import Outputs, push_message, refuse_ids
 from agents.route import Router
 from pipeline import metrics
 from pipeline.deliveries import DeliveryRecords
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
 from pipeline.limits import Limits
 from pipeline.retry import retrying
+from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -34,11 +34,9 @@ from pipeline import metrics
 from pipeline.dlq import DeadLetters
 from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.trace import grpc_metadata
+from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPush, GatewayPushBatch, OfflinePush
-
-# (key, value, partition or None) -> the broker's acknowledgement, once the record is queued.
-SendRecord = Callable[[bytes | None, bytes, int | None], Awaitable[Awaitable[object]]]
 
 
 class OfflineSink:

@@ -10,10 +10,15 @@ second page never left the worker. Tracking each topic on its first send closes 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from faust.transport import drivers
 from faust.transport.drivers import aiokafka as kafka_driver
+
+# What a stage sends records of one topic with: (key, value, partition or None) -> the
+# broker's acknowledgement, once the record is queued (app.py's _producer_for).
+SendRecord = Callable[[bytes | None, bytes, int | None], Awaitable[Awaitable[object]]]
 
 SCHEME = "rtkafka"
 
