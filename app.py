@@ -10,11 +10,14 @@
     presence --[presence]--> presence-by-user --[routes]--> routes table
     routes changelog -------> online routes view   (every worker: fanout routes with it)
     gateway-heartbeats -----> gateways view        (every worker; [registry] dead-letters)
+    task topic --[task intake]--> lanes high|normal|low --[task lanes]--> processors
+                                    ^                              | failed: retry topics,
+                                    +---------[task retry k]-------+ then the task DLQ
 
-fanout, push and storage read their topics in consumer groups of their own, a fetched
-batch at a time (pipeline/group_consumer.py); presence, routes and large_group are Faust
-agents, with the tables they write. Run it with `faust -A app worker`; scale it with
-workers and Kafka partitions.
+fanout, push, storage and the task stages read their topics in consumer groups of their
+own, a fetched batch at a time (pipeline/group_consumer.py); presence, routes and
+large_group are Faust agents, with the tables they write. Run it with
+`faust -A app worker`; scale it with workers and Kafka partitions.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from settings import Settings
 from stores import setup as stores
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
+from tasks import setup as tasks_setup
 from web import auth, errors, views
+from web import tasks as web_tasks
 
 settings = Settings()
 
@@ -201,7 +206,7 @@ async def _send_raw(
     )
 
 
-def _producer_for(topic: Any) -> fanout.SendRecord:
+def _producer_for(topic: Any) -> transport.SendRecord:
     """Send bytes to `topic` straight through the app's producer; returns the broker's ack.
 
     The hot path skips Faust's channel machinery (a future, callbacks and sensor hooks per
@@ -366,9 +371,24 @@ offline_consumer = offline_stage(
     consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
     **stage_options,
 )
+# Typed tasks (tasks/stages.py): intake, a lane per priority, retry topics, their DLQ.
+task_side = tasks_setup.task_side(
+    settings,
+    topic=_topic,
+    producer_for=_producer_for,
+    dead_letters=dead_letters,
+    consumer_config=lambda group: kafka_consumer_config(settings, group, hot=True),
+    stage_options=stage_options,
+)
 own_group_stages = [
     stage
-    for stage in (storage_consumer, fanout_consumer, push_consumer, offline_consumer)
+    for stage in (
+        storage_consumer,
+        fanout_consumer,
+        push_consumer,
+        offline_consumer,
+        *task_side.stages,
+    )
     if stage is not None
 ]
 
@@ -381,7 +401,7 @@ async def _forget_gone_gateways() -> None:
 @app.task
 async def _start_own_groups() -> None:
     # Topics only our own consumers read are not declared by Faust: create them first.
-    for topic in (*sources, *dead_letter_topics):
+    for topic in (*sources, *dead_letter_topics, *task_side.topics):
         await topic.maybe_declare()
     # Children of the app, stopped with it; started together, because a consumer's start
     # waits for its group join. At shutdown children stop in reverse order: fanout stops
@@ -389,6 +409,7 @@ async def _start_own_groups() -> None:
     services = [gateways_view, routes_view, storage_consumer, push_consumer, fanout_consumer]
     if offline_consumer is not None:
         services.append(offline_consumer)
+    services += task_side.stages
     await asyncio.gather(*(app.add_runtime_dependency(service) for service in services))
 
 
@@ -410,4 +431,5 @@ views.register(
         offline_consumer=offline_consumer,
     ),
 )
+web_tasks.register(app, task_side, settings.limits)
 commands.register(app, settings)

@@ -194,6 +194,23 @@ class Settings(BaseSettings):
     offline_batch_max_records: int = Field(200, ge=1)
     offline_http_timeout_seconds: float = Field(10.0, gt=0)
 
+    # Typed tasks (tasks/): submitted to TOPIC_TASKS or POST /api/v1/tasks.
+    topic_tasks: str = "resonance.task.v1"
+    # Tasks running at once on a worker, all priorities together.
+    task_concurrency: int = Field(100, ge=1)
+    task_max_attempts: int = Field(5, ge=1)  # when a task does not say
+    task_timeout_seconds: float = Field(300.0, gt=0)  # when neither task nor processor says
+    # One retry topic per delay: a task's k-th retry waits the k-th (the last for later
+    # ones), +-20% jitter.
+    task_retry_delays_ms: str = "1000,10000,60000"
+    task_status_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
+    # Modules imported at start whose @processor functions and classes register
+    # (comma-separated), besides the built-ins and installed plugins' entry points.
+    task_processor_modules: str = ""
+    task_batch_max_records: int = Field(500, ge=1)
+    # Each priority lane's records in hand (bytes) while their tasks wait or run.
+    task_lane_pending_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+
     @field_validator("kafka_broker_url")
     @classmethod
     def _broker_has_scheme(cls, value: str) -> str:
@@ -226,6 +243,19 @@ class Settings(BaseSettings):
             recipients_max=self.recipients_max,
             id_max_bytes=self.id_max_bytes,
         )
+
+    @cached_property
+    def task_retry_delays(self) -> tuple[float, ...]:
+        """TASK_RETRY_DELAYS_MS in seconds."""
+        return tuple(int(part) / 1000 for part in self.task_retry_delays_ms.split(","))
+
+    @field_validator("task_retry_delays_ms")
+    @classmethod
+    def _delays_are_ms(cls, value: str) -> str:
+        parts = value.split(",")
+        if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"comma-separated milliseconds, each > 0; got {value!r}")
+        return ",".join(p.strip() for p in parts)
 
     @cached_property
     def bootstrap_servers(self) -> list[str]:

@@ -37,6 +37,7 @@ def pipeline_env(
         "TOPIC_PRESENCE": f"{tag}.presence.v1",
         "TOPIC_HEARTBEATS": f"{tag}.gateway.heartbeat.v1",
         "TOPIC_OFFLINE_PUSHES": f"{tag}.offline.push.v1",
+        "TOPIC_TASKS": f"{tag}.task.v1",
         "GATEWAY_TIMEOUT_SECONDS": "5",
     }
     env.update({k.upper(): str(v) for k, v in overrides.items()})
@@ -82,7 +83,23 @@ class WorkerProcess:
 
     def get(self, path: str, timeout: float = 5.0, token: str | None = None) -> tuple[int, Any]:
         """GET a view, with the worker's own WEB_AUTH_TOKEN unless `token` is given."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        return self.request("GET", path, timeout=timeout, token=token)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 5.0,
+        token: str | None = None,
+    ) -> tuple[int, Any]:
+        """Call a view (`body` sent as JSON), with the worker's token unless given one."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+        )
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
         token = self.env.get("WEB_AUTH_TOKEN") if token is None else token
         if token:
             request.add_header("Authorization", f"Bearer {token}")

@@ -109,6 +109,31 @@ STAGE_RESTARTS = Counter(
     ["stage"],
 )
 
+TASKS_SUBMITTED = Counter(
+    "resonance_tasks_submitted_total",
+    "Typed tasks accepted (via: api or topic), duplicates by idempotency key included",
+    ["task_type", "via"],
+)
+TASKS_FINISHED = Counter(
+    "resonance_tasks_finished_total",
+    "Runs of typed tasks by how they ended: succeeded, retrying, dead, cancelled",
+    ["task_type", "outcome"],
+)
+TASK_DURATION = Histogram(
+    "resonance_task_duration_seconds",
+    "How long a typed task's processor ran",
+    ["task_type"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0),
+)
+TASK_RETRIES = Counter(
+    "resonance_task_retries_total", "Typed tasks sent to a retry topic", ["task_type", "stage"]
+)
+TASKS_SKIPPED = Counter(
+    "resonance_tasks_skipped_total",
+    "Task records not run because their task had ended or was cancelled",
+    ["state"],
+)
+
 
 def totals() -> dict[str, float]:
     """This worker's counters as one flat dict, for /stats."""

@@ -1,0 +1,148 @@
+"""The typed-task side of a worker, built from settings: topics, stages, status, runner."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.dlq import DeadLetters, dlq_topic
+from pipeline.transport import SendRecord
+from settings import Settings
+from tasks import builtins
+from tasks.envelope import TIMEOUT_MS_LIMIT
+from tasks.registry import Registry, registry
+from tasks.runner import RunnerConfig, TaskRunner
+from tasks.scheduler import Scheduler
+from tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry
+from tasks.status import TaskStatuses
+
+
+@dataclass
+class TaskSide:
+    registry: Registry
+    statuses: TaskStatuses
+    lanes: Lanes
+    scheduler: Scheduler
+    runner: TaskRunner
+    intake: TaskIntake
+    lane_stages: list[TaskLane]
+    retry_stages: list[TaskRetry]
+    topics: list[Any]  # every topic of the task side, to create at start
+    first_retry: SendRecord  # where a task asked to run again goes (DLQ replay, retry)
+
+    @property
+    def stages(self) -> list[Any]:
+        return [self.intake, *self.lane_stages, *self.retry_stages]
+
+
+def load_processors(settings: Settings, into: Registry = registry) -> Registry:
+    if "noop" not in into.types():
+        builtins.register(into)
+    into.load_entry_points()
+    for name in filter(None, (m.strip() for m in settings.task_processor_modules.split(","))):
+        importlib.import_module(name)  # its @processor decorators register into `registry`
+    return into
+
+
+def task_side(
+    settings: Settings,
+    *,
+    topic: Callable[[str], Any],
+    producer_for: Callable[[Any], SendRecord],
+    dead_letters: DeadLetters,
+    consumer_config: Callable[[str], dict[str, Any]],
+    stage_options: dict[str, Any],
+) -> TaskSide:
+    processors = load_processors(settings)
+    statuses = TaskStatuses(
+        settings.redis_url.get_secret_value(),
+        settings.app_id,
+        ttl_seconds=settings.task_status_ttl_seconds,
+        timeout=settings.redis_timeout_seconds,
+    )
+    submitted = topic(settings.topic_tasks)
+    lane_topics = {p: topic(settings.topic_name(f"tasks-{name}")) for p, name in LANES.items()}
+    retry_topics = [
+        topic(settings.topic_name(f"tasks-retry-{k}"))
+        for k in range(1, len(settings.task_retry_delays) + 1)
+    ]
+    retry_sends = [producer_for(t) for t in retry_topics]
+    lanes = Lanes({p: producer_for(t) for p, t in lane_topics.items()})
+    scheduler = Scheduler(settings.task_concurrency)
+    runner = TaskRunner(
+        registry=processors,
+        statuses=statuses,
+        scheduler=scheduler,
+        retry_topics=retry_sends,
+        dead_letters=dead_letters,
+        config=RunnerConfig(
+            default_timeout=settings.task_timeout_seconds,
+            default_max_attempts=settings.task_max_attempts,
+            retry_delays=settings.task_retry_delays,
+            dead_letter_topic=dlq_topic(settings.topic_tasks),
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+        ),
+    )
+    intake = TaskIntake(
+        statuses=statuses,
+        lanes=lanes,
+        known_types=processors.types,
+        limits=settings.limits,
+        dead_letters=dead_letters,
+        topic=submitted.get_topic_name(),
+        consumer_config=consumer_config(settings.topic_name("task-intake")),
+        batch_max_records=settings.task_batch_max_records,
+        **stage_options,
+    )
+    lane_stages = [
+        TaskLane(
+            runner=runner,
+            dead_letters=dead_letters,
+            priority=p,
+            topic=t.get_topic_name(),
+            consumer_config=consumer_config(settings.topic_name(f"tasks-{LANES[p]}")),
+            batch_max_records=settings.task_batch_max_records,
+            max_pending_bytes=settings.task_lane_pending_bytes,
+            # The runner ends every task by its timeout; a record is given up (and redone)
+            # only past the longest timeout a task may ask for.
+            effect_timeout=TIMEOUT_MS_LIMIT / 1000 + 60,
+            **stage_options,
+        )
+        for p, t in lane_topics.items()
+    ]
+    retry_stages = [
+        TaskRetry(
+            lanes=lanes,
+            dead_letters=dead_letters,
+            stage_number=k,
+            delay=settings.task_retry_delays[k - 1],
+            send_again=retry_sends[k - 1],
+            topic=t.get_topic_name(),
+            consumer_config=consumer_config(t.get_topic_name()),
+            batch_max_records=settings.task_batch_max_records,
+            **stage_options,
+        )
+        for k, t in enumerate(retry_topics, start=1)
+    ]
+    topics = [
+        submitted,
+        *lane_topics.values(),
+        *retry_topics,
+        topic(dlq_topic(settings.topic_tasks)),
+    ]
+    return TaskSide(
+        registry=processors,
+        statuses=statuses,
+        lanes=lanes,
+        scheduler=scheduler,
+        runner=runner,
+        intake=intake,
+        lane_stages=lane_stages,
+        retry_stages=retry_stages,
+        topics=topics,
+        first_retry=retry_sends[0],
+    )

@@ -1,0 +1,213 @@
+"""The task topics' stages, each an own-group consumer (pipeline/group_consumer.py).
+
+    resonance.task.v1 --[intake]--> <app>-tasks-high | -normal | -low --[lanes]--> processors
+                                         ^                                  | failed, attempts left
+                                         +--[retry k]-- <app>-tasks-retry-k <+
+                                                                            | no attempt left,
+                                                              resonance.task.v1.dlq <+ or permanent
+
+Intake checks each task (its type must have a processor), writes its status and
+idempotency key, and forwards it to its priority's lane; it never waits for a task to
+run, so a backlog of one priority never hides the tasks of another behind it. Each lane
+holds its own records in hand (bounded by bytes), so a low-priority backlog cannot stop
+high-priority records from being fetched; the scheduler then gives slots by weight.
+A retry topic per delay: its records come due in order, so its consumer pauses a
+partition until the first record is due (never sleeping in the loop) and then forwards
+it to its lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from pipeline import metrics
+from pipeline.dlq import DeadLetters
+from pipeline.group_consumer import GroupConsumer, Records
+from pipeline.limits import Limits
+from pipeline.retry import retrying
+from pipeline.transport import SendRecord
+from proto.resonance.task.v1.task_pb2 import Priority, Task
+from tasks import envelope
+from tasks.runner import TaskRunner
+from tasks.status import TaskStatuses
+
+LANES: dict[int, str] = {
+    Priority.PRIORITY_HIGH: "high",
+    Priority.PRIORITY_NORMAL: "normal",
+    Priority.PRIORITY_LOW: "low",
+}
+
+
+class Lanes:
+    """Where a task goes to wait for a slot: its priority's lane topic."""
+
+    def __init__(self, sends: dict[int, SendRecord]) -> None:
+        self._sends = sends
+
+    async def send(self, task: Task) -> Awaitable[object]:
+        send = self._sends.get(task.priority, self._sends[Priority.PRIORITY_NORMAL])
+        return await send(task.task_id.encode(), task.SerializeToString(), None)
+
+
+async def submit(
+    tasks: Sequence[Task], statuses: TaskStatuses, lanes: Lanes, via: str
+) -> list[tuple[str, str]]:
+    """Record each (checked) task's status and queue the new ones; what `statuses.submit`
+    said of each."""
+    outcomes = await statuses.submit(tasks)
+    await queue(tasks, outcomes, lanes, via)
+    return outcomes
+
+
+async def queue(
+    tasks: Sequence[Task], outcomes: Sequence[tuple[str, str]], lanes: Lanes, via: str
+) -> None:
+    """Send to their lanes the tasks whose status was just written. A task whose status
+    exists but is still queued is queued again: its first submit may have died between
+    the two steps, and a second record of a queued task runs once (the first run's lease
+    turns the other away)."""
+    acks = []
+    for task, (kind, state) in zip(tasks, outcomes, strict=True):
+        metrics.TASKS_SUBMITTED.labels(task.task_type, via).inc()
+        if kind == "new" or (kind == "exists" and state == "queued"):
+            acks.append(await lanes.send(task))
+    if acks:
+        await asyncio.gather(*acks)
+
+
+def _stamp_origin(task: Task, record: Any) -> None:
+    """Where the task was first read, for its dead letter: kept from then on."""
+    if not task.origin_topic:
+        task.origin_topic = record.topic
+        task.origin_partition = record.partition
+        task.origin_offset = record.offset
+
+
+class TaskIntake(GroupConsumer):
+    def __init__(
+        self,
+        *,
+        statuses: TaskStatuses,
+        lanes: Lanes,
+        known_types: Callable[[], frozenset[str]],
+        limits: Limits,
+        dead_letters: DeadLetters,
+        **kwargs: Any,
+    ) -> None:
+        self._statuses = statuses
+        self._lanes = lanes
+        self._known_types = known_types
+        self._limits = limits
+        self._dead_letters = dead_letters
+        super().__init__(stage="task_intake", dead_letters=dead_letters, **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        known = self._known_types()
+        tasks = []
+        for record in records:
+            key = (record.key or b"").decode(errors="replace")
+
+            def checked(value: bytes, key: str = key) -> Task:
+                task = envelope.decode(value)
+                task.task_id = task.task_id or key  # keyed by task_id, as the contract says
+                return envelope.check(task, known, self._limits)
+
+            task = await self._dead_letters.decoded(record, checked)
+            if task is None:
+                continue
+            _stamp_origin(task, record)
+            tasks.append(task)
+        if tasks:
+            # Kafka is the buffer while Redis is away; a batch Redis refuses for good is
+            # narrowed down to its record by the stage's isolation, and dead-lettered.
+            outcomes = await retrying(lambda: self._statuses.submit(tasks), "task statuses")
+            await queue(tasks, outcomes, self._lanes, "topic")
+        return None
+
+
+class TaskLane(GroupConsumer):
+    """One priority's tasks, each to the runner; a record is done when its task has ended."""
+
+    per_record = True
+
+    def __init__(
+        self, *, runner: TaskRunner, dead_letters: DeadLetters, priority: int, **kwargs: Any
+    ) -> None:
+        self._runner = runner
+        self._dead_letters = dead_letters
+        self._priority = priority
+        super().__init__(stage=f"task_{LANES[priority]}", dead_letters=dead_letters, **kwargs)
+
+    async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
+        tasks: list[Task] = []
+        at: list[int] = []
+        effects: list[Awaitable[object] | None] = [None] * len(records)
+        for i, record in enumerate(records):
+            task = await self._dead_letters.decoded(record, Task.FromString)
+            if task is not None:
+                _stamp_origin(task, record)  # submitted through the API: straight to a lane
+                tasks.append(task)
+                at.append(i)
+        for i, effect in zip(at, await self._runner.start(tasks), strict=True):
+            effects[i] = effect
+        return effects
+
+    async def on_start(self) -> None:
+        self._runner.watch_cancels()
+        await super().on_start()
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        self._runner.stop_watching()
+
+    async def drain(self, deadline: float) -> None:
+        await self._runner.stop(deadline, self._priority)
+        await super().drain(deadline)
+
+
+class TaskRetry(GroupConsumer):
+    """A retry topic: each record back to its lane once due."""
+
+    def __init__(
+        self,
+        *,
+        lanes: Lanes,
+        dead_letters: DeadLetters,
+        stage_number: int,
+        delay: float,
+        send_again: SendRecord,
+        **kwargs: Any,
+    ) -> None:
+        self._lanes = lanes
+        self._dead_letters = dead_letters
+        self._delay = delay
+        self._send_again = send_again
+        super().__init__(stage=f"task_retry_{stage_number}", dead_letters=dead_letters, **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        now = time.time() * 1000
+        acks = []
+        waiting: set[TopicPartition] = set()
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp in waiting:
+                continue  # behind a record not yet due: fetched again with it
+            task = await self._dead_letters.decoded(record, Task.FromString)
+            if task is None:
+                continue
+            if task.not_before > now + 2_000 * self._delay:
+                # Due much later than this topic's delay (a task scheduled for later):
+                # pausing for it would hold up the records behind it. Back of the line.
+                acks.append(await self._send_again(record.key, record.value or b"", None))
+                continue
+            if task.not_before > now:
+                waiting.add(tp)
+                self.defer(tp, record.offset, (task.not_before - now) / 1000)
+                continue
+            acks.append(await self._lanes.send(task))
+        return asyncio.gather(*acks) if acks else None

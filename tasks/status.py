@@ -1,0 +1,341 @@
+"""Each task's status, in Redis: state, progress, result, error and timestamps.
+
+Why Redis and not a Faust table: a task's status is written by several stages (submit,
+intake, the lane that runs it, retries, cancel) in consumer groups of their own, while a
+Faust table can only be written from its own agent's partition. Routing every change
+through one more agent hop would cost Faust's per-event overhead two or three times a
+task, more than the whole budget of a 5,000 tasks/s worker. Here every worker reads any
+task with one HGETALL, and a batch of changes is one pipelined round trip.
+
+Keys share one hash tag per app, so the scripts below may touch a task and its indexes
+together on a Redis Cluster too (one slot: fine for status, not for a firehose):
+  <app>:{tasks}:task:<id>         hash: the status
+  <app>:{tasks}:state:<state>     sorted set of ids by last change (ms): listing by state
+  <app>:{tasks}:idem:<key>        the task_id that first used an idempotency key
+
+States: queued -> running -> succeeded | failed | retrying -> running ... | dead, and
+cancelled from queued, retrying or (asked, then stopped) running. A task that is not
+here was never submitted: the API says 404, never "queued".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from pipeline.retry import retrying
+from proto.resonance.task.v1.task_pb2 import Task
+from tasks.envelope import priority_name
+
+STATES = ("queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled")
+FINAL = frozenset({"succeeded", "failed", "dead", "cancelled"})
+IDEMPOTENCY_SECONDS = 24 * 3600
+
+# Create the status if it is new. A second task with a used idempotency key is a
+# duplicate: it is recorded as cancelled, naming the first, and never runs.
+# KEYS: task hash, idempotency key (or "" when none); ARGV: prefix, id, now, ttl,
+# task_type, priority, attempt, max_attempts, idempotency_key, envelope (base64),
+# how long an idempotency key holds (s)
+_SUBMIT = """
+local existing = redis.call('HGET', KEYS[1], 'state')
+if existing then return {'exists', existing} end
+local state, err, first = 'queued', '', ''
+if KEYS[2] ~= '' then
+  if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[11]) then
+    first = redis.call('GET', KEYS[2])
+    if first ~= ARGV[2] then state, err = 'cancelled', 'duplicate of ' .. first end
+  end
+end
+redis.call('HSET', KEYS[1], 'state', state, 'task_type', ARGV[5], 'priority', ARGV[6],
+  'attempt', ARGV[7], 'max_attempts', ARGV[8], 'progress', 0, 'created_at', ARGV[3],
+  'updated_at', ARGV[3], 'idempotency_key', ARGV[9], 'error', err, 'envelope', ARGV[10])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', ARGV[1] .. 'state:' .. state, ARGV[3], ARGV[2])
+if state == 'cancelled' then return {'duplicate', first} end
+return {'new', state}
+"""
+
+# Move a task from one of the allowed states to another, with fields. `running` is taken
+# only when the task is queued or retrying, or when its last runner's lease ran out (it
+# died running it); a live lease says when to look again.
+# KEYS: task hash; ARGV: prefix, id, to, allowed ("a,b"; "*" any), now, ttl, lease_ms,
+# then field, value pairs
+_MOVE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+local ok = ARGV[4] == '*' or string.find(',' .. ARGV[4] .. ',', ',' .. state .. ',', 1, true)
+if ARGV[3] == 'running' and state == 'running' then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if lease > tonumber(ARGV[5]) then return {'leased', tostring(lease)} end
+  ok = true
+end
+if not ok then return {'refused', state} end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[5])
+if ARGV[3] == 'running' then
+  redis.call('HSET', KEYS[1], 'lease_until', tonumber(ARGV[5]) + tonumber(ARGV[7]))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+if state ~= ARGV[3] then redis.call('ZREM', ARGV[1] .. 'state:' .. state, ARGV[2]) end
+redis.call('ZADD', ARGV[1] .. 'state:' .. ARGV[3], ARGV[5], ARGV[2])
+return {'moved', state}
+"""
+
+# KEYS: task hash; ARGV: field, value pairs. An expired task is not brought back.
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Move:
+    task_id: str
+    to: str
+    allowed: str  # "queued,retrying"; "*" for any
+    fields: dict[str, Any]
+    lease_ms: int = 0
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+class TaskStatuses:
+    def __init__(
+        self, url: str, app_id: str, *, ttl_seconds: float = 7 * 24 * 3600, timeout: float = 2.0
+    ) -> None:
+        self._redis = aioredis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        )
+        self._prefix = f"{app_id}:{{tasks}}:"
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._submit = self._redis.register_script(_SUBMIT)
+        self._move = self._redis.register_script(_MOVE)
+        self._set_fields = self._redis.register_script(_SET_IF_EXISTS)
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self._prefix}task:{task_id}"
+
+    async def submit(self, tasks: Sequence[Task]) -> list[tuple[str, str]]:
+        """Create each task's status; per task ("new", "queued"), ("exists", its state) or
+        ("duplicate", the first task's id)."""
+        if not tasks:
+            return []
+        now = _now()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task in tasks:
+                idem = f"{self._prefix}idem:{task.idempotency_key}" if task.idempotency_key else ""
+                await self._submit(
+                    keys=[self._task_key(task.task_id), idem],
+                    args=[
+                        self._prefix,
+                        task.task_id,
+                        now,
+                        self._ttl_ms,
+                        task.task_type,
+                        priority_name(task.priority),
+                        task.attempt,
+                        task.max_attempts,
+                        task.idempotency_key,
+                        base64.b64encode(task.SerializeToString()).decode(),
+                        IDEMPOTENCY_SECONDS,
+                    ],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [(str(kind), str(value)) for kind, value in replies]
+
+    async def move(self, moves: Sequence[Move]) -> list[tuple[str, str]]:
+        """Apply each move; per move ("moved", the state before), ("refused", the state
+        now), ("leased", its lease's end in ms) or ("missing", "")."""
+        if not moves:
+            return []
+        now = _now()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for move in moves:
+                args: list[Any] = [
+                    self._prefix,
+                    move.task_id,
+                    move.to,
+                    move.allowed,
+                    now,
+                    self._ttl_ms,
+                    move.lease_ms,
+                ]
+                for name, value in move.fields.items():
+                    args += [name, _field(value)]
+                await self._move(keys=[self._task_key(move.task_id)], args=args, client=pipe)
+            replies = await pipe.execute()
+        return [(str(kind), str(value)) for kind, value in replies]
+
+    async def set_fields(self, task_id: str, **fields: Any) -> None:
+        """Fields of a task that change no state (progress), if it still exists."""
+        await self._set(task_id, fields)
+
+    async def _set(self, task_id: str, fields: dict[str, Any]) -> None:
+        args: list[Any] = []
+        for name, value in fields.items():
+            args += [name, _field(value)]
+        await self._set_fields(keys=[self._task_key(task_id)], args=args)
+
+    async def get(self, task_id: str) -> dict[str, Any] | None:
+        raw: dict[str, str] = await self._redis.hgetall(self._task_key(task_id))  # type: ignore[assignment]
+        return _status(task_id, raw) if raw else None
+
+    async def envelope(self, task_id: str) -> Task | None:
+        """The task as submitted (for a retry asked by hand), if its status still exists."""
+        raw = await self._redis.hget(self._task_key(task_id), "envelope")
+        return Task.FromString(base64.b64decode(raw)) if raw else None
+
+    async def cancel_requested(self, task_ids: Iterable[str]) -> set[str]:
+        ids = list(task_ids)
+        if not ids:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hget(self._task_key(task_id), "cancel_requested")
+            flags = await pipe.execute()
+        return {task_id for task_id, flag in zip(ids, flags, strict=True) if flag == "1"}
+
+    async def request_cancel(self, task_id: str) -> tuple[str, str]:
+        """Cancel a queued or retrying task now; ask a running one to stop. The outcome:
+        ("cancelled" | "cancelling" | "refused" | "missing", the state before)."""
+        ((kind, before),) = await self.move(
+            [Move(task_id, "cancelled", "queued,retrying", {"finished_at": _now()})]
+        )
+        if kind == "moved":
+            return "cancelled", before
+        if kind == "refused" and before == "running":
+            await self._set(task_id, {"cancel_requested": 1})
+            return "cancelling", before
+        return kind, before
+
+    async def list(
+        self, *, state: str | None, task_type: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The most recently changed tasks, newest first, in a state (or any), of a type."""
+        states = [state] if state else list(STATES)
+        # A type filter drops some of what the state indexes give: read more than `limit`.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in states:
+                pipe.zrevrange(f"{self._prefix}state:{name}", 0, limit * 4 - 1, withscores=True)
+            found: list[list[tuple[str, float]]] = await pipe.execute()
+        ids = sorted(
+            ((float(score), str(task_id)) for pairs in found for task_id, score in pairs),
+            reverse=True,
+        )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, task_id in ids:
+                pipe.hgetall(self._task_key(task_id))
+            raws = await pipe.execute()
+        out: list[dict[str, Any]] = []
+        gone: list[str] = []
+        for (_, task_id), raw in zip(ids, raws, strict=True):
+            if not raw:
+                gone.append(task_id)  # expired: its index entries go too
+            elif (not task_type or raw.get("task_type") == task_type) and (
+                not state or raw.get("state") == state
+            ):
+                out.append(_status(task_id, raw))
+                if len(out) >= limit:
+                    break
+        if gone:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in states:
+                    pipe.zrem(f"{self._prefix}state:{name}", *gone)
+                await pipe.execute()
+        return out
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _field(value: Any) -> str | int | float:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float, str)):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+_INTS = ("attempt", "max_attempts", "created_at", "updated_at", "started_at", "finished_at")
+
+
+def _status(task_id: str, raw: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"task_id": task_id}
+    for name in ("state", "task_type", "priority", "error", "idempotency_key", "worker"):
+        if raw.get(name):
+            out[name] = raw[name]
+    out["progress"] = float(raw.get("progress") or 0)
+    for name in _INTS:
+        if raw.get(name):
+            out[name] = int(float(raw[name]))
+    if raw.get("result"):
+        try:
+            out["result"] = json.loads(raw["result"])
+        except ValueError:
+            out["result"] = raw["result"]
+    if raw.get("progress_note"):
+        out["progress_note"] = raw["progress_note"]
+    if raw.get("cancel_requested") == "1" and out.get("state") == "running":
+        out["cancel_requested"] = True
+    return out
+
+
+class Moves:
+    """Single moves from many running tasks, written together: while one pipeline is out,
+    the next fills. Transient Redis errors are waited out (the one error policy); any
+    other error fails only the move it concerns."""
+
+    def __init__(self, statuses: TaskStatuses) -> None:
+        self._statuses = statuses
+        self._pending: list[tuple[Move, asyncio.Future[tuple[str, str]]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def move(self, move: Move) -> tuple[str, str]:
+        future: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        self._pending.append((move, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    replies = await self._write([move for move, _ in batch])
+                except Exception:
+                    # Not transient: one of them is unusable (its key holds something
+                    # else). Alone, each move fails or succeeds on its own.
+                    for move, future in batch:
+                        try:
+                            _settle(future, (await self._write([move]))[0])
+                        except Exception as exc:
+                            _settle(future, exc)
+                else:
+                    for (_, future), reply in zip(batch, replies, strict=True):
+                        _settle(future, reply)
+        finally:
+            self._flushing = None
+
+    async def _write(self, moves: list[Move]) -> list[tuple[str, str]]:
+        return await retrying(lambda: self._statuses.move(moves), "task statuses", attempts=1)
+
+
+def _settle(future: asyncio.Future[tuple[str, str]], outcome: tuple[str, str] | Exception) -> None:
+    if future.done():  # its task was cancelled meanwhile
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,268 @@
+"""Typed tasks end to end: a real worker, the embedded broker, Redis, the REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from embedded.worker import WorkerProcess
+from pipeline.dlq import dlq_topic
+from proto.resonance.task.v1.task_pb2 import Task
+from tests.harness import Pipeline, PipelineFactory, eventually
+
+pytestmark = pytest.mark.slow
+
+TASK_ENV = {
+    "task_processor_modules": "tests.tasks.processors",
+    "task_retry_delays_ms": "200,400",
+}
+
+
+@pytest.fixture
+async def tasks_pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
+    return pipeline_factory(**TASK_ENV)
+
+
+async def _worker(p: Pipeline) -> WorkerProcess:
+    return await p.start_worker("worker")
+
+
+def _submit(worker: WorkerProcess, **task: Any) -> dict[str, Any]:
+    status, body = worker.request("POST", "/api/v1/tasks", task)
+    assert status in (200, 201), (status, body)
+    return body  # type: ignore[no-any-return]
+
+
+async def _state(
+    worker: WorkerProcess, task_id: str, want: str, seconds: float = 30, published: bool = False
+) -> dict[str, Any]:
+    """Wait for a task's state; `published` tasks are unknown (404) until intake reads them."""
+    seen: list[str] = []
+
+    async def reached() -> bool:
+        status, body = worker.get(f"/api/v1/tasks/{task_id}")
+        if status == 404 and published:
+            return False
+        assert status == 200, body
+        if not seen or seen[-1] != body["state"]:
+            seen.append(body["state"])
+        return bool(body["state"] == want)
+
+    await eventually(reached, seconds, f"{task_id} {want}")
+    _, body = worker.get(f"/api/v1/tasks/{task_id}")
+    body["seen"] = seen
+    return body  # type: ignore[no-any-return]
+
+
+async def _runs(p: Pipeline, task_id: str) -> int:
+    r = aioredis.from_url(p.env["REDIS_URL"], decode_responses=True)
+    try:
+        return int(await r.get(f"test-task-runs:{p.env['APP_ID']}:{task_id}") or 0)
+    finally:
+        await r.aclose()
+
+
+async def test_a_task_failing_twice_retries_then_succeeds(tasks_pipeline: Pipeline) -> None:
+    p = tasks_pipeline
+    worker = await _worker(p)
+    _submit(worker, task_id="flaky-1", task_type="flaky", payload={"fail_times": 2})
+    done = await _state(worker, "flaky-1", "succeeded")
+    assert "retrying" in done["seen"], done
+    assert done["attempt"] == 2 and done["result"] == {"runs": 3}, done
+    assert done["progress"] == 100
+    assert await _runs(p, "flaky-1") == 3
+
+
+async def test_exhausted_and_permanent_failures_are_dead_lettered_and_replayable(
+    tasks_pipeline: Pipeline,
+) -> None:
+    p = tasks_pipeline
+    worker = await _worker(p)
+    _submit(worker, task_id="always-1", task_type="always_fails", max_attempts=3)
+    _submit(worker, task_id="refused-1", task_type="refuses", max_attempts=5)
+    dead = await _state(worker, "always-1", "dead")
+    assert dead["attempt"] == 3 and "it always fails" in dead["error"], dead
+    refused = await _state(worker, "refused-1", "dead")
+    # A permanent error is not retried: one run, straight to the dead letters.
+    assert refused["attempt"] == 1 and "can never work" in refused["error"], refused
+    assert await _runs(p, "always-1") == 3 and await _runs(p, "refused-1") == 1
+
+    letters = await p.read_topic(dlq_topic(p.env["TOPIC_TASKS"]))
+    by_id = {Task.FromString(r.value).task_id: r for r in letters}
+    assert set(by_id) == {"always-1", "refused-1"}
+    headers = {k: v.decode() for k, v in by_id["always-1"].headers}
+    assert headers["dlq.reason"] == "attempts_exhausted"
+    assert headers["task.attempts"] == "3" and headers["task.exception"] == "RuntimeError"
+    # Where it was first read: submitted through the API, its priority's lane.
+    assert headers["dlq.topic"] == f"{p.env['APP_ID']}-tasks-normal"
+    assert headers["dlq.offset"].isdigit() and headers["dlq.partition"].isdigit()
+    assert {k: v.decode() for k, v in by_id["refused-1"].headers}["dlq.reason"] == (
+        "permanent_error"
+    )
+
+    # Replay runs it again from its first attempt; a second replay finds nothing dead.
+    status, body = worker.request("POST", "/api/v1/tasks/dlq/replay", {"task_ids": ["always-1"]})
+    assert status == 200 and body["replayed"] == ["always-1"], body
+    status, body = worker.request("POST", "/api/v1/tasks/dlq/replay", {"task_ids": ["always-1"]})
+    assert body["replayed"] == [], body
+    await _state(worker, "always-1", "dead")
+    assert await _runs(p, "always-1") == 6
+
+
+async def test_cancel_a_queued_and_a_running_task(tasks_pipeline: Pipeline) -> None:
+    p = tasks_pipeline
+    worker = await _worker(p)
+    _submit(worker, task_id="slow-1", task_type="slow", payload={"seconds": 30})
+    # Not before an hour from now: queued meanwhile, in a retry topic.
+    later = int(time.time() * 1000) + 3_600_000
+    _submit(worker, task_id="later-1", task_type="counted", not_before=str(later))
+    await _state(worker, "slow-1", "running")
+
+    async def progressing() -> bool:
+        return bool(worker.get("/api/v1/tasks/slow-1")[1]["progress"] > 0)
+
+    await eventually(progressing, 10, "progress reported")
+    status, body = worker.request("DELETE", "/api/v1/tasks/later-1")
+    assert status == 200 and body["state"] == "cancelled", body
+    status, body = worker.request("DELETE", "/api/v1/tasks/slow-1")
+    assert status == 202 and body["cancel_requested"] is True, body
+    cancelled = await _state(worker, "slow-1", "cancelled", seconds=10)
+    assert 0 < cancelled["progress"] < 100, cancelled
+    assert await _runs(p, "slow-1") == 1 and await _runs(p, "later-1") == 0
+    status, body = worker.request("DELETE", "/api/v1/tasks/slow-1")
+    assert status == 409, body
+    # A cancelled task may be asked to run again.
+    status, body = worker.request("POST", "/api/v1/tasks/later-1/retry")
+    assert status == 202, body
+    await _state(worker, "later-1", "succeeded")
+
+
+async def test_a_duplicate_idempotency_key_runs_once(tasks_pipeline: Pipeline) -> None:
+    p = tasks_pipeline
+    worker = await _worker(p)
+    first = _submit(worker, task_id="idem-1", task_type="counted", idempotency_key="order-42")
+    second = _submit(worker, task_id="idem-2", task_type="counted", idempotency_key="order-42")
+    assert first["state"] == "queued" and second["duplicate_of"] == "idem-1", second
+    await _state(worker, "idem-1", "succeeded")
+    assert (await _state(worker, "idem-2", "cancelled"))["error"] == "duplicate of idem-1"
+    assert await _runs(p, "idem-1") == 1 and await _runs(p, "idem-2") == 0
+
+
+async def test_tasks_published_to_the_topic_run_and_bad_ones_are_dead_lettered(
+    tasks_pipeline: Pipeline,
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    p = tasks_pipeline
+    worker = await _worker(p)
+    producer = AIOKafkaProducer(bootstrap_servers=p.broker.bootstrap)
+    await producer.start()
+    topic = p.env["TOPIC_TASKS"]
+    try:
+        proto = Task(task_id="from-proto", task_type="counted")
+        await producer.send_and_wait(topic, proto.SerializeToString(), key=b"from-proto")
+        as_json = json.dumps({"task_type": "counted", "priority": "high"}).encode()
+        await producer.send_and_wait(topic, as_json, key=b"from-json")
+        unknown = json.dumps({"task_id": "nope", "task_type": "no_such_type"}).encode()
+        await producer.send_and_wait(topic, unknown, key=b"nope")
+        await producer.send_and_wait(topic, b"\xff\x00garbage", key=b"junk")
+    finally:
+        await producer.stop()
+    await _state(worker, "from-proto", "succeeded", published=True)
+    await _state(worker, "from-json", "succeeded", published=True)  # the record key is its task_id
+    status, _ = worker.get("/api/v1/tasks/nope")
+    assert status == 404
+
+    async def both_dead_lettered() -> bool:
+        letters = await p.read_topic(dlq_topic(topic))
+        return len(letters) >= 2
+
+    await eventually(both_dead_lettered, 30, "two dead letters")
+    reasons = sorted(
+        dict(r.headers)["dlq.reason"].decode() for r in await p.read_topic(dlq_topic(topic))
+    )
+    assert reasons == ["decode_error", "unknown_task_type"], reasons
+
+
+async def test_bad_requests_name_the_field(tasks_pipeline: Pipeline) -> None:
+    p = tasks_pipeline
+    worker = await _worker(p)
+    for body, field in [
+        ({"task_type": "no_such_type"}, "task_type"),
+        ({"task_type": "counted", "priority": "urgent"}, "priority"),
+        ({"task_type": "counted", "max_attempts": -1}, "max_attempts"),
+        ({"task_type": "counted", "no_such_field": 1}, "no_such_field"),
+        (["not", "an", "object"], "body"),
+    ]:
+        status, answer = worker.request("POST", "/api/v1/tasks", body)
+        assert 400 <= status < 500 and answer["field"] == field, (body, status, answer)
+    status, answer = worker.get("/api/v1/tasks/never-submitted")
+    assert status == 404 and answer["field"] == "task_id"
+    status, answer = worker.get("/api/v1/tasks?status=sleeping")
+    assert status == 400 and answer["field"] == "status"
+
+
+async def test_two_workers_share_the_tasks_and_one_leaving_loses_none(
+    pipeline_factory: PipelineFactory,
+) -> None:
+    """Scaled by workers: both run tasks, either answers for any task, and a worker that
+    leaves mid-load (SIGTERM) leaves its waiting tasks queued for the other, not leased."""
+    # More work than the leaving worker can finish within its drain deadline (5 s).
+    p = pipeline_factory(**TASK_ENV, task_concurrency=2)
+    first, second = await asyncio.gather(p.start_worker("worker-a"), p.start_worker("worker-b"))
+    ids = [f"two-{i}" for i in range(40)]
+    for i, task_id in enumerate(ids):
+        # Half through each worker's API: the task goes to its lane either way.
+        via = first if i % 2 else second
+        _submit(via, task_id=task_id, task_type="slow", payload={"seconds": 1})
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(second.stop)
+
+    async def all_done() -> bool:
+        _, body = first.get("/api/v1/tasks?status=succeeded&limit=1000")
+        return bool(body["count"] == len(ids))
+
+    await eventually(all_done, 60, f"{len(ids)} tasks succeeded")
+    statuses = [first.get(f"/api/v1/tasks/{task_id}")[1] for task_id in ids]
+    assert {s["state"] for s in statuses} == {"succeeded"}
+    assert len({s["worker"] for s in statuses}) == 2, "both workers ran tasks"
+    assert [await _runs(p, task_id) for task_id in ids] == [1] * len(ids)
+
+
+async def test_a_status_key_of_the_wrong_type_dead_letters_its_task_alone(
+    tasks_pipeline: Pipeline,
+) -> None:
+    """Another hand wrote the key (a string where a hash goes): that task's record goes to
+    the DLQ once its batch has failed a few times, and the tasks around it run."""
+    from aiokafka import AIOKafkaProducer
+
+    p = tasks_pipeline
+    worker = await _worker(p)
+    r = aioredis.from_url(p.env["REDIS_URL"])
+    await r.set(f"{p.env['APP_ID']}:{{tasks}}:task:clobbered", "not a hash")
+    await r.aclose()
+    producer = AIOKafkaProducer(bootstrap_servers=p.broker.bootstrap)
+    await producer.start()
+    topic = p.env["TOPIC_TASKS"]
+    try:
+        for task_id in ("before", "clobbered", "after"):
+            task = Task(task_id=task_id, task_type="counted")
+            await producer.send_and_wait(topic, task.SerializeToString(), key=task_id.encode())
+    finally:
+        await producer.stop()
+    await _state(worker, "before", "succeeded", seconds=60, published=True)
+    await _state(worker, "after", "succeeded", seconds=60, published=True)
+
+    async def dead_lettered() -> bool:
+        return bool(await p.read_topic(dlq_topic(topic)))
+
+    await eventually(dead_lettered, 60, "the clobbered task dead-lettered")
+    (letter,) = await p.read_topic(dlq_topic(topic))
+    assert letter.key == b"clobbered"
+    assert "WRONGTYPE" in dict(letter.headers)["dlq.error"].decode()
+    assert await _runs(p, "clobbered") == 0
