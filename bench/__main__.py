@@ -12,7 +12,9 @@ Scenarios, in order (each figure with the CPU every process used meanwhile):
 - inbox: the inbox store alone, writes/s into one Redis;
 - two_workers: the 1:1 burst again with a second worker;
 - large_group: one message to a 100k-member group, 10% online;
-- routes: a worker holding a million online routes.
+- routes: a worker holding a million online routes;
+- tasks: no-op typed tasks/s on one worker, and 100 high-priority tasks against a
+  backlog of 10,000 low-priority ones.
 The result is also written to bench/results/<UTC time>-<commit>.json.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 import redis
 
-from bench import pipeline
+from bench import pipeline, tasks
 from bench.harness import git_commit
 from bench.large_group import VARIANTS, LargeGroupBench
 from bench.loadgen import one_to_one_pairs
@@ -48,6 +50,7 @@ SCENARIOS = (
     "two_workers",
     "large_group",
     "routes",
+    "tasks",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,6 +122,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if "inbox" in only:
                 out["inbox_store"] = await pipeline.inbox_store(2 if args.quick else 5)
+            if "tasks" in only:
+                count = 2_000 if args.quick else 20_000
+                out["tasks_noop"] = await tasks.noop_tasks(system, count)
+                out["tasks_priority"] = await tasks.priority(
+                    system, 1_000 if args.quick else 10_000, 100
+                )
             if "two_workers" in only:
                 await system.start_worker("worker-2")
                 await system.wait_routed()
