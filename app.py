@@ -38,12 +38,13 @@ from pipeline import kafka_security, metrics, transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.offset_marks import OffsetMarks
 from pipeline.topic_view import TopicView
+from pipeline.workers import WorkerDirectory
 from settings import Settings
 from stores import setup as stores
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
 from tasks import setup as tasks_setup
-from web import auth, errors, views
+from web import auth, errors, openapi, stats, views
 from web import tasks as web_tasks
 
 settings = Settings()
@@ -392,6 +393,19 @@ own_group_stages = [
     if stage is not None
 ]
 
+# Who is alive and what each holds, for /api/v1/stats/workers.
+worker_directory = WorkerDirectory(
+    settings.redis_url.get_secret_value(),
+    settings.app_id,
+    task_side.runner.worker,
+    lambda: {
+        "web_url": str(app.conf.canonical_url),
+        "stages": {stage.stage: stage.stats() for stage in own_group_stages},
+        "tasks": task_side.scheduler.stats(),
+    },
+    timeout=settings.redis_timeout_seconds,
+)
+
 
 @app.timer(interval=settings.gateway_timeout_seconds)
 async def _forget_gone_gateways() -> None:
@@ -409,7 +423,7 @@ async def _start_own_groups() -> None:
     services = [gateways_view, routes_view, storage_consumer, push_consumer, fanout_consumer]
     if offline_consumer is not None:
         services.append(offline_consumer)
-    services += task_side.stages
+    services += [*task_side.stages, worker_directory]
     await asyncio.gather(*(app.add_runtime_dependency(service) for service in services))
 
 
@@ -432,4 +446,6 @@ views.register(
     ),
 )
 web_tasks.register(app, task_side, settings.limits)
+stats.register(app, task_side, worker_directory)
+openapi.register(app)
 commands.register(app, settings)

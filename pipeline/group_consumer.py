@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -39,6 +39,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
 from pipeline import metrics
+from pipeline.backlog import backlog
 from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.fetch_wait import FetchWait
 from pipeline.offset_marks import OffsetMarks
@@ -160,7 +161,7 @@ class GroupConsumer(Service):
     def __init__(
         self,
         *,
-        topic: str,
+        topic: str | Sequence[str],
         consumer_config: dict[str, Any],
         batch_max_records: int,
         stage: str,
@@ -177,7 +178,8 @@ class GroupConsumer(Service):
         replay_records: int = 0,
         **kwargs: Any,
     ) -> None:
-        self._topic = topic
+        self.topics = [topic] if isinstance(topic, str) else list(topic)
+        self._topic = ",".join(self.topics)  # for the logs
         self._wait_before_consuming = wait_before_consuming
         self._before_commit = before_commit
         self._consumer_config = consumer_config
@@ -254,6 +256,22 @@ class GroupConsumer(Service):
             "restarts": self.restarts,
         }
 
+    @property
+    def kafka_consumer(self) -> AIOKafkaConsumer | None:
+        return self._consumer
+
+    async def backlog(self) -> list[dict[str, Any]]:
+        """Each of its topics' depth and this stage's group's lag (pipeline/backlog.py)."""
+        consumer = self._consumer
+        if consumer is None:
+            return [
+                {"topic": t, "group": self._group, "depth": 0, "lag": None} for t in self.topics
+            ]
+        return [
+            await backlog(consumer, t, consumer.partitions_for_topic(t) or (), group=self._group)
+            for t in self.topics
+        ]
+
     async def on_start(self) -> None:
         await self._start_consumer()
         if self._marks is not None:
@@ -287,7 +305,7 @@ class GroupConsumer(Service):
         consumer = AIOKafkaConsumer(
             enable_auto_commit=False, auto_offset_reset="earliest", **self._consumer_config
         )
-        consumer.subscribe([self._topic], listener=_Rebalance(self, consumer))
+        consumer.subscribe(self.topics, listener=_Rebalance(self, consumer))
         try:
             await consumer.start()
         except BaseException:

@@ -117,6 +117,11 @@ class TaskRunner:
         self._lanes_running = 0
         self._cancelling: set[asyncio.Task[None]] = set()
 
+    @property
+    def worker(self) -> str:
+        """This worker's name in task statuses (host:pid)."""
+        return self._config.worker
+
     # -- what the lanes call --------------------------------------------------------------
 
     async def start(self, tasks: Sequence[Task]) -> list[Awaitable[object] | None]:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proto.resonance.task.v1.task_pb2 import Priority
+from tasks.envelope import priority_name
 
 WEIGHTS: dict[int, int] = {
     Priority.PRIORITY_HIGH: 6,
@@ -53,6 +54,13 @@ class Scheduler:
     @property
     def running(self) -> int:
         return self.concurrency - self._free
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "running": self.running,
+            "waiting": {priority_name(p): len(q) for p, q in self._queues.items()},
+        }
 
     def _next_lane(self) -> int | None:
         busy = [p for p, q in self._queues.items() if q]

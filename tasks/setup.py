@@ -30,13 +30,15 @@ class TaskSide:
     runner: TaskRunner
     intake: TaskIntake
     lane_stages: list[TaskLane]
-    retry_stages: list[TaskRetry]
+    retry: TaskRetry
     topics: list[Any]  # every topic of the task side, to create at start
     first_retry: SendRecord  # where a task asked to run again goes (DLQ replay, retry)
+    dead_letter_topic: str
+    partitions: int  # of each task topic
 
     @property
     def stages(self) -> list[Any]:
-        return [self.intake, *self.lane_stages, *self.retry_stages]
+        return [self.intake, *self.lane_stages, self.retry]
 
 
 def load_processors(settings: Settings, into: Registry = registry) -> Registry:
@@ -114,20 +116,19 @@ def task_side(
         )
         for p, t in lane_topics.items()
     ]
-    retry_stages = [
-        TaskRetry(
-            lanes=lanes,
-            dead_letters=dead_letters,
-            stage_number=k,
-            delay=settings.task_retry_delays[k - 1],
-            send_again=retry_sends[k - 1],
-            topic=t.get_topic_name(),
-            consumer_config=consumer_config(t.get_topic_name()),
-            batch_max_records=settings.task_batch_max_records,
-            **stage_options,
-        )
-        for k, t in enumerate(retry_topics, start=1)
-    ]
+    retry = TaskRetry(
+        lanes=lanes,
+        dead_letters=dead_letters,
+        stages=[
+            (t.get_topic_name(), delay, send)
+            for t, delay, send in zip(
+                retry_topics, settings.task_retry_delays, retry_sends, strict=True
+            )
+        ],
+        consumer_config=consumer_config(settings.topic_name("task-retry")),
+        batch_max_records=settings.task_batch_max_records,
+        **stage_options,
+    )
     topics = [
         submitted,
         *lane_topics.values(),
@@ -142,7 +143,9 @@ def task_side(
         runner=runner,
         intake=intake,
         lane_stages=lane_stages,
-        retry_stages=retry_stages,
+        retry=retry,
+        dead_letter_topic=dlq_topic(settings.topic_tasks),
+        partitions=settings.topic_partitions,
         topics=topics,
         first_retry=retry_sends[0],
     )

@@ -2,7 +2,7 @@
 
     resonance.task.v1 --[intake]--> <app>-tasks-high | -normal | -low --[lanes]--> processors
                                          ^                                  | failed, attempts left
-                                         +--[retry k]-- <app>-tasks-retry-k <+
+                                         +--[retry]---- <app>-tasks-retry-k <+
                                                                             | no attempt left,
                                                               resonance.task.v1.dlq <+ or permanent
 
@@ -11,9 +11,9 @@ idempotency key, and forwards it to its priority's lane; it never waits for a ta
 run, so a backlog of one priority never hides the tasks of another behind it. Each lane
 holds its own records in hand (bounded by bytes), so a low-priority backlog cannot stop
 high-priority records from being fetched; the scheduler then gives slots by weight.
-A retry topic per delay: its records come due in order, so its consumer pauses a
-partition until the first record is due (never sleeping in the loop) and then forwards
-it to its lane.
+A retry topic per delay: its records come due in order, so the retry consumer (one for
+all of them) pauses a partition until its first record is due (never sleeping in the
+loop) and then forwards it to its lane.
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ from tasks import envelope
 from tasks.runner import TaskRunner
 from tasks.status import TaskStatuses
 
-LANES: dict[int, str] = {
-    Priority.PRIORITY_HIGH: "high",
-    Priority.PRIORITY_NORMAL: "normal",
-    Priority.PRIORITY_LOW: "low",
-}
+LANES = envelope.PRIORITY_NAMES  # a lane topic per priority: <app>-tasks-<name>
 
 
 class Lanes:
@@ -171,23 +167,29 @@ class TaskLane(GroupConsumer):
 
 
 class TaskRetry(GroupConsumer):
-    """A retry topic: each record back to its lane once due."""
+    """The retry topics, one consumer for all: each record back to its lane once due.
+
+    `stages` is (topic, delay, send again to it) per retry topic: a record's delay is its
+    topic's. One consumer, not one per topic: each costs the broker a member, heartbeats
+    and fetches at rest, and pausing works per partition all the same."""
 
     def __init__(
         self,
         *,
         lanes: Lanes,
         dead_letters: DeadLetters,
-        stage_number: int,
-        delay: float,
-        send_again: SendRecord,
+        stages: Sequence[tuple[str, float, SendRecord]],
         **kwargs: Any,
     ) -> None:
         self._lanes = lanes
         self._dead_letters = dead_letters
-        self._delay = delay
-        self._send_again = send_again
-        super().__init__(stage=f"task_retry_{stage_number}", dead_letters=dead_letters, **kwargs)
+        self._stages = {topic: (delay, send) for topic, delay, send in stages}
+        super().__init__(
+            stage="task_retry",
+            topic=[topic for topic, _, _ in stages],
+            dead_letters=dead_letters,
+            **kwargs,
+        )
 
     async def handle(self, records: Records) -> Awaitable[object] | None:
         now = time.time() * 1000
@@ -200,10 +202,11 @@ class TaskRetry(GroupConsumer):
             task = await self._dead_letters.decoded(record, Task.FromString)
             if task is None:
                 continue
-            if task.not_before > now + 2_000 * self._delay:
+            delay, send_again = self._stages[record.topic]
+            if task.not_before > now + 2_000 * delay:
                 # Due much later than this topic's delay (a task scheduled for later):
                 # pausing for it would hold up the records behind it. Back of the line.
-                acks.append(await self._send_again(record.key, record.value or b"", None))
+                acks.append(await send_again(record.key, record.value or b"", None))
                 continue
             if task.not_before > now:
                 waiting.add(tp)

@@ -29,9 +29,7 @@ from tasks import envelope
 from tasks.setup import TaskSide
 from tasks.stages import submit
 from tasks.status import STATES, Move
-
-BATCH_MAX = 1000
-LIST_LIMIT_MAX = 1000
+from web.openapi import BATCH_MAX, LIST_LIMIT_MAX
 
 
 def _error(status: int, field: str, message: str) -> web.Response:

@@ -1,0 +1,36 @@
+"""How much a topic holds and how far its consumer group is behind, asked of the broker.
+
+Through a consumer's ListOffsets and OffsetFetch rather than the admin client's
+ListConsumerGroupOffsets, which Tansu answers in a form aiokafka cannot read: a consumer
+is what both Kafka and Tansu serve alike. The committed offsets are the group's, so the
+answer covers every worker, whichever one asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+
+async def backlog(
+    consumer: AIOKafkaConsumer, topic: str, partitions: Iterable[int], *, group: str | None
+) -> dict[str, Any]:
+    """{topic, group, partitions, depth (records held), lag (records the group has not
+    done; None without a group)}. `consumer` must belong to `group` when one is named."""
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    if not tps:
+        return {"topic": topic, "group": group, "partitions": 0, "depth": 0, "lag": None}
+    begin, end = await asyncio.gather(consumer.beginning_offsets(tps), consumer.end_offsets(tps))
+    depth = sum(max(0, end[tp] - begin[tp]) for tp in tps)
+    lag: int | None = None
+    if group is not None:
+        committed = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
+        # Nothing committed yet: the group starts at the earliest record (auto_offset_reset).
+        lag = sum(
+            max(0, end[tp] - max(begin[tp], done if done is not None else 0))
+            for tp, done in zip(tps, committed, strict=True)
+        )
+    return {"topic": topic, "group": group, "partitions": len(tps), "depth": depth, "lag": lag}

@@ -1,0 +1,37 @@
+"""GET /api/v1/stats/workers and /api/v1/stats/queues: the task side seen from outside.
+
+workers: every live worker's own entry (pipeline/workers.py): its stages with their
+partitions, and its task slots and waiting tasks per priority.
+queues: each task topic's depth and its consumer group's lag, asked of the broker, so any
+worker answers for all of them (pipeline/backlog.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from faust.web import View
+
+from pipeline.backlog import backlog
+from pipeline.workers import WorkerDirectory
+from tasks.setup import TaskSide
+
+
+def register(app: Any, side: TaskSide, directory: WorkerDirectory) -> None:
+    @app.page("/api/v1/stats/workers")
+    class Workers(View):
+        async def get(self, request: web.Request) -> web.Response:
+            return web.json_response({"workers": await directory.workers()})
+
+    @app.page("/api/v1/stats/queues")
+    class Queues(View):
+        async def get(self, request: web.Request) -> web.Response:
+            queues: list[dict[str, Any]] = []
+            for stage in side.stages:
+                queues += await stage.backlog()
+            asker = next((s.kafka_consumer for s in side.stages if s.kafka_consumer), None)
+            if asker is not None:
+                dlq = side.dead_letter_topic
+                queues.append(await backlog(asker, dlq, range(side.partitions), group=None))
+            return web.json_response({"queues": queues})
