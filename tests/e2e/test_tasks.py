@@ -1,18 +1,25 @@
-"""Typed tasks end to end: a real worker, the embedded broker, Redis, the REST API."""
+"""Typed tasks end to end: a real worker, the embedded broker, Redis, the REST API.
+
+The single-worker tests share one worker (module scope): each uses task ids of its own,
+and what it reads of a shared topic it picks out by those ids. A worker start is seconds
+of CI; the tests that need a worker to themselves (two workers) start their own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from embedded.broker import EmbeddedBroker
 from embedded.worker import WorkerProcess
 from pipeline.dlq import dlq_topic
-from proto.resonance.task.v1.task_pb2 import Task
+from proto.resonance.task.v1.task_pb2 import Priority, Task
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow
@@ -23,13 +30,21 @@ TASK_ENV = {
 }
 
 
-@pytest.fixture
-async def tasks_pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
-    return pipeline_factory(**TASK_ENV)
-
-
-async def _worker(p: Pipeline) -> WorkerProcess:
-    return await p.start_worker("worker")
+@pytest.fixture(scope="module")
+def shared(
+    broker: EmbeddedBroker, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pipeline, WorkerProcess]]:
+    workdir = tmp_path_factory.mktemp("tasks")
+    # 20 slots: the priority test saturates them with a low-priority backlog.
+    p = Pipeline(
+        "t" + uuid.uuid4().hex[:8], broker, redis_url, workdir, {**TASK_ENV, "task_concurrency": 20}
+    )
+    worker = WorkerProcess(p.env, workdir, "worker").start()
+    try:
+        worker.wait_ready()
+        yield p, worker
+    finally:
+        worker.kill()
 
 
 def _submit(worker: WorkerProcess, **task: Any) -> dict[str, Any]:
@@ -59,6 +74,11 @@ async def _state(
     return body  # type: ignore[no-any-return]
 
 
+async def _letters(p: Pipeline, keys: set[bytes]) -> list[Any]:
+    """The task DLQ's records of these keys (task ids): the topic is the module's."""
+    return [r for r in await p.read_topic(dlq_topic(p.env["TOPIC_TASKS"])) if r.key in keys]
+
+
 async def _runs(p: Pipeline, task_id: str) -> int:
     r = aioredis.from_url(p.env["REDIS_URL"], decode_responses=True)
     try:
@@ -67,9 +87,10 @@ async def _runs(p: Pipeline, task_id: str) -> int:
         await r.aclose()
 
 
-async def test_a_task_failing_twice_retries_then_succeeds(tasks_pipeline: Pipeline) -> None:
-    p = tasks_pipeline
-    worker = await _worker(p)
+async def test_a_task_failing_twice_retries_then_succeeds(
+    shared: tuple[Pipeline, WorkerProcess],
+) -> None:
+    p, worker = shared
     _submit(worker, task_id="flaky-1", task_type="flaky", payload={"fail_times": 2})
     done = await _state(worker, "flaky-1", "succeeded")
     assert "retrying" in done["seen"], done
@@ -79,10 +100,9 @@ async def test_a_task_failing_twice_retries_then_succeeds(tasks_pipeline: Pipeli
 
 
 async def test_exhausted_and_permanent_failures_are_dead_lettered_and_replayable(
-    tasks_pipeline: Pipeline,
+    shared: tuple[Pipeline, WorkerProcess],
 ) -> None:
-    p = tasks_pipeline
-    worker = await _worker(p)
+    p, worker = shared
     _submit(worker, task_id="always-1", task_type="always_fails", max_attempts=3)
     _submit(worker, task_id="refused-1", task_type="refuses", max_attempts=5)
     dead = await _state(worker, "always-1", "dead")
@@ -92,9 +112,9 @@ async def test_exhausted_and_permanent_failures_are_dead_lettered_and_replayable
     assert refused["attempt"] == 1 and "can never work" in refused["error"], refused
     assert await _runs(p, "always-1") == 3 and await _runs(p, "refused-1") == 1
 
-    letters = await p.read_topic(dlq_topic(p.env["TOPIC_TASKS"]))
+    letters = await _letters(p, {b"always-1", b"refused-1"})
     by_id = {Task.FromString(r.value).task_id: r for r in letters}
-    assert set(by_id) == {"always-1", "refused-1"}
+    assert set(by_id) == {"always-1", "refused-1"} and len(letters) == 2
     headers = {k: v.decode() for k, v in by_id["always-1"].headers}
     assert headers["dlq.reason"] == "attempts_exhausted"
     assert headers["task.attempts"] == "3" and headers["task.exception"] == "RuntimeError"
@@ -114,9 +134,8 @@ async def test_exhausted_and_permanent_failures_are_dead_lettered_and_replayable
     assert await _runs(p, "always-1") == 6
 
 
-async def test_cancel_a_queued_and_a_running_task(tasks_pipeline: Pipeline) -> None:
-    p = tasks_pipeline
-    worker = await _worker(p)
+async def test_cancel_a_queued_and_a_running_task(shared: tuple[Pipeline, WorkerProcess]) -> None:
+    p, worker = shared
     _submit(worker, task_id="slow-1", task_type="slow", payload={"seconds": 30})
     # Not before an hour from now: queued meanwhile, in a retry topic.
     later = int(time.time() * 1000) + 3_600_000
@@ -142,9 +161,10 @@ async def test_cancel_a_queued_and_a_running_task(tasks_pipeline: Pipeline) -> N
     await _state(worker, "later-1", "succeeded")
 
 
-async def test_a_duplicate_idempotency_key_runs_once(tasks_pipeline: Pipeline) -> None:
-    p = tasks_pipeline
-    worker = await _worker(p)
+async def test_a_duplicate_idempotency_key_runs_once(
+    shared: tuple[Pipeline, WorkerProcess],
+) -> None:
+    p, worker = shared
     first = _submit(worker, task_id="idem-1", task_type="counted", idempotency_key="order-42")
     second = _submit(worker, task_id="idem-2", task_type="counted", idempotency_key="order-42")
     assert first["state"] == "queued" and second["duplicate_of"] == "idem-1", second
@@ -154,12 +174,11 @@ async def test_a_duplicate_idempotency_key_runs_once(tasks_pipeline: Pipeline) -
 
 
 async def test_tasks_published_to_the_topic_run_and_bad_ones_are_dead_lettered(
-    tasks_pipeline: Pipeline,
+    shared: tuple[Pipeline, WorkerProcess],
 ) -> None:
     from aiokafka import AIOKafkaProducer
 
-    p = tasks_pipeline
-    worker = await _worker(p)
+    p, worker = shared
     producer = AIOKafkaProducer(bootstrap_servers=p.broker.bootstrap)
     await producer.start()
     topic = p.env["TOPIC_TASKS"]
@@ -179,19 +198,17 @@ async def test_tasks_published_to_the_topic_run_and_bad_ones_are_dead_lettered(
     assert status == 404
 
     async def both_dead_lettered() -> bool:
-        letters = await p.read_topic(dlq_topic(topic))
-        return len(letters) >= 2
+        return len(await _letters(p, {b"nope", b"junk"})) >= 2
 
     await eventually(both_dead_lettered, 30, "two dead letters")
     reasons = sorted(
-        dict(r.headers)["dlq.reason"].decode() for r in await p.read_topic(dlq_topic(topic))
+        dict(r.headers)["dlq.reason"].decode() for r in await _letters(p, {b"nope", b"junk"})
     )
     assert reasons == ["decode_error", "unknown_task_type"], reasons
 
 
-async def test_bad_requests_name_the_field(tasks_pipeline: Pipeline) -> None:
-    p = tasks_pipeline
-    worker = await _worker(p)
+async def test_bad_requests_name_the_field(shared: tuple[Pipeline, WorkerProcess]) -> None:
+    _, worker = shared
     for body, field in [
         ({"task_type": "no_such_type"}, "task_type"),
         ({"task_type": "counted", "priority": "urgent"}, "priority"),
@@ -235,14 +252,13 @@ async def test_two_workers_share_the_tasks_and_one_leaving_loses_none(
 
 
 async def test_a_status_key_of_the_wrong_type_dead_letters_its_task_alone(
-    tasks_pipeline: Pipeline,
+    shared: tuple[Pipeline, WorkerProcess],
 ) -> None:
     """Another hand wrote the key (a string where a hash goes): that task's record goes to
     the DLQ once its batch has failed a few times, and the tasks around it run."""
     from aiokafka import AIOKafkaProducer
 
-    p = tasks_pipeline
-    worker = await _worker(p)
+    p, worker = shared
     r = aioredis.from_url(p.env["REDIS_URL"])
     await r.set(f"{p.env['APP_ID']}:{{tasks}}:task:clobbered", "not a hash")
     await r.aclose()
@@ -259,10 +275,82 @@ async def test_a_status_key_of_the_wrong_type_dead_letters_its_task_alone(
     await _state(worker, "after", "succeeded", seconds=60, published=True)
 
     async def dead_lettered() -> bool:
-        return bool(await p.read_topic(dlq_topic(topic)))
+        return bool(await _letters(p, {b"clobbered"}))
 
     await eventually(dead_lettered, 60, "the clobbered task dead-lettered")
-    (letter,) = await p.read_topic(dlq_topic(topic))
-    assert letter.key == b"clobbered"
+    (letter,) = await _letters(p, {b"clobbered"})
     assert "WRONGTYPE" in dict(letter.headers)["dlq.error"].decode()
     assert await _runs(p, "clobbered") == 0
+
+
+async def test_high_priority_tasks_overtake_a_low_priority_backlog(
+    shared: tuple[Pipeline, WorkerProcess],
+) -> None:
+    """10,000 low-priority tasks queued (published to the task topic, as a team's service
+    would), then 100 high-priority ones through the API: the high ones finish long before
+    the backlog does, and low ones keep finishing meanwhile (no starvation)."""
+    from aiokafka import AIOKafkaProducer
+
+    p, worker = shared
+    lows = [f"low-{i}" for i in range(10_000)]
+    highs = [f"high-{i}" for i in range(100)]
+    producer = AIOKafkaProducer(bootstrap_servers=p.broker.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for task_id in lows:
+            task = Task(
+                task_id=task_id,
+                task_type="sleeps",
+                payload=b'{"ms": 5}',
+                priority=Priority.PRIORITY_LOW,
+            )
+            await producer.send(
+                p.env["TOPIC_TASKS"], task.SerializeToString(), key=task_id.encode()
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    async def backlog_running() -> bool:
+        _, body = worker.get("/api/v1/tasks?status=succeeded&task_type=sleeps&limit=1000")
+        return bool(body["count"] >= 200)
+
+    await eventually(backlog_running, 60, "the low-priority backlog to be running")
+    tasks = [
+        {"task_id": t, "task_type": "sleeps", "payload": {"ms": 5}, "priority": "high"}
+        for t in highs
+    ]
+    status, body = worker.request("POST", "/api/v1/tasks/batch", {"tasks": tasks})
+    assert status == 200 and {r["state"] for r in body["results"]} == {"queued"}, body
+
+    r = aioredis.from_url(p.env["REDIS_URL"], decode_responses=True)
+    prefix = f"{p.env['APP_ID']}:{{tasks}}:task:"
+
+    async def times(ids: list[str]) -> list[tuple[str, int, int]]:
+        async with r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hmget(prefix + task_id, "state", "created_at", "finished_at")
+            return [(s, int(c or 0), int(f or 0)) for s, c, f in await pipe.execute()]
+
+    async def all_succeeded() -> bool:
+        return all(state == "succeeded" for state, _, _ in await times(highs + lows))
+
+    try:
+        await eventually(all_succeeded, 120, "every task to succeed")
+        high, low = await times(highs), await times(lows)
+    finally:
+        await r.aclose()
+
+    def p99(rows: list[tuple[str, int, int]]) -> int:
+        latencies = sorted(finished - created for _, created, finished in rows)
+        return latencies[int(len(latencies) * 0.99) - 1]
+
+    high_p99, low_p99 = p99(high), p99(low)
+    last_high = max(finished for _, _, finished in high)
+    first_high = min(created for _, created, _ in high)
+    lows_after = sum(1 for _, _, finished in low if finished > last_high)
+    lows_during = sum(1 for _, _, finished in low if first_high <= finished <= last_high)
+    print(f"high p99 {high_p99} ms, low p99 {low_p99} ms, lows after the last high {lows_after}")
+    assert high_p99 * 5 < low_p99, (high_p99, low_p99)
+    assert lows_after >= 1000, "the high tasks waited behind the low backlog"
+    assert lows_during > 0, "low starved while high ran"

@@ -62,6 +62,12 @@ async def counted(task: Task, ctx: Context) -> str:
     return "counted"
 
 
+@processor("sleeps")
+async def sleeps(task: Task, ctx: Context) -> None:
+    """Takes `ms` milliseconds and does nothing else (no Redis: the load is the worker's)."""
+    await asyncio.sleep(_payload(task).get("ms", 5) / 1000)
+
+
 @processor("slow")
 class Slow:
     """Runs `seconds`, reporting progress; stop() ends it early."""
