@@ -210,6 +210,11 @@ class Settings(BaseSettings):
     task_batch_max_records: int = Field(500, ge=1)
     # Each priority lane's records in hand (bytes) while their tasks wait or run.
     task_lane_pending_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    # The content_audit processor (tasks/builtins.py) exists when a moderation endpoint
+    # is set; its verdicts go to TOPIC_AUDIT_VERDICTS.
+    task_audit_url: str | None = None
+    task_audit_timeout_seconds: float = Field(5.0, gt=0)
+    topic_audit_verdicts: str = "resonance.audit.verdict.v1"
 
     @field_validator("kafka_broker_url")
     @classmethod

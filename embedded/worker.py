@@ -38,6 +38,7 @@ def pipeline_env(
         "TOPIC_HEARTBEATS": f"{tag}.gateway.heartbeat.v1",
         "TOPIC_OFFLINE_PUSHES": f"{tag}.offline.push.v1",
         "TOPIC_TASKS": f"{tag}.task.v1",
+        "TOPIC_AUDIT_VERDICTS": f"{tag}.audit.verdict.v1",
         "GATEWAY_TIMEOUT_SECONDS": "5",
     }
     env.update({k.upper(): str(v) for k, v in overrides.items()})

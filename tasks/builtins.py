@@ -2,19 +2,100 @@
 
 `noop` does nothing and succeeds: a probe of the task path end to end (submit, status,
 a slot, the result), and what bench/ measures the path's own cost with.
+
+`content_audit` (when TASK_AUDIT_URL is set) asks a moderation service about a piece of
+content and publishes its verdict to TOPIC_AUDIT_VERDICTS, keyed by the content's id:
+
+    payload   {"content_id": "m-1", "content": "text", ...anything else, passed along}
+    request   POST TASK_AUDIT_URL, JSON {"task_id": ..., **payload}
+    answer    200 JSON {"verdict": "pass" | "block" | "review" | ..., ...}
+    verdict   {"task_id", "content_id", "verdict", "checked_at", "detail": answer}
+
+A payload without content, or a 4xx from the service (it refuses the request as it is),
+fails for good; a 5xx, 408, 429, a timeout or a refused connection is retried with the
+task's backoff.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
+import httpx
+
+from pipeline.transport import SendRecord
 from proto.resonance.task.v1.task_pb2 import Task
-from tasks.registry import Context, Registry
+from tasks.registry import Context, PermanentError, Registry
+
+# What a moderation service answers when it is the one that should be asked again.
+_RETRYABLE = frozenset({408, 425, 429})
 
 
 async def noop(task: Task, ctx: Context) -> dict[str, Any]:
     return {"ok": True}
 
 
-def register(registry: Registry) -> None:
+class ContentAudit:
+    def __init__(self, url: str, send_verdict: SendRecord, timeout: float) -> None:
+        self._url = url
+        self._send = send_verdict
+        self._client = httpx.AsyncClient(timeout=timeout)
+
+    async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
+        payload = _json_object(task)
+        content_id, content = payload.get("content_id"), payload.get("content")
+        if not isinstance(content_id, str) or not content_id:
+            raise PermanentError("payload.content_id: a non-empty string")
+        if not isinstance(content, str):
+            raise PermanentError("payload.content: a string")
+        response = await self._client.post(self._url, json={"task_id": task.task_id, **payload})
+        if response.status_code >= 500 or response.status_code in _RETRYABLE:
+            response.raise_for_status()  # the task's retries ask again later
+        if response.status_code != 200:
+            raise PermanentError(
+                f"the moderation service refused it: {response.status_code} {response.text[:200]}"
+            )
+        try:
+            answer = response.json()
+        except ValueError:
+            raise PermanentError(
+                f"the moderation service answered non-JSON: {response.text[:200]}"
+            ) from None
+        verdict = answer.get("verdict") if isinstance(answer, dict) else None
+        if not isinstance(verdict, str) or not verdict:
+            raise PermanentError(f"the moderation service gave no verdict: {str(answer)[:200]}")
+        record = {
+            "task_id": task.task_id,
+            "content_id": content_id,
+            "verdict": verdict,
+            "checked_at": int(time.time() * 1000),
+            "detail": answer,
+        }
+        value = json.dumps(record, separators=(",", ":")).encode()
+        await (await self._send(content_id.encode(), value, None))
+        return {"content_id": content_id, "verdict": verdict}
+
+
+def _json_object(task: Task) -> dict[str, Any]:
+    try:
+        value = json.loads(task.payload or b"{}")
+    except ValueError as exc:
+        raise PermanentError(f"payload: not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise PermanentError("payload: a JSON object")
+    return value
+
+
+def register(
+    registry: Registry,
+    *,
+    audit_url: str | None = None,
+    send_verdict: SendRecord | None = None,
+    audit_timeout: float = 5.0,
+) -> None:
     registry.add("noop", noop, timeout=5.0)
+    if audit_url and send_verdict is not None:
+        # The task's own timeout covers retries of the HTTP call: a little above one call.
+        processor = ContentAudit(audit_url, send_verdict, audit_timeout)
+        registry.add("content_audit", processor, timeout=audit_timeout + 5)

@@ -41,9 +41,18 @@ class TaskSide:
         return [self.intake, *self.lane_stages, self.retry]
 
 
-def load_processors(settings: Settings, into: Registry = registry) -> Registry:
+def load_processors(
+    settings: Settings, into: Registry = registry, *, send_verdict: SendRecord | None = None
+) -> Registry:
+    """The built-ins, plugins' entry points and TASK_PROCESSOR_MODULES, into `into`;
+    content_audit publishes its verdicts with `send_verdict`."""
     if "noop" not in into.types():
-        builtins.register(into)
+        builtins.register(
+            into,
+            audit_url=settings.task_audit_url,
+            send_verdict=send_verdict,
+            audit_timeout=settings.task_audit_timeout_seconds,
+        )
     into.load_entry_points()
     for name in filter(None, (m.strip() for m in settings.task_processor_modules.split(","))):
         importlib.import_module(name)  # its @processor decorators register into `registry`
@@ -59,7 +68,8 @@ def task_side(
     consumer_config: Callable[[str], dict[str, Any]],
     stage_options: dict[str, Any],
 ) -> TaskSide:
-    processors = load_processors(settings)
+    verdicts = topic(settings.topic_audit_verdicts)
+    processors = load_processors(settings, send_verdict=producer_for(verdicts))
     statuses = TaskStatuses(
         settings.redis_url.get_secret_value(),
         settings.app_id,
@@ -134,6 +144,7 @@ def task_side(
         *lane_topics.values(),
         *retry_topics,
         topic(dlq_topic(settings.topic_tasks)),
+        *([verdicts] if settings.task_audit_url else []),
     ]
     return TaskSide(
         registry=processors,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -30,14 +32,55 @@ TASK_ENV = {
 }
 
 
+class Moderation(BaseHTTPRequestHandler):
+    """A moderation service: "spam" is blocked; content "busy" is answered 503 once."""
+
+    asked: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Moderation.asked.append(body)
+        if body["content"] == "busy" and sum(a["content"] == "busy" for a in self.asked) == 1:
+            self._answer(503, {"error": "busy"})
+        else:
+            self._answer(200, {"verdict": "block" if "spam" in body["content"] else "pass"})
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def moderation() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Moderation)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/moderate"
+    server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def shared(
-    broker: EmbeddedBroker, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    broker: EmbeddedBroker,
+    redis_url: str,
+    moderation: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Pipeline, WorkerProcess]]:
     workdir = tmp_path_factory.mktemp("tasks")
     # 20 slots: the priority test saturates them with a low-priority backlog.
     p = Pipeline(
-        "t" + uuid.uuid4().hex[:8], broker, redis_url, workdir, {**TASK_ENV, "task_concurrency": 20}
+        "t" + uuid.uuid4().hex[:8],
+        broker,
+        redis_url,
+        workdir,
+        {**TASK_ENV, "task_concurrency": 20, "task_audit_url": moderation},
     )
     worker = WorkerProcess(p.env, workdir, "worker").start()
     try:
@@ -354,3 +397,42 @@ async def test_high_priority_tasks_overtake_a_low_priority_backlog(
     assert high_p99 * 5 < low_p99, (high_p99, low_p99)
     assert lows_after >= 1000, "the high tasks waited behind the low backlog"
     assert lows_during > 0, "low starved while high ran"
+
+
+async def test_content_audit_asks_the_moderation_service_and_publishes_the_verdict(
+    shared: tuple[Pipeline, WorkerProcess],
+) -> None:
+    p, worker = shared
+    for task_id, content in [
+        ("audit-ok", "hello"),
+        ("audit-spam", "buy spam"),
+        ("audit-busy", "busy"),
+    ]:
+        _submit(
+            worker,
+            task_id=task_id,
+            task_type="content_audit",
+            payload={"content_id": f"c-{task_id}", "content": content, "sender": "u1"},
+        )
+    _submit(worker, task_id="audit-bad", task_type="content_audit", payload={"content_id": "c-bad"})
+    ok = await _state(worker, "audit-ok", "succeeded")
+    assert ok["result"] == {"content_id": "c-audit-ok", "verdict": "pass"}, ok
+    spam = await _state(worker, "audit-spam", "succeeded")
+    assert spam["result"]["verdict"] == "block", spam
+    busy = await _state(worker, "audit-busy", "succeeded")
+    assert "retrying" in busy["seen"] and busy["attempt"] == 1, busy  # a 503 is asked again
+    bad = await _state(worker, "audit-bad", "dead")
+    assert bad["attempt"] == 1 and "payload.content" in bad["error"], bad  # never retried
+
+    verdicts = {
+        r.key.decode(): json.loads(r.value)
+        for r in await p.read_topic(p.env["TOPIC_AUDIT_VERDICTS"])
+    }
+    assert {k: v["verdict"] for k, v in verdicts.items()} == {
+        "c-audit-ok": "pass",
+        "c-audit-spam": "block",
+        "c-audit-busy": "pass",
+    }
+    assert verdicts["c-audit-spam"]["task_id"] == "audit-spam"
+    # The payload's other fields reach the service as they were given.
+    assert {a.get("sender") for a in Moderation.asked} == {"u1"}
