@@ -5,6 +5,7 @@ send          publish one PushEvent
 loadgen       publish a mix of 1:1 and group messages
 dlq-list      show what a dead-letter topic holds and why
 dlq-replay    send dead-lettered records back to their source topic
+task-dlq-replay  dead tasks back into the first retry stage (`--dry-run`, `--task-id`)
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from settings import Settings
 
 
 def register(app: Any, settings: Settings) -> None:
-    from commands import dlq, gateway_sim, traffic
+    from commands import dlq, gateway_sim, tasks, traffic
 
     gateway_sim.register(app, settings)
     traffic.register(app, settings)
     dlq.register(app, settings)
+    tasks.register(app, settings)

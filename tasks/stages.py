@@ -34,7 +34,7 @@ from pipeline.transport import SendRecord
 from proto.resonance.task.v1.task_pb2 import Priority, Task
 from tasks import envelope
 from tasks.runner import TaskRunner
-from tasks.status import TaskStatuses
+from tasks.status import Move, TaskStatuses
 
 LANES = envelope.PRIORITY_NAMES  # a lane topic per priority: <app>-tasks-<name>
 
@@ -74,6 +74,38 @@ async def queue(
             acks.append(await lanes.send(task))
     if acks:
         await asyncio.gather(*acks)
+
+
+async def run_again(
+    task_id: str,
+    allowed: str,
+    statuses: TaskStatuses,
+    first_retry: SendRecord,
+    letter: Task | None = None,
+) -> str | None:
+    """A task back into the first retry stage, attempts counted from zero, if its state is
+    one of `allowed`: None, or why not (its state, or "missing"). `letter` is its dead
+    letter's envelope: with it, a task whose status has expired is written anew."""
+    task = await statuses.envelope(task_id)
+    if task is None and letter is not None:
+        task = Task()
+        task.CopyFrom(letter)
+        task.attempt = 0
+        ((kind, state),) = await statuses.submit([task])
+        if kind != "new":
+            return state or kind
+    elif task is None:
+        return "missing"
+    else:
+        ((kind, state),) = await statuses.move(
+            [Move(task_id, "retrying", allowed, {"attempt": 0, "error": "", "finished_at": 0})]
+        )
+        if kind != "moved":
+            return state or kind
+    task.attempt = 0
+    task.not_before = int(time.time() * 1000)
+    await (await first_retry(task_id.encode(), task.SerializeToString(), None))
+    return None
 
 
 def _stamp_origin(task: Task, record: Any) -> None:

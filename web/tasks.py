@@ -17,7 +17,6 @@ the field; a task_type with no processor is refused here, not failed later.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from aiohttp import web
@@ -27,8 +26,8 @@ from pipeline.limits import Limits
 from proto.resonance.task.v1.task_pb2 import Task
 from tasks import envelope
 from tasks.setup import TaskSide
-from tasks.stages import submit
-from tasks.status import STATES, Move
+from tasks.stages import run_again, submit
+from tasks.status import STATES
 from web.openapi import BATCH_MAX, LIST_LIMIT_MAX
 
 
@@ -56,26 +55,12 @@ def _outcome(task: Task, kind: str, value: str) -> dict[str, Any]:
 
 def register(app: Any, side: TaskSide, limits: Limits) -> None:
     statuses = side.statuses
-    retry_first = side.first_retry
 
     def checked(body: Any) -> Task:
         return envelope.check(envelope.from_json(body), side.registry.types(), limits)
 
     async def again(task_id: str, allowed: str) -> str | None:
-        """Back into the first retry stage, attempts counted from zero: None, or why not
-        (its state, or "missing")."""
-        task = await statuses.envelope(task_id)
-        if task is None:
-            return "missing"
-        ((kind, state),) = await statuses.move(
-            [Move(task_id, "retrying", allowed, {"attempt": 0, "error": "", "finished_at": 0})]
-        )
-        if kind != "moved":
-            return state or kind
-        task.attempt = 0
-        task.not_before = int(time.time() * 1000)
-        await (await retry_first(task_id.encode(), task.SerializeToString(), None))
-        return None
+        return await run_again(task_id, allowed, statuses, side.first_retry)
 
     # Registered before /api/v1/tasks/{task_id}: aiohttp matches in order.
     @app.page("/api/v1/tasks/batch")

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from embedded.broker import EmbeddedBroker
-from embedded.worker import WorkerProcess
+from embedded.worker import ROOT, WorkerProcess
 from pipeline.dlq import dlq_topic
 from proto.resonance.task.v1.task_pb2 import Priority, Task
 from tests.harness import Pipeline, PipelineFactory, eventually
@@ -122,6 +125,25 @@ async def _letters(p: Pipeline, keys: set[bytes]) -> list[Any]:
     return [r for r in await p.read_topic(dlq_topic(p.env["TOPIC_TASKS"])) if r.key in keys]
 
 
+async def _command(p: Pipeline, *args: str) -> dict[str, Any]:
+    """`faust -A app <args>` as an operator runs it; its last line of output, as JSON."""
+    env = {**os.environ, **p.env, "PYTHONPATH": str(ROOT)}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "faust", "-A", "app", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def _ran(p: Pipeline, task_id: str, times: int) -> bool:
+    return await _runs(p, task_id) == times
+
+
 async def _runs(p: Pipeline, task_id: str) -> int:
     r = aioredis.from_url(p.env["REDIS_URL"], decode_responses=True)
     try:
@@ -175,6 +197,17 @@ async def test_exhausted_and_permanent_failures_are_dead_lettered_and_replayable
     assert body["replayed"] == [], body
     await _state(worker, "always-1", "dead")
     assert await _runs(p, "always-1") == 6
+
+    # The same from the command line, reading the DLQ: a dry run sends nothing.
+    dry = await _command(p, "task-dlq-replay", "--task-id", "refused-1", "--dry-run")
+    assert dry["would_replay"] == ["refused-1"] and dry["replayed"] == 1, dry
+    assert (await _state(worker, "refused-1", "dead"))["attempt"] == 1
+    done = await _command(
+        p, "task-dlq-replay", "--task-id", "refused-1", "--reason", "permanent_error"
+    )
+    assert done["replayed"] == 1, done
+    await eventually(lambda: _ran(p, "refused-1", 2), 30, "refused-1 run again")
+    await _state(worker, "refused-1", "dead")
 
 
 async def test_cancel_a_queued_and_a_running_task(shared: tuple[Pipeline, WorkerProcess]) -> None:
