@@ -210,6 +210,8 @@ class Settings(BaseSettings):
     task_batch_max_records: int = Field(500, ge=1)
     # Each priority lane's records in hand (bytes) while their tasks wait or run.
     task_lane_pending_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    # Tasks a second per task type, for the whole cluster: "content_audit=50,archive=5".
+    task_rate_limits: str = ""
     # The content_audit processor (tasks/builtins.py) exists when a moderation endpoint
     # is set; its verdicts go to TOPIC_AUDIT_VERDICTS.
     task_audit_url: str | None = None
@@ -253,6 +255,14 @@ class Settings(BaseSettings):
     def task_retry_delays(self) -> tuple[float, ...]:
         """TASK_RETRY_DELAYS_MS in seconds."""
         return tuple(int(part) / 1000 for part in self.task_retry_delays_ms.split(","))
+
+    @field_validator("task_rate_limits")
+    @classmethod
+    def _rate_limits_parse(cls, value: str) -> str:
+        from tasks.ratelimit import parse
+
+        parse(value)
+        return value
 
     @field_validator("task_retry_delays_ms")
     @classmethod

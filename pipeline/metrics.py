@@ -128,6 +128,11 @@ TASK_DURATION = Histogram(
 TASK_RETRIES = Counter(
     "resonance_task_retries_total", "Typed tasks sent to a retry topic", ["task_type", "stage"]
 )
+TASKS_RATE_LIMITED = Counter(
+    "resonance_tasks_rate_limited_total",
+    "Tasks that waited for their type's rate limit (TASK_RATE_LIMITS)",
+    ["task_type"],
+)
 TASKS_SKIPPED = Counter(
     "resonance_tasks_skipped_total",
     "Task records not run because their task had ended or was cancelled",

@@ -33,6 +33,7 @@ from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
 from pipeline.transport import SendRecord
 from proto.resonance.task.v1.task_pb2 import Task
 from tasks.envelope import priority_name
+from tasks.ratelimit import RateLimits
 from tasks.registry import PermanentError, Processor, Registry
 from tasks.scheduler import Scheduler
 from tasks.status import FINAL, Move, Moves, TaskStatuses
@@ -102,6 +103,7 @@ class TaskRunner:
         retry_topics: Sequence[SendRecord],
         dead_letters: DeadLetters,
         config: RunnerConfig,
+        rate_limits: RateLimits | None = None,
     ) -> None:
         if len(retry_topics) != len(config.retry_delays):
             raise ValueError("one retry topic per retry delay")
@@ -116,6 +118,8 @@ class TaskRunner:
         self._watcher: asyncio.Task[None] | None = None
         self._lanes_running = 0
         self._cancelling: set[asyncio.Task[None]] = set()
+        self._rate_limits = rate_limits
+        self._waiting_for_rate: dict[int, set[asyncio.Future[Any]]] = {}
 
     @property
     def worker(self) -> str:
@@ -133,11 +137,26 @@ class TaskRunner:
             if task.not_before > now:
                 # Not yet: it waits in a retry topic, queued (and cancellable) meanwhile.
                 effects.append(await self._retry_later(task, task.not_before))
+            elif self._rate_limits is not None and self._rate_limits.limited(task.task_type):
+                effects.append(self._after_token(task, self._rate_limits))
             else:
                 effects.append(
                     self._scheduler.submit(task.priority, functools.partial(self._run, task))
                 )
         return effects
+
+    def _after_token(self, task: Task, limits: RateLimits) -> asyncio.Future[Any]:
+        """Its type's token first (waited for outside the slots), then a slot."""
+
+        async def run() -> object:
+            await limits.acquire(task.task_type)
+            return await self._scheduler.submit(task.priority, functools.partial(self._run, task))
+
+        future = asyncio.ensure_future(run())
+        waiting = self._waiting_for_rate.setdefault(task.priority, set())
+        waiting.add(future)
+        future.add_done_callback(waiting.discard)
+        return future
 
     def watch_cancels(self) -> None:
         """A lane started: cancels are watched while any lane runs."""
@@ -150,8 +169,10 @@ class TaskRunner:
         its running ones get until `deadline`, then are asked to stop and handed back
         (queued again), so the partition's next owner runs them without waiting for a
         lease to run out."""
-        # What waits for a slot stays queued: the partition's next owner runs it.
+        # What waits for a slot or a token stays queued: the partition's next owner runs it.
         self._scheduler.drop(priority)
+        for future in self._waiting_for_rate.pop(priority, set()):
+            future.cancel()
         mine = [r for r in self._running.values() if r.task.priority == priority]
         if mine:
             await asyncio.wait(

@@ -9,11 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis import asyncio as aioredis
+
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.transport import SendRecord
 from settings import Settings
-from tasks import builtins
+from tasks import builtins, ratelimit
 from tasks.envelope import TIMEOUT_MS_LIMIT
+from tasks.ratelimit import RateLimits
 from tasks.registry import Registry, registry
 from tasks.runner import RunnerConfig, TaskRunner
 from tasks.scheduler import Scheduler
@@ -98,6 +101,17 @@ def task_side(
             dead_letter_topic=dlq_topic(settings.topic_tasks),
             worker=f"{socket.gethostname()}:{os.getpid()}",
         ),
+        rate_limits=RateLimits(
+            aioredis.from_url(
+                settings.redis_url.get_secret_value(),
+                socket_timeout=settings.redis_timeout_seconds,
+                socket_connect_timeout=settings.redis_timeout_seconds,
+            ),
+            f"{settings.app_id}:{{tasks}}:",
+            ratelimit.parse(settings.task_rate_limits),
+        )
+        if settings.task_rate_limits
+        else None,
     )
     intake = TaskIntake(
         statuses=statuses,
