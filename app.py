@@ -380,6 +380,7 @@ task_side = tasks_setup.task_side(
     dead_letters=dead_letters,
     consumer_config=lambda group: kafka_consumer_config(settings, group, hot=True),
     stage_options=stage_options,
+    offline_pusher=offline_consumer.pusher if offline_consumer is not None else None,
 )
 own_group_stages = [
     stage

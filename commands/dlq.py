@@ -15,8 +15,14 @@ from settings import Settings
 
 async def read_all(bootstrap_servers: list[str] | str, topic: str, limit: int) -> list[Any]:
     """Every record of `topic` from the start, without joining a consumer group."""
+    # Fetches answer within 50 ms: "quiet" below means several empty fetches in a row,
+    # not one fetch still held by the broker (aiokafka's default wait, 500 ms, outlasts
+    # a 300 ms poll: two polls could end empty-handed with records on their way).
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=50,
     )
     await consumer.start()
     try:
@@ -30,7 +36,7 @@ async def read_all(bootstrap_servers: list[str] | str, topic: str, limit: int) -
         # Read until the topic has been quiet for a moment rather than up to end_offsets():
         # Tansu's ListOffsets(latest) undercounts topics written in multi-record batches.
         quiet = 0
-        while len(records) < limit and quiet < 2:
+        while len(records) < limit and quiet < 3:
             batch = await consumer.getmany(timeout_ms=300, max_records=limit - len(records))
             quiet = 0 if batch else quiet + 1
             for rs in batch.values():

@@ -77,16 +77,38 @@ class OfflinePusher:
             pushes += [(record, push) for push in decoded or ()]
         if not pushes:
             return
-        users = sorted({u for _, push in pushes for u in push.users})
         try:
-            devices = await retrying(lambda: self._tokens.tokens(users), "device token store")
-        except Exception as exc:  # not transient (those wait): no use asking again
-            log.error("device token store failed for %d users: %r", len(users), exc)
+            errors = await self.notify([push for _, push in pushes])
+        except Exception as exc:  # the token store, not transient (those wait)
             for record in dict.fromkeys(record for record, _ in pushes):
                 await self._dead_letters.put(record, "token_store_error", repr(exc))
             return
+        # Per source record, a dead letter holding only its pushes that failed: a replay
+        # then notifies no one twice.
+        failed_pushes: dict[SourceRecord, list[OfflinePush]] = defaultdict(list)
+        reasons_of: dict[SourceRecord, list[str]] = defaultdict(list)
+        for index, reasons in sorted(errors.items()):
+            record, push = pushes[index]
+            failed_pushes[record].append(push)
+            reasons_of[record] += reasons
+        for record, failed_here in failed_pushes.items():
+            reasons = reasons_of[record]
+            detail = f"{len(reasons)} notification(s) failed: " + "; ".join(reasons[:5])
+            (value,) = offline_records.encode(failed_here, max_bytes=2**31)
+            await self._dead_letters.put(replace(record, value=value), "provider_failed", detail)
+
+    async def notify(self, pushes: Sequence[OfflinePush]) -> dict[int, list[str]]:
+        """Notify every device of every push's users (retrying what a provider asks to);
+        what finally failed, by the push's index. The token store's non-transient error
+        is raised (transient ones are waited out)."""
+        users = sorted({u for push in pushes for u in push.users})
+        try:
+            devices = await retrying(lambda: self._tokens.tokens(users), "device token store")
+        except Exception as exc:
+            log.error("device token store failed for %d users: %r", len(users), exc)
+            raise
         by_provider: dict[str, list[Notification]] = defaultdict(list)
-        for index, (_, push) in enumerate(pushes):
+        for index, push in enumerate(pushes):
             title, body = notification_text(push)
             data = {
                 "msg_id": str(push.message.msg_id),
@@ -111,19 +133,7 @@ class OfflinePusher:
         for failed in failures:
             for note, outcome in failed:
                 errors[note.record].append(f"{note.device.provider}:{outcome.detail}")
-        # Per source record, a dead letter holding only its pushes that failed: a replay
-        # then notifies no one twice.
-        failed_pushes: dict[SourceRecord, list[OfflinePush]] = defaultdict(list)
-        reasons_of: dict[SourceRecord, list[str]] = defaultdict(list)
-        for index, reasons in sorted(errors.items()):
-            record, push = pushes[index]
-            failed_pushes[record].append(push)
-            reasons_of[record] += reasons
-        for record, failed_here in failed_pushes.items():
-            reasons = reasons_of[record]
-            detail = f"{len(reasons)} notification(s) failed: " + "; ".join(reasons[:5])
-            (value,) = offline_records.encode(failed_here, max_bytes=2**31)
-            await self._dead_letters.put(replace(record, value=value), "provider_failed", detail)
+        return errors
 
     async def _deliver(
         self, provider: Provider, notes: list[Notification]
@@ -190,6 +200,10 @@ class OfflinePushConsumer(GroupConsumer):
         self._pusher = pusher
         self._clients = clients
         super().__init__(stage="offline", **kwargs)
+
+    @property
+    def pusher(self) -> OfflinePusher:
+        return self._pusher
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "providers": self._pusher.provider_names}

@@ -14,6 +14,13 @@ content and publishes its verdict to TOPIC_AUDIT_VERDICTS, keyed by the content'
 A payload without content, or a 4xx from the service (it refuses the request as it is),
 fails for good; a 5xx, 408, 429, a timeout or a refused connection is retried with the
 task's backoff.
+
+`offline_push` (when an offline provider is configured) is the offline push stage's work
+as a task: its payload is an `OfflinePush` in proto3 JSON, or the protobuf bytes of an
+`OfflinePushBatch` as on the offline-pushes topic; every device of
+its users is notified through the same providers, retries and token clean-up. What still
+fails after the providers' retries ends the task dead, naming the failures (a replay
+notifies again those that had succeeded).
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import time
 from typing import Any
 
 import httpx
+from google.protobuf.json_format import Parse, ParseError
+from google.protobuf.message import DecodeError
 
 from pipeline.transport import SendRecord
+from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
 from proto.resonance.task.v1.task_pb2 import Task
 from tasks.registry import Context, PermanentError, Registry
 
@@ -77,6 +87,37 @@ class ContentAudit:
         return {"content_id": content_id, "verdict": verdict}
 
 
+class OfflinePushTask:
+    def __init__(self, pusher: Any) -> None:
+        self._pusher = pusher  # offline.processor.OfflinePusher (imported only if configured)
+
+    async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
+        pushes = _offline_pushes(task.payload)
+        if not pushes or not any(push.users for push in pushes):
+            raise PermanentError("payload: an OfflinePush with users")
+        errors = await self._pusher.notify(pushes)
+        if errors:
+            reasons = [reason for found in errors.values() for reason in found]
+            raise PermanentError(
+                f"{len(reasons)} notification(s) failed: " + "; ".join(reasons[:5])
+            )
+        return {"pushes": len(pushes), "users": sum(len(push.users) for push in pushes)}
+
+
+def _offline_pushes(payload: bytes) -> list[OfflinePush]:
+    if payload.lstrip().startswith(b"{"):
+        push = OfflinePush()
+        try:
+            Parse(payload, push)
+        except ParseError as exc:
+            raise PermanentError(f"payload: not an OfflinePush: {exc}") from None
+        return [push]
+    try:
+        return list(OfflinePushBatch.FromString(payload).pushes)
+    except DecodeError as exc:
+        raise PermanentError(f"payload: not an OfflinePushBatch: {exc}") from None
+
+
 def _json_object(task: Task) -> dict[str, Any]:
     try:
         value = json.loads(task.payload or b"{}")
@@ -93,8 +134,11 @@ def register(
     audit_url: str | None = None,
     send_verdict: SendRecord | None = None,
     audit_timeout: float = 5.0,
+    offline_pusher: Any = None,
 ) -> None:
     registry.add("noop", noop, timeout=5.0)
+    if offline_pusher is not None:
+        registry.add("offline_push", OfflinePushTask(offline_pusher))
     if audit_url and send_verdict is not None:
         # The task's own timeout covers retries of the HTTP call: a little above one call.
         processor = ContentAudit(audit_url, send_verdict, audit_timeout)

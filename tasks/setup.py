@@ -45,7 +45,11 @@ class TaskSide:
 
 
 def load_processors(
-    settings: Settings, into: Registry = registry, *, send_verdict: SendRecord | None = None
+    settings: Settings,
+    into: Registry = registry,
+    *,
+    send_verdict: SendRecord | None = None,
+    offline_pusher: Any = None,
 ) -> Registry:
     """The built-ins, plugins' entry points and TASK_PROCESSOR_MODULES, into `into`;
     content_audit publishes its verdicts with `send_verdict`."""
@@ -55,6 +59,7 @@ def load_processors(
             audit_url=settings.task_audit_url,
             send_verdict=send_verdict,
             audit_timeout=settings.task_audit_timeout_seconds,
+            offline_pusher=offline_pusher,
         )
     into.load_entry_points()
     for name in filter(None, (m.strip() for m in settings.task_processor_modules.split(","))):
@@ -70,9 +75,12 @@ def task_side(
     dead_letters: DeadLetters,
     consumer_config: Callable[[str], dict[str, Any]],
     stage_options: dict[str, Any],
+    offline_pusher: Any = None,
 ) -> TaskSide:
     verdicts = topic(settings.topic_audit_verdicts)
-    processors = load_processors(settings, send_verdict=producer_for(verdicts))
+    processors = load_processors(
+        settings, send_verdict=producer_for(verdicts), offline_pusher=offline_pusher
+    )
     statuses = TaskStatuses(
         settings.redis_url.get_secret_value(),
         settings.app_id,

@@ -64,4 +64,25 @@ async def test_offline_members_reach_the_provider_server_with_their_tokens(
             return await tokens.tokens([users[7]]) == {}
 
         await eventually(forgotten, 10, "the unregistered token to be removed")
+
+        # The same as a typed task (offline_push): an OfflinePush in JSON, through the API.
+        push = {"users": [users[5], users[8]], "message": {"msg_id": "77", "content": "a task"}}
+        status, body = worker.request(
+            "POST", "/api/v1/tasks", {"task_type": "offline_push", "payload": push}
+        )
+        assert status == 201, body
+
+        async def ran() -> bool:
+            _, status = worker.get(f"/api/v1/tasks/{body['task_id']}")
+            return bool(status["state"] == "succeeded")
+
+        await eventually(ran, 30, "the offline_push task")
+        by_task = [r for r in server.pushes("/v1/") if r.body["message"]["data"]["msg_id"] == "77"]
+        assert [r.body["message"]["token"] for r in by_task] == [f"{users[5]}-phone"]
+        (hook,) = [
+            r
+            for r in server.pushes("/webhook")
+            if r.body["notifications"][0]["data"]["msg_id"] == "77"
+        ]
+        assert [n["user"] for n in hook.body["notifications"]] == [users[8]]
         await tokens.close()
