@@ -210,6 +210,9 @@ class Settings(BaseSettings):
     task_batch_max_records: int = Field(500, ge=1)
     # Each priority lane's records in hand (bytes) while their tasks wait or run.
     task_lane_pending_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    # Teams' own topics read as tasks: "team.audit.requests=content_audit,...": each
+    # record of the topic becomes a task of that type, its value the payload.
+    task_topic_routes: str = ""
     # Tasks a second per task type, for the whole cluster: "content_audit=50,archive=5".
     task_rate_limits: str = ""
     # The content_audit processor (tasks/builtins.py) exists when a moderation endpoint
@@ -255,6 +258,24 @@ class Settings(BaseSettings):
     def task_retry_delays(self) -> tuple[float, ...]:
         """TASK_RETRY_DELAYS_MS in seconds."""
         return tuple(int(part) / 1000 for part in self.task_retry_delays_ms.split(","))
+
+    @cached_property
+    def task_routes(self) -> dict[str, str]:
+        """TASK_TOPIC_ROUTES as {topic: task_type}."""
+        routes = {}
+        for part in filter(None, (p.strip() for p in self.task_topic_routes.split(","))):
+            topic, _, task_type = part.partition("=")
+            routes[topic.strip()] = task_type.strip()
+        return routes
+
+    @field_validator("task_topic_routes")
+    @classmethod
+    def _routes_parse(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            topic, sep, task_type = part.partition("=")
+            if not sep or not topic.strip() or not task_type.strip():
+                raise ValueError(f"topic=task_type, comma-separated; got {part!r}")
+        return value
 
     @field_validator("task_rate_limits")
     @classmethod

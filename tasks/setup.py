@@ -128,6 +128,7 @@ def task_side(
         limits=settings.limits,
         dead_letters=dead_letters,
         topic=submitted.get_topic_name(),
+        routes=settings.task_routes,
         consumer_config=consumer_config(settings.topic_name("task-intake")),
         batch_max_records=settings.task_batch_max_records,
         **stage_options,

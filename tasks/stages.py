@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -108,6 +108,17 @@ async def run_again(
     return None
 
 
+def routed_task(task_type: str, record: Any) -> Task:
+    """A record of a team's own topic (TASK_TOPIC_ROUTES) as a task: its value the payload,
+    its place in the topic the id, so a record read twice is one task, not two."""
+    return Task(
+        task_id=f"{record.topic}:{record.partition}:{record.offset}",
+        task_type=task_type,
+        payload=record.value or b"",
+        submitted_at=int(record.timestamp or 0),
+    )
+
+
 def _stamp_origin(task: Task, record: Any) -> None:
     """Where the task was first read, for its dead letter: kept from then on."""
     if not task.origin_topic:
@@ -125,6 +136,8 @@ class TaskIntake(GroupConsumer):
         known_types: Callable[[], frozenset[str]],
         limits: Limits,
         dead_letters: DeadLetters,
+        topic: str,
+        routes: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self._statuses = statuses
@@ -132,15 +145,26 @@ class TaskIntake(GroupConsumer):
         self._known_types = known_types
         self._limits = limits
         self._dead_letters = dead_letters
-        super().__init__(stage="task_intake", dead_letters=dead_letters, **kwargs)
+        self._routes = dict(routes or {})
+        super().__init__(
+            stage="task_intake",
+            topic=[topic, *self._routes],
+            dead_letters=dead_letters,
+            **kwargs,
+        )
 
     async def handle(self, records: Records) -> Awaitable[object] | None:
         known = self._known_types()
         tasks = []
         for record in records:
             key = (record.key or b"").decode(errors="replace")
+            routed = self._routes.get(record.topic)
 
-            def checked(value: bytes, key: str = key) -> Task:
+            def checked(
+                value: bytes, key: str = key, record: Any = record, routed: str | None = routed
+            ) -> Task:
+                if routed is not None:
+                    return envelope.check(routed_task(routed, record), known, self._limits)
                 task = envelope.decode(value)
                 task.task_id = task.task_id or key  # keyed by task_id, as the contract says
                 return envelope.check(task, known, self._limits)

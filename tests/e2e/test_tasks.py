@@ -35,6 +35,18 @@ TASK_ENV = {
 }
 
 
+async def _publish(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value)
+    finally:
+        await producer.stop()
+
+
 class Moderation(BaseHTTPRequestHandler):
     """A moderation service: "spam" is blocked; content "busy" is answered 503 once."""
 
@@ -78,12 +90,21 @@ def shared(
 ) -> Iterator[tuple[Pipeline, WorkerProcess]]:
     workdir = tmp_path_factory.mktemp("tasks")
     # 20 slots: the priority test saturates them with a low-priority backlog.
+    tag = "t" + uuid.uuid4().hex[:8]
+    team_topic = f"{tag}.team.audit-requests"
+    # A team's own topic, read as tasks of a type: it exists before the worker subscribes.
+    asyncio.run(_publish(broker.bootstrap, team_topic, [b'{"n": 0}']))
     p = Pipeline(
-        "t" + uuid.uuid4().hex[:8],
+        tag,
         broker,
         redis_url,
         workdir,
-        {**TASK_ENV, "task_concurrency": 20, "task_audit_url": moderation},
+        {
+            **TASK_ENV,
+            "task_concurrency": 20,
+            "task_audit_url": moderation,
+            "task_topic_routes": f"{team_topic}=counted",
+        },
     )
     worker = WorkerProcess(p.env, workdir, "worker").start()
     try:
@@ -469,3 +490,28 @@ async def test_content_audit_asks_the_moderation_service_and_publishes_the_verdi
     assert verdicts["c-audit-spam"]["task_id"] == "audit-spam"
     # The payload's other fields reach the service as they were given.
     assert {a.get("sender") for a in Moderation.asked} == {"u1"}
+
+
+async def test_a_teams_own_topic_is_read_as_tasks_of_its_routed_type(
+    shared: tuple[Pipeline, WorkerProcess],
+) -> None:
+    """TASK_TOPIC_ROUTES: each record of the team's topic is one task (the record's value
+    its payload, its topic:partition:offset its id), run once."""
+    p, worker = shared
+    topic = p.env["TASK_TOPIC_ROUTES"].split("=")[0]
+    await _publish(p.broker.bootstrap, topic, [b'{"n": 1}', b'{"n": 2}'])
+    r = aioredis.from_url(p.env["REDIS_URL"], decode_responses=True)
+    prefix = f"{p.env['APP_ID']}:{{tasks}}:task:{topic}:"
+    routed: list[str] = []
+
+    async def all_ran() -> bool:
+        nonlocal routed
+        routed = [key.removeprefix(prefix) async for key in r.scan_iter(f"{prefix}*")]
+        states = [worker.get(f"/api/v1/tasks/{topic}:{part}")[1]["state"] for part in routed]
+        return len(routed) == 3 and set(states) == {"succeeded"}
+
+    try:
+        await eventually(all_ran, 30, "three routed tasks")
+    finally:
+        await r.aclose()
+    assert [await _runs(p, f"{topic}:{part}") for part in routed] == [1, 1, 1]
