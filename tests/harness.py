@@ -27,13 +27,16 @@ from stores.members import RedisMemberStore
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], seconds: float = 60, what: str = "condition"
+    check: Callable[[], Awaitable[bool]],
+    seconds: float = 60,
+    what: str = "condition",
+    interval: float = 0.25,
 ) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if await check():
             return
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
