@@ -23,6 +23,8 @@ large_group are Faust agents, with the tables they write. Run it with
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections.abc import Awaitable
 from typing import Any
 
@@ -373,14 +375,18 @@ offline_consumer = offline_stage(
     **stage_options,
 )
 # Typed tasks (tasks/stages.py): intake, a lane per priority, retry topics, their DLQ.
-task_side = tasks_setup.task_side(
-    settings,
-    topic=_topic,
-    producer_for=_producer_for,
-    dead_letters=dead_letters,
-    consumer_config=lambda group: kafka_consumer_config(settings, group, hot=True),
-    stage_options=stage_options,
-    offline_pusher=offline_consumer.pusher if offline_consumer is not None else None,
+task_side = (
+    None
+    if not settings.tasks_enabled
+    else tasks_setup.task_side(
+        settings,
+        topic=_topic,
+        producer_for=_producer_for,
+        dead_letters=dead_letters,
+        consumer_config=lambda group: kafka_consumer_config(settings, group, hot=True),
+        stage_options=stage_options,
+        offline_pusher=offline_consumer.pusher if offline_consumer is not None else None,
+    )
 )
 own_group_stages = [
     stage
@@ -389,7 +395,7 @@ own_group_stages = [
         fanout_consumer,
         push_consumer,
         offline_consumer,
-        *task_side.stages,
+        *(task_side.stages if task_side else ()),
     )
     if stage is not None
 ]
@@ -398,11 +404,11 @@ own_group_stages = [
 worker_directory = WorkerDirectory(
     settings.redis_url.get_secret_value(),
     settings.app_id,
-    task_side.runner.worker,
+    f"{socket.gethostname()}:{os.getpid()}",
     lambda: {
         "web_url": str(app.conf.canonical_url),
         "stages": {stage.stage: stage.stats() for stage in own_group_stages},
-        "tasks": task_side.scheduler.stats(),
+        "tasks": task_side.scheduler.stats() if task_side else None,
     },
     timeout=settings.redis_timeout_seconds,
 )
@@ -416,7 +422,7 @@ async def _forget_gone_gateways() -> None:
 @app.task
 async def _start_own_groups() -> None:
     # Topics only our own consumers read are not declared by Faust: create them first.
-    for topic in (*sources, *dead_letter_topics, *task_side.topics):
+    for topic in (*sources, *dead_letter_topics, *(task_side.topics if task_side else ())):
         await topic.maybe_declare()
     # Children of the app, stopped with it; started together, because a consumer's start
     # waits for its group join. At shutdown children stop in reverse order: fanout stops
@@ -424,7 +430,7 @@ async def _start_own_groups() -> None:
     services = [gateways_view, routes_view, storage_consumer, push_consumer, fanout_consumer]
     if offline_consumer is not None:
         services.append(offline_consumer)
-    services += [*task_side.stages, worker_directory]
+    services += [*(task_side.stages if task_side else ()), worker_directory]
     await asyncio.gather(*(app.add_runtime_dependency(service) for service in services))
 
 
@@ -446,7 +452,8 @@ views.register(
         offline_consumer=offline_consumer,
     ),
 )
-web_tasks.register(app, task_side, settings.limits)
+if task_side is not None:
+    web_tasks.register(app, task_side, settings.limits)
 stats.register(app, task_side, worker_directory)
 openapi.register(app)
 commands.register(app, settings)

@@ -194,7 +194,10 @@ class Settings(BaseSettings):
     offline_batch_max_records: int = Field(200, ge=1)
     offline_http_timeout_seconds: float = Field(10.0, gt=0)
 
-    # Typed tasks (tasks/): submitted to TOPIC_TASKS or POST /api/v1/tasks.
+    # Typed tasks (tasks/): submitted to TOPIC_TASKS or POST /api/v1/tasks. Off: this
+    # worker runs no task stage and serves no task API (fan-out-only workers, scaled
+    # apart from the task workers; the tests of the message path).
+    tasks_enabled: bool = True
     topic_tasks: str = "resonance.task.v1"
     # Tasks running at once on a worker, all priorities together.
     task_concurrency: int = Field(100, ge=1)

@@ -51,8 +51,12 @@ class Pipeline:
     sims: list[GatewaySimulator] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # The message path's tests run workers without the task side (TASKS_ENABLED), as
+        # a fan-out-only deployment would: six fewer consumer groups a worker rebalancing
+        # on one shared broker. The task tests turn it on.
+        overrides = {"tasks_enabled": False, **self.overrides}
         self.env = pipeline_env(
-            tag=self.tag, broker_url=self.broker.url, redis_url=self.redis_url, **self.overrides
+            tag=self.tag, broker_url=self.broker.url, redis_url=self.redis_url, **overrides
         )
         self.inbox_store = RedisInboxStore(self.redis_url, max_entries=0, message_ttl=3600)
         self.members = RedisMemberStore(self.redis_url)

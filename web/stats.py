@@ -18,20 +18,26 @@ from pipeline.workers import WorkerDirectory
 from tasks.setup import TaskSide
 
 
-def register(app: Any, side: TaskSide, directory: WorkerDirectory) -> None:
+def register(app: Any, side: TaskSide | None, directory: WorkerDirectory) -> None:
+    """The queues view only where this worker runs the task side (TASKS_ENABLED)."""
+
     @app.page("/api/v1/stats/workers")
     class Workers(View):
         async def get(self, request: web.Request) -> web.Response:
             return web.json_response({"workers": await directory.workers()})
 
+    if side is None:
+        return
+    tasks: TaskSide = side
+
     @app.page("/api/v1/stats/queues")
     class Queues(View):
         async def get(self, request: web.Request) -> web.Response:
             queues: list[dict[str, Any]] = []
-            for stage in side.stages:
+            for stage in tasks.stages:
                 queues += await stage.backlog()
-            asker = next((s.kafka_consumer for s in side.stages if s.kafka_consumer), None)
+            asker = next((s.kafka_consumer for s in tasks.stages if s.kafka_consumer), None)
             if asker is not None:
-                dlq = side.dead_letter_topic
-                queues.append(await backlog(asker, dlq, range(side.partitions), group=None))
+                dlq = tasks.dead_letter_topic
+                queues.append(await backlog(asker, dlq, range(tasks.partitions), group=None))
             return web.json_response({"queues": queues})

@@ -30,6 +30,7 @@ async def test_offline_members_reach_the_provider_server_with_their_tokens(
             )
         )
         p = pipeline_factory(
+            tasks_enabled=True,  # the offline_push task at the end
             offline_fcm_project_id="demo",
             offline_fcm_service_account_file=str(account),
             offline_fcm_base_url=server.url,

@@ -73,6 +73,7 @@ def _path_args(pattern: str, path: str) -> dict[str, str]:
 @pytest.fixture
 async def api_pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
     return pipeline_factory(
+        tasks_enabled=True,
         task_processor_modules="tests.tasks.processors",
         task_retry_delays_ms="200",
         task_max_attempts="2",

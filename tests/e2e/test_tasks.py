@@ -30,6 +30,7 @@ from tests.harness import Pipeline, PipelineFactory, eventually
 pytestmark = pytest.mark.slow
 
 TASK_ENV = {
+    "tasks_enabled": True,
     "task_processor_modules": "tests.tasks.processors",
     "task_retry_delays_ms": "200,400",
 }
