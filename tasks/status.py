@@ -96,6 +96,10 @@ return 1
 """
 
 
+# State index entries one list call looks at, at most, when its type filter keeps few.
+LIST_SCAN_MAX = 200_000
+
+
 @dataclass(frozen=True)
 class Move:
     task_id: str
@@ -222,32 +226,48 @@ class TaskStatuses:
     async def list(
         self, *, state: str | None, task_type: str | None, limit: int
     ) -> list[dict[str, Any]]:
-        """The most recently changed tasks, newest first, in a state (or any), of a type."""
+        """The most recently changed tasks, newest first, in a state (or any), of a type.
+
+        A type filter is applied while the state indexes are read, window by window (two
+        fields a task, not its whole status), until `limit` match or LIST_SCAN_MAX
+        entries were looked at: a type drowned by another's thousands is still found.
+        Without a state, the states' windows are merged by time, window by window."""
         states = [state] if state else list(STATES)
-        # A type filter drops some of what the state indexes give: read more than `limit`.
+        window = limit if not task_type else max(4 * limit, 1000)
+        matched: list[tuple[float, str]] = []
+        gone: list[str] = []
+        start = 0
+        while len(matched) < limit and start < LIST_SCAN_MAX:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in states:
+                    pipe.zrevrange(
+                        f"{self._prefix}state:{name}", start, start + window - 1, withscores=True
+                    )
+                found: list[list[tuple[str, float]]] = await pipe.execute()
+            ids = sorted(
+                ((float(score), str(task_id)) for pairs in found for task_id, score in pairs),
+                reverse=True,
+            )
+            if not ids:
+                break
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for _, task_id in ids:
+                    pipe.hmget(self._task_key(task_id), "task_type", "state")
+                fields: list[list[str | None]] = await pipe.execute()
+            for (score, task_id), (its_type, its_state) in zip(ids, fields, strict=True):
+                if its_state is None:
+                    gone.append(task_id)  # expired: its index entries go too
+                elif (not task_type or its_type == task_type) and (not state or its_state == state):
+                    matched.append((score, task_id))
+            start += window
+        matched = sorted(matched, reverse=True)[:limit]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for name in states:
-                pipe.zrevrange(f"{self._prefix}state:{name}", 0, limit * 4 - 1, withscores=True)
-            found: list[list[tuple[str, float]]] = await pipe.execute()
-        ids = sorted(
-            ((float(score), str(task_id)) for pairs in found for task_id, score in pairs),
-            reverse=True,
-        )
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for _, task_id in ids:
+            for _, task_id in matched:
                 pipe.hgetall(self._task_key(task_id))
             raws = await pipe.execute()
-        out: list[dict[str, Any]] = []
-        gone: list[str] = []
-        for (_, task_id), raw in zip(ids, raws, strict=True):
-            if not raw:
-                gone.append(task_id)  # expired: its index entries go too
-            elif (not task_type or raw.get("task_type") == task_type) and (
-                not state or raw.get("state") == state
-            ):
-                out.append(_status(task_id, raw))
-                if len(out) >= limit:
-                    break
+        out = [
+            _status(task_id, raw) for (_, task_id), raw in zip(matched, raws, strict=True) if raw
+        ]
         if gone:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name in states:
