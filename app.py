@@ -23,8 +23,6 @@ large_group are Faust agents, with the tables they write. Run it with
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from collections.abc import Awaitable
 from typing import Any
 
@@ -40,7 +38,7 @@ from pipeline import kafka_security, metrics, transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.offset_marks import OffsetMarks
 from pipeline.topic_view import TopicView
-from pipeline.workers import WorkerDirectory
+from pipeline.workers import WorkerDirectory, worker_name
 from settings import Settings
 from stores import setup as stores
 from tables import gateways as gateway_rules
@@ -404,7 +402,7 @@ own_group_stages = [
 worker_directory = WorkerDirectory(
     settings.redis_url.get_secret_value(),
     settings.app_id,
-    f"{socket.gethostname()}:{os.getpid()}",
+    worker_name(),
     lambda: {
         "web_url": str(app.conf.canonical_url),
         "stages": {stage.stage: stage.stats() for stage in own_group_stages},

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from faust.cli import option
+from google.protobuf.message import DecodeError
 
 from commands.dlq import describe, read_all
 from pipeline.dlq import dlq_topic
@@ -31,6 +32,7 @@ def register(app: Any, settings: Settings) -> None:
         self: Any, task_ids: tuple[str, ...], reason: str, limit: int, dry_run: bool
     ) -> None:
         """Send dead tasks back into the first retry stage, attempts from zero."""
+        from tasks.setup import retry_topic_names
         from tasks.stages import run_again
         from tasks.status import TaskStatuses
 
@@ -41,21 +43,17 @@ def register(app: Any, settings: Settings) -> None:
             about = describe(record)
             try:
                 task = Task.FromString(record.value or b"")
-            except Exception:
+            except DecodeError:
                 continue  # a record that never decoded as a task has no status to revive
             if not task.task_id or (task_ids and task.task_id not in task_ids):
                 continue
             if reason and about["reason"] != reason:
                 continue
             letters[task.task_id] = (task, about)
-        statuses = TaskStatuses(
-            settings.redis_url.get_secret_value(),
-            settings.app_id,
-            ttl_seconds=settings.task_status_ttl_seconds,
-        )
+        statuses = TaskStatuses.from_settings(settings)
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         await producer.start()
-        retry_topic = settings.topic_name("tasks-retry-1")
+        retry_topic = retry_topic_names(settings)[0]
 
         async def first_retry(key: bytes | None, value: bytes, partition: int | None) -> Any:
             return await producer.send(retry_topic, value, key=key, partition=partition)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,11 @@ from redis import asyncio as aioredis
 from pipeline.retry import is_transient
 
 log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    """This worker's name wherever one is shown (task statuses, the workers view)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class WorkerDirectory(Service):

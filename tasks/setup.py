@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis import asyncio as aioredis
-
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.transport import SendRecord
+from pipeline.workers import worker_name
 from settings import Settings
 from tasks import builtins, ratelimit
 from tasks.envelope import TIMEOUT_MS_LIMIT
@@ -67,6 +64,15 @@ def load_processors(
     return into
 
 
+def retry_topic_names(settings: Settings) -> list[str]:
+    """One retry topic per TASK_RETRY_DELAYS_MS delay; the first is where runs asked by
+    hand go (API retry, DLQ replay)."""
+    return [
+        settings.topic_name(f"tasks-retry-{k}")
+        for k in range(1, len(settings.task_retry_delays) + 1)
+    ]
+
+
 def task_side(
     settings: Settings,
     *,
@@ -81,18 +87,11 @@ def task_side(
     processors = load_processors(
         settings, send_verdict=producer_for(verdicts), offline_pusher=offline_pusher
     )
-    statuses = TaskStatuses(
-        settings.redis_url.get_secret_value(),
-        settings.app_id,
-        ttl_seconds=settings.task_status_ttl_seconds,
-        timeout=settings.redis_timeout_seconds,
-    )
+    statuses = TaskStatuses.from_settings(settings)
+    dead_letter_topic = dlq_topic(settings.topic_tasks)
     submitted = topic(settings.topic_tasks)
     lane_topics = {p: topic(settings.topic_name(f"tasks-{name}")) for p, name in LANES.items()}
-    retry_topics = [
-        topic(settings.topic_name(f"tasks-retry-{k}"))
-        for k in range(1, len(settings.task_retry_delays) + 1)
-    ]
+    retry_topics = [topic(name) for name in retry_topic_names(settings)]
     retry_sends = [producer_for(t) for t in retry_topics]
     lanes = Lanes({p: producer_for(t) for p, t in lane_topics.items()})
     scheduler = Scheduler(settings.task_concurrency)
@@ -106,17 +105,11 @@ def task_side(
             default_timeout=settings.task_timeout_seconds,
             default_max_attempts=settings.task_max_attempts,
             retry_delays=settings.task_retry_delays,
-            dead_letter_topic=dlq_topic(settings.topic_tasks),
-            worker=f"{socket.gethostname()}:{os.getpid()}",
+            dead_letter_topic=dead_letter_topic,
+            worker=worker_name(),
         ),
         rate_limits=RateLimits(
-            aioredis.from_url(
-                settings.redis_url.get_secret_value(),
-                socket_timeout=settings.redis_timeout_seconds,
-                socket_connect_timeout=settings.redis_timeout_seconds,
-            ),
-            f"{settings.app_id}:{{tasks}}:",
-            ratelimit.parse(settings.task_rate_limits),
+            statuses.redis, statuses.prefix, ratelimit.parse(settings.task_rate_limits)
         )
         if settings.task_rate_limits
         else None,
@@ -166,7 +159,7 @@ def task_side(
         submitted,
         *lane_topics.values(),
         *retry_topics,
-        topic(dlq_topic(settings.topic_tasks)),
+        topic(dead_letter_topic),
         *([verdicts] if settings.task_audit_url else []),
     ]
     return TaskSide(
@@ -178,7 +171,7 @@ def task_side(
         intake=intake,
         lane_stages=lane_stages,
         retry=retry,
-        dead_letter_topic=dlq_topic(settings.topic_tasks),
+        dead_letter_topic=dead_letter_topic,
         partitions=settings.topic_partitions,
         topics=topics,
         first_retry=retry_sends[0],

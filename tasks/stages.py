@@ -19,6 +19,7 @@ loop) and then forwards it to its lane.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -90,7 +91,7 @@ async def run_again(
     if task is None and letter is not None:
         task = Task()
         task.CopyFrom(letter)
-        task.attempt = 0
+        task.attempt = 0  # its status is written as submitted
         ((kind, state),) = await statuses.submit([task])
         if kind != "new":
             return state or kind
@@ -153,23 +154,23 @@ class TaskIntake(GroupConsumer):
             **kwargs,
         )
 
+    def _task_of(self, record: Any, known: frozenset[str], value: bytes) -> Task:
+        """The record's task, checked; TaskError (dead-lettered with its reason) if none."""
+        routed = self._routes.get(record.topic)
+        if routed is not None:
+            task = routed_task(routed, record)
+        else:
+            task = envelope.decode(value)
+            # Keyed by task_id, as the contract says.
+            task.task_id = task.task_id or (record.key or b"").decode(errors="replace")
+        return envelope.check(task, known, self._limits)
+
     async def handle(self, records: Records) -> Awaitable[object] | None:
         known = self._known_types()
         tasks = []
         for record in records:
-            key = (record.key or b"").decode(errors="replace")
-            routed = self._routes.get(record.topic)
-
-            def checked(
-                value: bytes, key: str = key, record: Any = record, routed: str | None = routed
-            ) -> Task:
-                if routed is not None:
-                    return envelope.check(routed_task(routed, record), known, self._limits)
-                task = envelope.decode(value)
-                task.task_id = task.task_id or key  # keyed by task_id, as the contract says
-                return envelope.check(task, known, self._limits)
-
-            task = await self._dead_letters.decoded(record, checked)
+            read = functools.partial(self._task_of, record, known)
+            task = await self._dead_letters.decoded(record, read)
             if task is None:
                 continue
             _stamp_origin(task, record)

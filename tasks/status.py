@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 
 from pipeline.retry import retrying
 from proto.resonance.task.v1.task_pb2 import Task
+from settings import Settings
 from tasks.envelope import priority_name
 
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled")
@@ -126,6 +127,24 @@ class TaskStatuses:
         self._move = self._redis.register_script(_MOVE)
         self._set_fields = self._redis.register_script(_SET_IF_EXISTS)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TaskStatuses:
+        return cls(
+            settings.redis_url.get_secret_value(),
+            settings.app_id,
+            ttl_seconds=settings.task_status_ttl_seconds,
+            timeout=settings.redis_timeout_seconds,
+        )
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client, for what keeps task state beside the statuses (rate limits)."""
+        return self._redis
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
 
@@ -183,9 +202,6 @@ class TaskStatuses:
 
     async def set_fields(self, task_id: str, **fields: Any) -> None:
         """Fields of a task that change no state (progress), if it still exists."""
-        await self._set(task_id, fields)
-
-    async def _set(self, task_id: str, fields: dict[str, Any]) -> None:
         args: list[Any] = []
         for name, value in fields.items():
             args += [name, _field(value)]
@@ -219,7 +235,7 @@ class TaskStatuses:
         if kind == "moved":
             return "cancelled", before
         if kind == "refused" and before == "running":
-            await self._set(task_id, {"cancel_requested": 1})
+            await self.set_fields(task_id, cancel_requested=1)
             return "cancelling", before
         return kind, before
 
