@@ -53,7 +53,8 @@ class WorkerDirectory(Service):
         super().__init__(**kwargs)
 
     async def beat(self) -> None:
-        """Write this worker's entry (a transient Redis error waits for the next beat)."""
+        """Write this worker's entry. A failed write waits for the next beat: an error here
+        must never stop the worker (a key another hand clobbered is logged, not raised)."""
         entry = {
             "worker": self.worker,
             "started_at": self._started_at,
@@ -70,20 +71,20 @@ class WorkerDirectory(Service):
                 pipe.sadd(self._index, self.worker)
                 await pipe.execute()
         except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.debug("worker entry not written: %r", exc)
+            if is_transient(exc):
+                log.debug("worker entry not written: %r", exc)
+            else:
+                log.error("worker entry not written (%s): %r", self._index, exc)
 
     async def leave(self) -> None:
-        """At a clean stop: gone now, not when the entry expires."""
+        """At a clean stop: gone now, not when the entry expires (else: when it expires)."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.delete(self._prefix + self.worker)
                 pipe.srem(self._index, self.worker)
                 await pipe.execute()
         except Exception as exc:
-            if not is_transient(exc):
-                raise
+            log.warning("worker entry not removed, it expires instead: %r", exc)
         finally:
             await self._redis.aclose()
 
