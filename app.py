@@ -44,6 +44,7 @@ from stores import setup as stores
 from tables import gateways as gateway_rules
 from tables import routes as route_rules
 from tasks import setup as tasks_setup
+from tasks.reports import StatsTable
 from web import auth, errors, openapi, stats, views
 from web import tasks as web_tasks
 
@@ -384,7 +385,30 @@ task_side = (
         consumer_config=lambda group: kafka_consumer_config(settings, group, hot=True),
         stage_options=stage_options,
         offline_pusher=offline_consumer.pusher if offline_consumer is not None else None,
+        inbox_archive=getattr(inbox, "archive", None),  # stores/archive.py, when configured
+        report_topics={
+            "push_events": [push_events.get_topic_name()],
+            "presence": [presence_updates.get_topic_name()],
+            "heartbeats": [gateway_heartbeats.get_topic_name()],
+            "deliveries": [deliveries.get_topic_name()],
+            "gateway_pushes": [gateway_pushes.get_topic_name()],
+            "offline_pushes": [offline_pushes.get_topic_name()],
+            "large_group_jobs": [large_group_jobs.get_topic_name()],
+            "dead_letters": [t.get_topic_name() for t in dead_letter_topics],
+        },
     )
+)
+# Every worker's copy of the stats_report topic, for GET /api/v1/stats/hourly.
+stats_table = StatsTable() if task_side is not None else None
+stats_view = (
+    TopicView(
+        topic=task_side.stats_topic,
+        apply=stats_table.apply,
+        consumer_config=kafka_consumer_config(settings, None),
+        idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
+    )
+    if task_side is not None and stats_table is not None
+    else None
 )
 own_group_stages = [
     stage
@@ -417,6 +441,15 @@ async def _forget_gone_gateways() -> None:
     gateways.forget_gone()
 
 
+if task_side is not None and task_side.periodic:
+    periodic = task_side.periodic
+
+    @app.timer(interval=periodic.tick_seconds, on_leader=True)
+    async def _submit_periodic_tasks() -> None:
+        # One worker submits; a task per period runs once however many submit it.
+        await periodic.tick()
+
+
 @app.task
 async def _start_own_groups() -> None:
     # Topics only our own consumers read are not declared by Faust: create them first.
@@ -429,6 +462,8 @@ async def _start_own_groups() -> None:
     if offline_consumer is not None:
         services.append(offline_consumer)
     services += [*(task_side.stages if task_side else ()), worker_directory]
+    if stats_view is not None:
+        services.append(stats_view)
     await asyncio.gather(*(app.add_runtime_dependency(service) for service in services))
 
 
@@ -452,6 +487,6 @@ views.register(
 )
 if task_side is not None:
     web_tasks.register(app, task_side, settings.limits)
-stats.register(app, task_side, worker_directory)
+stats.register(app, task_side, worker_directory, stats_table)
 openapi.register(app)
 commands.register(app, settings)

@@ -223,6 +223,17 @@ class Settings(BaseSettings):
     task_audit_url: str | None = None
     task_audit_timeout_seconds: float = Field(5.0, gt=0)
     topic_audit_verdicts: str = "resonance.audit.verdict.v1"
+    # The inbox_archive task (stores/archive.py): a Redis inbox keeps its newest
+    # INBOX_ARCHIVE_KEEP_ENTRIES and those younger than INBOX_ARCHIVE_AFTER_SECONDS; the
+    # rest moves to PostgreSQL (POSTGRES_DSN), still read by /inbox. The leader submits
+    # one every INBOX_ARCHIVE_INTERVAL_SECONDS. Both 0: no archive.
+    inbox_archive_keep_entries: int = Field(0, ge=0)
+    inbox_archive_after_seconds: float = Field(0.0, ge=0)
+    inbox_archive_interval_seconds: float = Field(3600.0, gt=0)
+    # The stats_report task: counts of the last period to TOPIC_STATS_HOURLY, submitted
+    # by the leader every STATS_REPORT_INTERVAL_SECONDS (0: never).
+    stats_report_interval_seconds: float = Field(3600.0, ge=0)
+    topic_stats_hourly: str = "resonance.stats.hourly.v1"
 
     @field_validator("kafka_broker_url")
     @classmethod
@@ -236,6 +247,27 @@ class Settings(BaseSettings):
     def _postgres_has_a_dsn(self) -> Settings:
         if "postgres" in (self.inbox_backend, self.member_backend) and self.postgres_dsn is None:
             raise ValueError("INBOX_BACKEND/MEMBER_BACKEND=postgres needs POSTGRES_DSN")
+        return self
+
+    @property
+    def inbox_archive_enabled(self) -> bool:
+        return self.inbox_archive_keep_entries > 0 or self.inbox_archive_after_seconds > 0
+
+    @model_validator(mode="after")
+    def _archive_fits(self) -> Settings:
+        if not self.inbox_archive_enabled:
+            return self
+        if self.inbox_backend != "redis" or self.postgres_dsn is None:
+            raise ValueError("INBOX_ARCHIVE_* moves a Redis inbox to POSTGRES_DSN: set both")
+        if 0 < self.inbox_max_entries < self.inbox_archive_keep_entries:
+            raise ValueError(
+                "INBOX_ARCHIVE_KEEP_ENTRIES must be at most INBOX_MAX_ENTRIES (the hard cap)"
+            )
+        if self.inbox_archive_after_seconds >= self.message_ttl_seconds:
+            raise ValueError(
+                "INBOX_ARCHIVE_AFTER_SECONDS must be under MESSAGE_TTL_SECONDS: bodies older"
+                " than that are gone from Redis before they could be archived"
+            )
         return self
 
     @model_validator(mode="after")

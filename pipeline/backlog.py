@@ -34,3 +34,22 @@ async def backlog(
             for tp, done in zip(tps, committed, strict=True)
         )
     return {"topic": topic, "group": group, "partitions": len(tps), "depth": depth, "lag": lag}
+
+
+async def end_offsets(
+    consumer: AIOKafkaConsumer, topics: Iterable[str]
+) -> dict[tuple[str, int], int]:
+    """Each partition's end offset, of every partition the broker lists for `topics`
+    (a topic it does not know has none)."""
+    # Metadata of all topics, not only those this consumer reads: the client's own view
+    # holds only its subscriptions.
+    cluster = await consumer._client.fetch_all_metadata()
+    tps = [
+        TopicPartition(topic, partition)
+        for topic in topics
+        for partition in sorted(cluster.partitions_for_topic(topic) or ())
+    ]
+    if not tps:
+        return {}
+    ends = await consumer.end_offsets(tps)
+    return {(tp.topic, tp.partition): int(offset) for tp, offset in ends.items()}

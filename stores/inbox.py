@@ -271,7 +271,12 @@ class RedisInboxStore:
         self._cluster = cluster
         self._prefix = key_prefix
 
-    def _key(self, owner: str) -> str:
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
+    def key(self, owner: str) -> str:
+        """The owner's inbox sorted set; its :seq, :trim (and :archived) keys append."""
         return f"{self._prefix}:{{{owner}}}"
 
     async def write(self, batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> WriteResult:
@@ -329,14 +334,14 @@ class RedisInboxStore:
         for msg_id, body in bodies.items():
             pipe.set(_body_key(msg_id), body, ex=self._ttl, nx=True)
         for user, msg_id in pairs:
-            inbox = self._key(user)
+            inbox = self.key(user)
             keys = (inbox, inbox + ":seq", inbox + ":trim")
             pipe.evalsha(self._sha, len(keys), *keys, self._max_entries, msg_id)
         return list(await pipe.execute())
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         rows = await self._redis.zrange(
-            self._key(user),
+            self.key(user),
             f"({after}",
             "+inf",
             byscore=True,
@@ -346,24 +351,28 @@ class RedisInboxStore:
         )
         if not rows:
             return []
-        pipe = self._redis.pipeline(transaction=False)
-        for member, _ in rows:  # type: ignore[str-unpack]
-            pipe.get(_body_key(int(member)))
-        bodies = await pipe.execute()
+        bodies = await self.bodies([int(member) for member, _ in rows])  # type: ignore[str-unpack]
         entries = []
         for (member, score), body in zip(rows, bodies, strict=True):  # type: ignore[str-unpack]
             message = PushMessage.FromString(body) if body is not None else None
             entries.append(InboxEntry(cursor=int(score), msg_id=int(member), message=message))
         return entries
 
+    async def bodies(self, msg_ids: Sequence[int]) -> list[bytes | None]:
+        """The messages' bytes, None where the body's TTL has passed."""
+        pipe = self._redis.pipeline(transaction=False)
+        for msg_id in msg_ids:
+            pipe.get(_body_key(msg_id))
+        return list(await pipe.execute())
+
     async def last_cursor(self, user: str) -> int:
-        value = await self._redis.get(self._key(user) + ":seq")
+        value = await self._redis.get(self.key(user) + ":seq")
         return int(value or 0)
 
     async def last_cursors(self, users: Sequence[str]) -> dict[str, int]:
         pipe = self._redis.pipeline(transaction=False)
         for user in users:
-            pipe.get(self._key(user) + ":seq")
+            pipe.get(self.key(user) + ":seq")
         return {u: int(v or 0) for u, v in zip(users, await pipe.execute(), strict=True)}
 
     async def close(self) -> None:

@@ -34,13 +34,25 @@ def inbox_store(s: Settings) -> InboxStore:
             search_path=s.postgres_schema,
             pool_size=s.postgres_pool_size,
         )
-    return RedisInboxStore(
+    redis = RedisInboxStore(
         s.inbox_redis,
         max_entries=s.inbox_max_entries,
         message_ttl=s.message_ttl_seconds,
         timeout=s.redis_timeout_seconds,
         cluster=s.inbox_redis_cluster,
     )
+    if not s.inbox_archive_enabled:
+        return redis
+    from stores.archive import ArchivedInboxStore, InboxArchive
+
+    archive = InboxArchive(
+        redis,
+        s.postgres_url,
+        keep_entries=s.inbox_archive_keep_entries,
+        after_seconds=s.inbox_archive_after_seconds,
+        search_path=s.postgres_schema,
+    )
+    return ArchivedInboxStore(redis, archive)
 
 
 def timeline_store(s: Settings) -> RedisTimelineStore:

@@ -21,6 +21,10 @@ as a task: its payload is an `OfflinePush` in proto3 JSON, or the protobuf bytes
 its users is notified through the same providers, retries and token clean-up. What still
 fails after the providers' retries ends the task dead, naming the failures (a replay
 notifies again those that had succeeded).
+
+`inbox_archive` (when INBOX_ARCHIVE_* is set) moves the oldest entries of Redis inboxes
+to PostgreSQL (stores/archive.py); `stats_report` publishes a period's counts
+(tasks/reports.py). The leader submits both once a period (tasks/periodic.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBat
 from proto.resonance.task.v1.task_pb2 import Task
 from tasks.registry import Context, PermanentError, Registry
 
+# A pass over every inbox of a big Redis takes a while; past this it is retried, and the
+# retry only redoes what the cut-off pass had not moved yet.
+ARCHIVE_TIMEOUT = 3600.0
 # What a moderation service answers when it is the one that should be asked again.
 _RETRYABLE = frozenset({408, 425, 429})
 
@@ -104,6 +111,23 @@ class OfflinePushTask:
         return {"pushes": len(pushes), "users": sum(len(push.users) for push in pushes)}
 
 
+class InboxArchiveTask:
+    """One archive pass (stores/archive.py); payload {"users": [...]} limits it to those
+    inboxes, anything else (the leader's periodic payload) means every inbox."""
+
+    def __init__(self, archive: Any) -> None:
+        self._archive = archive  # stores.archive.InboxArchive
+
+    async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
+        users = _json_object(task).get("users")
+        if users is not None and not (
+            isinstance(users, list) and all(isinstance(u, str) and u for u in users)
+        ):
+            raise PermanentError("payload.users: a list of user ids")
+        run = await self._archive.run(users, progress=ctx.progress, cancelled=lambda: ctx.cancelled)
+        return dict(run.as_dict())
+
+
 def _offline_pushes(payload: bytes) -> list[OfflinePush]:
     if payload.lstrip().startswith(b"{"):
         push = OfflinePush()
@@ -135,8 +159,14 @@ def register(
     send_verdict: SendRecord | None = None,
     audit_timeout: float = 5.0,
     offline_pusher: Any = None,
+    inbox_archive: Any = None,
+    stats_report: Any = None,
 ) -> None:
     registry.add("noop", noop, timeout=5.0)
+    if inbox_archive is not None:
+        registry.add("inbox_archive", InboxArchiveTask(inbox_archive), timeout=ARCHIVE_TIMEOUT)
+    if stats_report is not None:
+        registry.add("stats_report", stats_report, timeout=60.0)
     if offline_pusher is not None:
         registry.add("offline_push", OfflinePushTask(offline_pusher))
     if audit_url and send_verdict is not None:

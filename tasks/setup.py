@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import backlog
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.transport import SendRecord
 from pipeline.workers import worker_name
 from settings import Settings
 from tasks import builtins, ratelimit
 from tasks.envelope import TIMEOUT_MS_LIMIT
+from tasks.periodic import Periodic, PeriodicTasks
 from tasks.ratelimit import RateLimits
 from tasks.registry import Registry, registry
+from tasks.reports import StatsReport
 from tasks.runner import RunnerConfig, TaskRunner
 from tasks.scheduler import Scheduler
-from tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry
+from tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry, submit
 from tasks.status import TaskStatuses
 
 
@@ -35,6 +38,8 @@ class TaskSide:
     first_retry: SendRecord  # where a task asked to run again goes (DLQ replay, retry)
     dead_letter_topic: str
     partitions: int  # of each task topic
+    periodic: PeriodicTasks  # what the leader submits every so often
+    stats_topic: str  # where stats_report publishes
 
     @property
     def stages(self) -> list[Any]:
@@ -47,6 +52,8 @@ def load_processors(
     *,
     send_verdict: SendRecord | None = None,
     offline_pusher: Any = None,
+    inbox_archive: Any = None,
+    stats_report: Any = None,
 ) -> Registry:
     """The built-ins, plugins' entry points and TASK_PROCESSOR_MODULES, into `into`;
     content_audit publishes its verdicts with `send_verdict`."""
@@ -57,6 +64,8 @@ def load_processors(
             send_verdict=send_verdict,
             audit_timeout=settings.task_audit_timeout_seconds,
             offline_pusher=offline_pusher,
+            inbox_archive=inbox_archive,
+            stats_report=stats_report,
         )
     into.load_entry_points()
     for name in filter(None, (m.strip() for m in settings.task_processor_modules.split(","))):
@@ -82,14 +91,35 @@ def task_side(
     consumer_config: Callable[[str], dict[str, Any]],
     stage_options: dict[str, Any],
     offline_pusher: Any = None,
+    inbox_archive: Any = None,
+    report_topics: Mapping[str, Sequence[str]] | None = None,
 ) -> TaskSide:
     verdicts = topic(settings.topic_audit_verdicts)
-    processors = load_processors(
-        settings, send_verdict=producer_for(verdicts), offline_pusher=offline_pusher
-    )
+    stats_topic = topic(settings.topic_stats_hourly)
     statuses = TaskStatuses.from_settings(settings)
     dead_letter_topic = dlq_topic(settings.topic_tasks)
     submitted = topic(settings.topic_tasks)
+
+    async def end_offsets(topics: list[str]) -> dict[tuple[str, int], int]:
+        return await backlog.end_offsets(intake.kafka_consumer, topics)
+
+    stats_report = StatsReport(
+        topics={
+            **(report_topics or {}),
+            "tasks": [submitted.get_topic_name()],
+            "task_dead_letters": [dead_letter_topic],
+        },
+        end_offsets=end_offsets,
+        statuses=statuses,
+        publish=producer_for(stats_topic),
+    )
+    processors = load_processors(
+        settings,
+        send_verdict=producer_for(verdicts),
+        offline_pusher=offline_pusher,
+        inbox_archive=inbox_archive,
+        stats_report=stats_report,
+    )
     lane_topics = {p: topic(settings.topic_name(f"tasks-{name}")) for p, name in LANES.items()}
     retry_topics = [topic(name) for name in retry_topic_names(settings)]
     retry_sends = [producer_for(t) for t in retry_topics]
@@ -155,8 +185,12 @@ def task_side(
         batch_max_records=settings.task_batch_max_records,
         **stage_options,
     )
+    periodic = [Periodic("stats_report", settings.stats_report_interval_seconds)]
+    if inbox_archive is not None:
+        periodic.append(Periodic("inbox_archive", settings.inbox_archive_interval_seconds))
     topics = [
         submitted,
+        stats_topic,
         *lane_topics.values(),
         *retry_topics,
         topic(dead_letter_topic),
@@ -175,4 +209,6 @@ def task_side(
         partitions=settings.topic_partitions,
         topics=topics,
         first_retry=retry_sends[0],
+        periodic=PeriodicTasks(periodic, lambda tasks: submit(tasks, statuses, lanes, "periodic")),
+        stats_topic=stats_topic.get_topic_name(),
     )

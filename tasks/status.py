@@ -148,6 +148,16 @@ class TaskStatuses:
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
 
+    async def finished_between(self, since_ms: int | None, until_ms: int) -> dict[str, int]:
+        """Tasks that reached each final state in (since, until]: counted in the state
+        indexes (a task's entry is scored by its last change), not by reading tasks."""
+        low = f"({since_ms}" if since_ms is not None else "-inf"
+        pipe = self._redis.pipeline(transaction=False)
+        ordered = sorted(FINAL)
+        for state in ordered:
+            pipe.zcount(f"{self._prefix}state:{state}", low, until_ms)
+        return dict(zip(ordered, map(int, await pipe.execute()), strict=True))
+
     async def submit(self, tasks: Sequence[Task]) -> list[tuple[str, str]]:
         """Create each task's status; per task ("new", "queued"), ("exists", its state) or
         ("duplicate", the first task's id)."""

@@ -37,3 +37,26 @@ def test_postgres_backends_need_a_dsn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INBOX_BACKEND", "postgres")
     with pytest.raises(ValidationError, match="POSTGRES_DSN"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"INBOX_ARCHIVE_KEEP_ENTRIES": "100"}, "POSTGRES_DSN"),
+        (
+            {"INBOX_ARCHIVE_KEEP_ENTRIES": "6000", "POSTGRES_DSN": "postgresql://h/db"},
+            "at most INBOX_MAX_ENTRIES",
+        ),
+        (
+            {"INBOX_ARCHIVE_AFTER_SECONDS": "700000", "POSTGRES_DSN": "postgresql://h/db"},
+            "under MESSAGE_TTL_SECONDS",
+        ),
+    ],
+)
+def test_an_archive_that_could_not_work_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()

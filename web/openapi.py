@@ -133,6 +133,24 @@ _QUEUE = {
     },
 }
 
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+_REPORT = {
+    "type": "object",
+    "required": ["period", "period_start", "period_end", "from", "to", "records", "tasks"],
+    "properties": {
+        "period": {"type": "string", "description": "the period's start, ISO 8601 UTC"},
+        "period_start": {"type": "integer", "description": "ms since the epoch"},
+        "period_end": {"type": "integer"},
+        "from": {
+            "type": ["integer", "null"],
+            "description": "the span counted: from the report before (null: the first)",
+        },
+        "to": {"type": "integer"},
+        "records": {**_COUNTS, "description": "records added to each topic"},
+        "tasks": {**_COUNTS, "description": "tasks that reached each final state"},
+    },
+}
+
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
@@ -183,6 +201,7 @@ def document() -> dict[str, Any]:
                 "SubmitOutcome": _OUTCOME,
                 "Worker": _WORKER,
                 "Queue": _QUEUE,
+                "Report": _REPORT,
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
@@ -367,6 +386,31 @@ def document() -> dict[str, Any]:
                             "the task topics",
                         ),
                         **_errors(),
+                    },
+                },
+            },
+            "/api/v1/stats/hourly": {
+                "get": {
+                    "summary": "The stats_report task's reports, newest first",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["reports"],
+                                "properties": {
+                                    "reports": {"type": "array", "items": _ref("Report")}
+                                },
+                            },
+                            "a report a period",
+                        ),
+                        **_errors(400),
                     },
                 },
             },

@@ -1,9 +1,11 @@
-"""GET /api/v1/stats/workers and /api/v1/stats/queues: the task side seen from outside.
+"""GET /api/v1/stats/workers, /queues and /hourly: the cluster seen from outside.
 
 workers: every live worker's own entry (pipeline/workers.py): its stages with their
 partitions, and its task slots and waiting tasks per priority.
 queues: each task topic's depth and its consumer group's lag, asked of the broker, so any
 worker answers for all of them (pipeline/backlog.py).
+hourly: the stats_report task's reports, newest first (tasks/reports.py), from this
+worker's copy of the stats topic; `?limit=` (default 24, at most 1000).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from faust.web import View
 
 from pipeline.backlog import backlog
 from pipeline.workers import WorkerDirectory
+from tasks.reports import StatsTable
 from tasks.setup import TaskSide
 
+HOURLY_LIMIT_MAX = 1000
 
-def register(app: Any, side: TaskSide | None, directory: WorkerDirectory) -> None:
+
+def register(
+    app: Any,
+    side: TaskSide | None,
+    directory: WorkerDirectory,
+    stats_table: StatsTable | None = None,
+) -> None:
     """The queues view only where this worker runs the task side (TASKS_ENABLED)."""
 
     @app.page("/api/v1/stats/workers")
@@ -41,3 +51,18 @@ def register(app: Any, side: TaskSide | None, directory: WorkerDirectory) -> Non
                 dlq = tasks.dead_letter_topic
                 queues.append(await backlog(asker, dlq, range(tasks.partitions), group=None))
             return web.json_response({"queues": queues})
+
+    if stats_table is None:
+        return
+    table: StatsTable = stats_table
+
+    @app.page("/api/v1/stats/hourly")
+    class Hourly(View):
+        async def get(self, request: web.Request) -> web.Response:
+            raw = request.query.get("limit", "24")
+            if not raw.isdigit() or not 1 <= int(raw) <= HOURLY_LIMIT_MAX:
+                return web.json_response(
+                    {"error": f"limit: an integer 1..{HOURLY_LIMIT_MAX}", "field": "limit"},
+                    status=400,
+                )
+            return web.json_response({"reports": table.latest(int(raw))})

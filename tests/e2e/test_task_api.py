@@ -179,6 +179,16 @@ async def test_the_task_api_matches_its_openapi_document(api_pipeline: Pipeline)
             print(by_topic)
         assert by_topic[api_pipeline.env["TOPIC_TASKS"]]["depth"] == 0
 
+        async def reported() -> bool:
+            hourly = await api.call(
+                "GET", "/api/v1/stats/hourly", "/api/v1/stats/hourly", limit="10"
+            )
+            return bool(hourly.json()["reports"])
+
+        await eventually(reported, 30, "a stats report")
+        bad = await api.call("GET", "/api/v1/stats/hourly", "/api/v1/stats/hourly", limit="0")
+        assert bad.status_code == 400 and bad.json()["field"] == "limit"
+
         unauthorised = await client.get(tasks)
         assert unauthorised.status_code == 401
     covered = {(m, pattern) for m, pattern, _ in api.operations}
