@@ -110,9 +110,19 @@ class LargeGroups:
         job = await self._dead_letters.decoded(record, decode_job)
         if job is None:
             return 0
+        key = str(job.event.msg_id)
+        # A job is rare and long: where it came from is worth a line (a resumed job's
+        # record should be the one its first worker held at its end).
+        log.info(
+            "large group %s msg %s: job %s:%d@%d",
+            job.event.session_id,
+            key,
+            record.topic,
+            record.partition,
+            record.offset,
+        )
         if self._ready is not None:
             await self._ready()  # routing before the views are current sends users offline
-        key = str(job.event.msg_id)
         try:
             # Escaping the agent would ack the job with its group half done: each try
             # resumes from the saved cursor, for as long as it takes if the cause is

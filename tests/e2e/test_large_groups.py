@@ -108,7 +108,13 @@ async def test_worker_killed_mid_group_resumes_from_its_cursor(
         _, jobs = await asyncio.to_thread(second.get, "/large-groups")
         return any(j["msg_id"] == event.msg_id for j in jobs["finished"])
 
-    await eventually(finished, 90, "the job to finish on the second worker")
+    try:
+        await eventually(finished, 90, "the job to finish on the second worker")
+    except AssertionError as exc:
+        # Seen rarely in CI: the successor never ran the job. What it held says why.
+        _, held = await asyncio.to_thread(second.get, "/stats")
+        _, jobs = await asyncio.to_thread(second.get, "/large-groups")
+        raise AssertionError(f"{exc}; second worker: {held['assignment']}, {jobs}") from None
     records: Counter[int] = Counter()  # page -> deliveries of it
     users: Counter[str] = Counter()
     for r in await p.read_topic(p.topic("APP_ID") + "-deliveries"):
