@@ -72,6 +72,17 @@ class _Segment:
         self.done = False
 
 
+class _InFlight:
+    """An effect being waited for: the partitions it is about, its bytes, its deadline."""
+
+    __slots__ = ("deadline", "size", "tps")
+
+    def __init__(self, tps: list[TopicPartition], size: int, deadline: float) -> None:
+        self.tps = tps
+        self.size = size
+        self.deadline = deadline
+
+
 class _Resume:
     """Where a partition taken by this stage resumes: known at its first fetch."""
 
@@ -194,7 +205,8 @@ class GroupConsumer(Service):
         self._fetch_wait: FetchWait | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._offsets = Offsets()
-        self._pending: dict[asyncio.Future[Any], list[TopicPartition]] = {}
+        # Effects in flight, oldest first: what they are about, their size, their deadline.
+        self._pending: dict[asyncio.Future[Any], _InFlight] = {}
         self._consume_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._stopping = False
@@ -325,8 +337,8 @@ class GroupConsumer(Service):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(committing, 5.0)
         consumer, self._consumer = self._consumer, None
-        for future in self._pending:
-            future.cancel()
+        # Forgotten, not cancelled: the sends and pushes under them go on; what does not
+        # commit here is done again from the committed offsets.
         self._pending.clear()
         self._pending_bytes = 0
         self._offsets = Offsets()
@@ -389,6 +401,7 @@ class GroupConsumer(Service):
 
     async def _step(self) -> None:
         assert self._consumer is not None
+        self._check_overdue()
         fetched: dict[TopicPartition, Records] = {}
         full = (
             self._pending_bytes >= self._max_pending_bytes
@@ -481,21 +494,16 @@ class GroupConsumer(Service):
         tps: list[TopicPartition],
         size: int = 0,
     ) -> None:
-        # An effect that never ends (a send stuck on a broker that lost a partition) would
-        # hold the stage's backpressure shut for good: past the timeout it fails, and the
-        # stage restarts from its committed offsets.
-        # Shielded: giving up on an effect (timeout, revoke) must not cancel the sends or
-        # pushes under it.
-        inner = asyncio.ensure_future(effect)
-        future = asyncio.ensure_future(
-            asyncio.wait_for(asyncio.shield(inner), self._effect_timeout)
-        )
-        self._pending[future] = tps
+        # The effect itself is tracked, never a wrapper: a task, a timer and a shield per
+        # record were most of a task lane's own cost. Giving up on an effect (overdue,
+        # revoked, restarted) only forgets it, so the sends or pushes under it go on.
+        future = asyncio.ensure_future(effect)
+        self._pending[future] = _InFlight(tps, size, time.monotonic() + self._effect_timeout)
         self._pending_bytes += size
 
         def finished(done: asyncio.Future[Any]) -> None:
             if self._pending.pop(done, None) is None:
-                return
+                return  # forgotten meanwhile
             self._pending_bytes -= size
             if done.cancelled():
                 return
@@ -506,6 +514,15 @@ class GroupConsumer(Service):
                 self._marks_due.set()
 
         future.add_done_callback(finished)
+
+    def _check_overdue(self) -> None:
+        """An effect that never ends (a send stuck on a broker that lost a partition)
+        would hold the stage's backpressure shut for good: past its deadline the stage
+        fails, and restarts from its committed offsets. Every effect has the same timeout,
+        so the oldest one is the first due."""
+        oldest = next(iter(self._pending.values()), None)
+        if oldest is not None and time.monotonic() > oldest.deadline and self._failed is None:
+            self._failed = TimeoutError(f"an effect took longer than {self._effect_timeout:g}s")
 
     def defer(self, tp: TopicPartition, offset: int, seconds: float) -> None:
         """From `handle`: `tp`'s records from `offset` on are not for now. The partition
@@ -632,7 +649,7 @@ class GroupConsumer(Service):
 
     async def _wait_pending(self, tps: set[TopicPartition] | None, deadline: float) -> None:
         while True:
-            waiting = [f for f, on in self._pending.items() if tps is None or tps & set(on)]
+            waiting = [f for f, held in self._pending.items() if tps is None or tps & set(held.tps)]
             left = deadline - time.monotonic()
             if not waiting or left <= 0:
                 return
@@ -650,9 +667,10 @@ class GroupConsumer(Service):
         self.released(revoked)
         # What is still in flight there will not commit here: stop counting it against
         # backpressure (the work itself goes on, and its repeat by the next owner is fine).
-        for future, tps in list(self._pending.items()):
-            if set(tps) <= revoked:
-                future.cancel()
+        for future, held in list(self._pending.items()):
+            if set(held.tps) <= revoked:
+                del self._pending[future]
+                self._pending_bytes -= held.size
 
     async def _commit(self) -> None:
         async with self._commit_lock:

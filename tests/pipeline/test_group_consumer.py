@@ -495,3 +495,48 @@ async def test_a_transient_error_is_never_dead_lettered(broker: EmbeddedBroker, 
     finally:
         await stage.stop()
     assert letters.sent == [] and stage.restarts == 5
+
+
+class NeverAcked(GroupConsumer):
+    """The first batch's effect never ends (a send to a broker that lost the partition);
+    later ones end at once."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.seen = 0
+        self.stuck: asyncio.Future[None] | None = None
+        super().__init__(stage="test-overdue", **kwargs)
+
+    async def handle(self, records: Records) -> Awaitable[object] | None:
+        self.seen += len(records)
+        if self.stuck is None:
+            self.stuck = asyncio.get_running_loop().create_future()
+            return self.stuck
+        return None
+
+
+async def test_an_effect_past_its_timeout_restarts_the_stage_without_cancelling_it(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.overdue", f"{tag}-overdue"
+    await make_topic(broker, topic, 1)
+    await produce(broker, topic, [(0, b"r")])
+    stage = NeverAcked(
+        topic=topic,
+        consumer_config=group_config(broker, group),
+        batch_max_records=10,
+        effect_timeout=1.0,
+    )
+    await stage.start()
+    try:
+        # Past the timeout the stage restarts from its committed offset: the record again.
+        await until(lambda: stage.seen >= 2, 20)
+        await until(lambda: stage.restarts >= 1)
+        assert stage.stuck is not None and not stage.stuck.cancelled()  # forgotten only
+        tp = TopicPartition(topic, 0)
+
+        async def done() -> bool:  # the second time the record took effect
+            return await committed(broker, group, [tp]) == 1
+
+        await until_async(done)
+    finally:
+        await stage.stop()
