@@ -13,7 +13,8 @@ Scenarios, in order (each figure with the CPU every process used meanwhile):
 - two_workers: the 1:1 burst again with a second worker;
 - large_group: one message to a 100k-member group, 10% online;
 - routes: a worker holding a million online routes;
-- tasks: no-op typed tasks/s on one worker, and 100 high-priority tasks against a
+- tasks: no-op typed tasks/s on one worker, submit-to-start latency at 2,500/s, and
+  100 high-priority tasks against a
   backlog of 10,000 low-priority ones.
 The result is also written to bench/results/<UTC time>-<commit>.json.
 """
@@ -123,8 +124,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if "inbox" in only:
                 out["inbox_store"] = await pipeline.inbox_store(2 if args.quick else 5)
             if "tasks" in only:
-                count = 2_000 if args.quick else 20_000
+                count = 2_000 if args.quick else 60_000
                 out["tasks_noop"] = await tasks.noop_tasks(system, count)
+                # Half the issue's 5,000 a second, the rate its latency target is set at.
+                out["tasks_paced"] = await tasks.paced(system, 2_500, 2 if args.quick else 10)
                 out["tasks_priority"] = await tasks.priority(
                     system, 1_000 if args.quick else 10_000, 100
                 )

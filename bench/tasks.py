@@ -1,8 +1,11 @@
-"""Typed tasks on one worker: no-op tasks/s, and high priority against a low backlog.
+"""Typed tasks on one worker: no-op tasks/s, submit-to-start latency at a steady rate,
+and high priority against a low backlog.
 
 Tasks are produced to the submit topic as protobuf, as a service would; a task counts
-when its status says succeeded. Latency is the status's finished_at - created_at (intake
-to end of run), read back from Redis after the run.
+when its status says succeeded. Burst latency is the status's finished_at - created_at
+(intake to end of run); the paced run's is started_at - submitted_at, the latter stamped
+by the bench as it produces the task (submit to start, the Kafka hop included). Both
+are read back from Redis after the run.
 """
 
 from __future__ import annotations
@@ -54,17 +57,71 @@ async def _until_succeeded(system: System, total: int, limit_s: float = 600) -> 
     return time.monotonic() - started
 
 
-async def _latencies_ms(system: System, ids: list[str]) -> list[float]:
+async def _latencies_ms(
+    system: System, ids: list[str], since: str = "created_at", until: str = "finished_at"
+) -> list[float]:
     r = aioredis.from_url(REDIS_URL, decode_responses=True)
     prefix = f"{system.env['APP_ID']}:{{tasks}}:task:"
     try:
         async with r.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hmget(prefix + task_id, ["created_at", "finished_at"])
+                pipe.hmget(prefix + task_id, [since, until])
             rows = await pipe.execute()
     finally:
         await r.aclose()
     return [float(end) - float(start) for start, end in rows]
+
+
+async def _produce_paced(system: System, tasks: list[Task], rate: float) -> float:
+    """At `rate` tasks a second, in 10 ms steps; each stamped as it is sent."""
+    producer = AIOKafkaProducer(bootstrap_servers=system.broker.bootstrap, linger_ms=1)
+    await producer.start()
+    topic, step = system.env["TOPIC_TASKS"], 0.01
+    per_step = max(1, round(rate * step))
+    started = time.monotonic()
+    try:
+        for n, first in enumerate(range(0, len(tasks), per_step)):
+            await asyncio.sleep(max(0.0, started + n * step - time.monotonic()))
+            for task in tasks[first : first + per_step]:
+                task.submitted_at = int(time.time() * 1000)
+                await producer.send(topic, task.SerializeToString(), key=task.task_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def paced(system: System, rate: float, seconds: float) -> dict[str, Any]:
+    """No-op tasks at a steady `rate`: how long from submit until a task starts."""
+    count = int(rate * seconds)
+    tasks = _tasks(count, Priority.PRIORITY_NORMAL, "paced")
+    base = await _succeeded(system)
+    system.cpu.start()
+    produce_s, _ = await asyncio.gather(
+        _produce_paced(system, tasks, rate), _until_succeeded(system, base + count)
+    )
+    cpu = system.cpu.split()
+    ids = [t.task_id for t in tasks]
+    submitted = {t.task_id: t.submitted_at for t in tasks}
+    r = aioredis.from_url(REDIS_URL, decode_responses=True)
+    prefix = f"{system.env['APP_ID']}:{{tasks}}:task:"
+    try:
+        async with r.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hget(prefix + task_id, "started_at")
+            started = await pipe.execute()
+    finally:
+        await r.aclose()
+    start_ms = [float(at) - submitted[task_id] for task_id, at in zip(ids, started, strict=True)]
+    return {
+        "rate_per_s": rate,
+        "tasks": count,
+        "achieved_per_s": round(count / produce_s),
+        "submit_to_start_ms_p50": pct(start_ms, 0.5),
+        "submit_to_start_ms_p99": pct(start_ms, 0.99),
+        "submit_to_start_ms_max": max(start_ms),
+        "cpu": cpu,
+    }
 
 
 def _tasks(count: int, priority: int, tag: str) -> list[Task]:

@@ -141,7 +141,9 @@ class TaskRunner:
                 effects.append(self._after_token(task, self._rate_limits))
             else:
                 effects.append(
-                    self._scheduler.submit(task.priority, functools.partial(self._run, task))
+                    _after_slot(
+                        self._scheduler.submit(task.priority, functools.partial(self._run, task))
+                    )
                 )
         return effects
 
@@ -150,7 +152,8 @@ class TaskRunner:
 
         async def run() -> object:
             await limits.acquire(task.task_type)
-            return await self._scheduler.submit(task.priority, functools.partial(self._run, task))
+            slot = self._scheduler.submit(task.priority, functools.partial(self._run, task))
+            return await _after_slot(slot)
 
         future = asyncio.ensure_future(run())
         waiting = self._waiting_for_rate.setdefault(task.priority, set())
@@ -256,8 +259,10 @@ class TaskRunner:
             metrics.TASKS_FINISHED.labels(*labels, "cancelled").inc()
             return await self._end(task, "cancelled", {"error": "cancelled while running"})
         metrics.TASKS_FINISHED.labels(*labels, "succeeded").inc()
-        return await self._end(
-            task, "succeeded", {"result": _jsonable(result), "progress": 100, "error": ""}
+        # The slot is for running processors: it is free again while the status is written.
+        fields = {"result": _jsonable(result), "progress": 100, "error": ""}
+        return _Then(
+            self._moves.enqueue(Move(task.task_id, "succeeded", "running", _final(fields)))
         )
 
     async def _failed(self, task: Task, exc: Exception) -> object:
@@ -343,7 +348,7 @@ class TaskRunner:
 
     async def _end(self, task: Task, state: str, fields: dict[str, Any]) -> object:
         if state in FINAL:
-            fields = {**fields, "finished_at": int(time.time() * 1000)}
+            fields = _final(fields)
         await self._moves.move(Move(task.task_id, state, "running", fields))
         return None
 
@@ -383,6 +388,40 @@ class TaskRunner:
             await stop(running.task)
         except Exception as exc:
             log.warning("task %s: stop() raised %r", running.task.task_id, exc)
+
+
+def _final(fields: dict[str, Any]) -> dict[str, Any]:
+    return {**fields, "finished_at": int(time.time() * 1000)}
+
+
+class _Then:
+    """What a run hands on with its slot: the lane's record is done when this is."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
+
+
+def _after_slot(slot: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """Done when a run has ended: its slot's outcome, then what it handed on (_Then).
+    Callbacks, not a task per record."""
+    outer: asyncio.Future[Any] = slot.get_loop().create_future()
+
+    def copy(done: asyncio.Future[Any]) -> None:
+        if outer.done():
+            return
+        if done.cancelled():
+            outer.cancel()
+        elif (exc := done.exception()) is not None:
+            outer.set_exception(exc)
+        elif isinstance(result := done.result(), _Then):
+            result.future.add_done_callback(copy)
+        else:
+            outer.set_result(result)
+
+    slot.add_done_callback(copy)
+    return outer
 
 
 def _jsonable(result: Any) -> Any:
