@@ -61,6 +61,8 @@ def faust_config(s: Settings) -> dict[str, Any]:
         "web_bind": s.web_host,
         "web_host": s.web_host,
         "web_port": s.web_port,
+        "canonical_url": s.canonical_url,
+        "topic_replication_factor": s.topic_replication_factor,
         "consumer_auto_offset_reset": "earliest",
         "web_in_thread": False,
         "datadir": s.data_dir,

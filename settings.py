@@ -6,6 +6,7 @@ Every field is an environment variable of the same name in upper case; README.md
 
 from __future__ import annotations
 
+import socket
 from functools import cached_property
 from typing import Literal
 
@@ -26,7 +27,13 @@ class Settings(BaseSettings):
     # WEB_HOST=0.0.0.0 and WEB_AUTH_TOKEN.
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
+    # How other workers reach this one's views (a table lookup for a user another worker
+    # owns is proxied there). Unset: WEB_HOST, or this machine's name when WEB_HOST
+    # listens on every interface (0.0.0.0 names no machine to anyone else).
+    web_canonical_url: str | None = None
     topic_partitions: int = Field(8, ge=1)
+    # Replicas of every topic and changelog the worker creates: 3 on a real cluster.
+    topic_replication_factor: int = Field(1, ge=1)
     app_id: str = "resonance-task"
 
     # "kafka" keeps Kafka's defaults; "tansu" applies the embedded broker's workarounds
@@ -248,6 +255,15 @@ class Settings(BaseSettings):
         if "postgres" in (self.inbox_backend, self.member_backend) and self.postgres_dsn is None:
             raise ValueError("INBOX_BACKEND/MEMBER_BACKEND=postgres needs POSTGRES_DSN")
         return self
+
+    @property
+    def canonical_url(self) -> str:
+        if self.web_canonical_url:
+            return self.web_canonical_url.rstrip("/")
+        host = self.web_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        return f"http://{host}:{self.web_port}"
 
     @property
     def inbox_archive_enabled(self) -> bool:

@@ -60,3 +60,17 @@ def test_an_archive_that_could_not_work_is_refused_at_start(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_a_worker_listening_everywhere_advertises_a_name_others_can_reach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEB_HOST", "0.0.0.0")
+    monkeypatch.setenv("WEB_PORT", "7001")
+    url = Settings().canonical_url
+    assert "0.0.0.0" not in url and url.endswith(":7001"), url
+    monkeypatch.setenv("WEB_CANONICAL_URL", "http://worker-3.resonance.svc:7001/")
+    assert Settings().canonical_url == "http://worker-3.resonance.svc:7001"
+    monkeypatch.delenv("WEB_CANONICAL_URL")
+    monkeypatch.setenv("WEB_HOST", "10.1.2.3")
+    assert Settings().canonical_url == "http://10.1.2.3:7001"

@@ -5,6 +5,7 @@ leaves out (the image once lacked `offline/`, which app.py imports) fails here."
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -42,10 +43,19 @@ class InstalledWorker(WorkerProcess):
 
 
 def _build_wheel(out: Path) -> Path:
+    # From a copy: an in-tree build leaves build/ and *.egg-info in the checkout.
+    source = out / "src"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", "*_cache", "tests", "results"
+        ),
+    )
     subprocess.run(
         [
             *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
-            *("--no-build-isolation", "--wheel-dir", str(out), str(ROOT)),
+            *("--no-build-isolation", "--wheel-dir", str(out), str(source)),
         ],
         check=True,
         cwd=out,
