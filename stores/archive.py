@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from stores.inbox import InboxEntry, RedisInboxStore, WriteResult
-from stores.postgres import INBOX_SCHEMA, _Pool
+from stores.postgres import INBOX_SCHEMA, _Pool, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -250,20 +250,7 @@ class InboxArchive:
             )
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
-        pool = await self._pool.get()
-        rows = await pool.fetch(
-            "SELECT i.inbox_cursor, i.msg_id, b.body FROM t_inbox i"
-            " LEFT JOIN t_message_body b ON b.msg_id = i.msg_id"
-            " WHERE i.owner_username = $1 AND i.inbox_cursor > $2"
-            " ORDER BY i.inbox_cursor LIMIT $3",
-            user,
-            after,
-            limit,
-        )
-        return [
-            InboxEntry(cursor=r["inbox_cursor"], msg_id=r["msg_id"], message=_message(r["body"]))
-            for r in rows
-        ]
+        return await read_entries(await self._pool.get(), user, after, limit)
 
     async def close(self) -> None:
         await self._pool.close()

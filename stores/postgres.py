@@ -67,6 +67,28 @@ CREATE INDEX IF NOT EXISTS t_group_member_username ON t_group_member (username);
 """
 
 
+async def read_entries(pool: Any, user: str, after: int, limit: int) -> list[InboxEntry]:
+    """A user's entries after a cursor, in cursor order, from t_inbox: the PostgreSQL inbox
+    store's, and the Redis inbox's archive (stores/archive.py)."""
+    rows = await pool.fetch(
+        "SELECT i.inbox_cursor, i.msg_id, b.body FROM t_inbox i"
+        " LEFT JOIN t_message_body b ON b.msg_id = i.msg_id"
+        " WHERE i.owner_username = $1 AND i.inbox_cursor > $2"
+        " ORDER BY i.inbox_cursor LIMIT $3",
+        user,
+        after,
+        limit,
+    )
+    return [
+        InboxEntry(
+            cursor=r["inbox_cursor"],
+            msg_id=r["msg_id"],
+            message=PushMessage.FromString(r["body"]) if r["body"] is not None else None,
+        )
+        for r in rows
+    ]
+
+
 def _identifier(name: str) -> str:
     if not name.replace("_", "").isalnum():
         raise ValueError(f"{name!r}: a schema name is letters, digits and underscores")
@@ -228,24 +250,7 @@ class PostgresInboxStore:
             )
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
-        pool = await self._pool.get()
-        rows = await pool.fetch(
-            "SELECT i.inbox_cursor, i.msg_id, b.body FROM t_inbox i"
-            " LEFT JOIN t_message_body b ON b.msg_id = i.msg_id"
-            " WHERE i.owner_username = $1 AND i.inbox_cursor > $2"
-            " ORDER BY i.inbox_cursor LIMIT $3",
-            user,
-            after,
-            limit,
-        )
-        return [
-            InboxEntry(
-                cursor=r["inbox_cursor"],
-                msg_id=r["msg_id"],
-                message=PushMessage.FromString(r["body"]) if r["body"] is not None else None,
-            )
-            for r in rows
-        ]
+        return await read_entries(await self._pool.get(), user, after, limit)
 
     async def last_cursor(self, user: str) -> int:
         pool = await self._pool.get()
