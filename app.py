@@ -27,6 +27,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 import faust
+from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+from prometheus_client import REGISTRY
 
 import commands
 from agents import fanout, large_group, presence, push, registry, route, storage
@@ -112,6 +114,9 @@ def kafka_consumer_config(s: Settings, group: str | None, *, hot: bool = False) 
 
 
 app = faust.App(settings.app_id, **faust_config(settings))
+# Faust's own sensors (its agents' events, table operations, sends, commits, rebalances,
+# assignment errors) beside ours, on the one registry /metrics serves.
+app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(REGISTRY, "resonance_faust"))
 
 
 def _topic(name: str) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -182,11 +183,16 @@ async def _send(provider: Provider, chunk: list[Notification]) -> list[Outcome]:
     # A provider that raises (a token endpoint answering HTML, a key that will not sign)
     # fails its own notifications, to be retried then dead-lettered; it does not stop the
     # stage or take the other providers' outcomes with it.
+    started = time.monotonic()
     try:
         outcomes = await provider.send(chunk)
     except Exception as exc:
+        metrics.PROVIDER_DURATION.labels(provider.name, "raised").observe(
+            time.monotonic() - started
+        )
         log.exception("%s: send raised", provider.name)
         return [Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])] * len(chunk)
+    metrics.PROVIDER_DURATION.labels(provider.name, "ok").observe(time.monotonic() - started)
     if len(outcomes) != len(chunk):
         detail = f"{len(outcomes)} outcomes for {len(chunk)} notifications"
         return [Outcome("failed", detail)] * len(chunk)

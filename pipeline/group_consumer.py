@@ -588,6 +588,7 @@ class GroupConsumer(Service):
         last batch + 1, short of the end a mark usually is. A fetch's high watermark is right
         on both brokers.
         """
+        metrics.STAGE_REBALANCES.labels(self.stage).inc()
         marks: dict[TopicPartition, int] = {}
         if self._marks is not None and assigned:
             try:

@@ -103,6 +103,11 @@ OFFSETS_SKIPPED = Counter(
     "Records a stage did not redo on taking a partition: done before, marked, not committed",
     ["stage"],
 )
+STAGE_REBALANCES = Counter(
+    "resonance_stage_rebalances_total",
+    "Partition assignments an own-group stage received (each rebalance it took part in)",
+    ["stage"],
+)
 STAGE_RESTARTS = Counter(
     "resonance_stage_restarts_total",
     "Own-group stages restarted from their committed offsets after a failed batch",

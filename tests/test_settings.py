@@ -74,3 +74,25 @@ def test_a_worker_listening_everywhere_advertises_a_name_others_can_reach(
     monkeypatch.delenv("WEB_CANONICAL_URL")
     monkeypatch.setenv("WEB_HOST", "10.1.2.3")
     assert Settings().canonical_url == "http://10.1.2.3:7001"
+
+
+def test_readme_documents_every_metric() -> None:
+    import re
+    from pathlib import Path
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import offline.metrics
+    import pipeline.metrics
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.MULTILINE))
+    exported = {
+        m._name + ("_total" if m._type == "counter" else "")
+        for module in (pipeline.metrics, offline.metrics)
+        for m in vars(module).values()
+        if isinstance(m, MetricWrapperBase)
+    }
+    assert exported - table == set(), "add these to README.md's metrics table"
+    stale = {name for name in table if name.startswith(("resonance_", "task_"))} - exported
+    assert stale == set(), "README.md's metrics table names metrics that do not exist"

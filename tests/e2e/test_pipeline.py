@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import urllib.request
 from collections import Counter
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from commands.traffic import group_chat, single_chat, snowflake
-from embedded.expectations import expected, pushed_in_order, received
+from embedded.expectations import Expected, expected, pushed_in_order, received
+from embedded.worker import ROOT, WorkerProcess
 from pipeline.dlq import H_REASON
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch, GatewayPushBatch
@@ -113,6 +118,8 @@ async def test_every_recipient_once_in_order_with_offline_dlq_and_replay(
     assert sorted(dict(r.headers)[H_REASON] for r in dead) == [b"decode_error", b"invalid"]
     assert sorted(r.value for r in dead) == sorted(bad)
 
+    await _scrape_finds_every_documented_metric(worker, len(events), want)
+
     # Replay from the beginning: a new consumer group reads every record again.
     snapshot = {u: [(e.cursor, e.msg_id) for e in await p.inbox(u)] for u in users}
     await asyncio.to_thread(worker.stop)
@@ -200,3 +207,44 @@ async def test_tables_in_rocksdb_survive_a_restart_on_the_same_data_dir(
     await p.wait_online(again, users)
     await p.publish([single_chat(users[0], u, 2, "after") for u in users[1:]])
     await eventually(lambda: _true(len(sim.recorder.deliveries) >= 18), 30, "9 more pushes")
+
+
+async def _scrape_finds_every_documented_metric(
+    worker: WorkerProcess, events: int, want: Expected
+) -> None:
+    """/metrics after that traffic: every metric README.md's table lists (offline push
+    providers' once one is configured: none here), with values the traffic explains."""
+    url = f"http://127.0.0.1:{worker.port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    families = set()
+    for family in text_string_to_metric_families(text):
+        families.add(family.name)
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `((?:resonance|task)_[a-z_]+)` \|", readme, re.MULTILINE))
+    documented = {name for name in documented if not name.startswith("resonance_offline_")}
+    missing = {
+        n for n in documented if n not in families and n.removesuffix("_total") not in families
+    }
+    assert missing == set(), missing
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            value
+            for have, value in samples.get(name, [])
+            if all(have.get(k) == v for k, v in labels.items())
+        )
+
+    assert total("resonance_push_events_total") >= events
+    assert total("resonance_inbox_writes_total", result="new") >= want.inbox_total
+    assert total("resonance_pushed_users_total") >= want.pushed_total
+    assert total("resonance_offline_users_total") >= want.offline_total
+    assert total("resonance_dead_letters_total", reason="decode_error") >= 1
+    assert total("resonance_commit_duration_seconds_count") > 0
+    assert all(v >= 0 for _, v in samples.get("resonance_consumer_lag", []))
+    rebalanced = {labels["stage"] for labels, v in samples["resonance_stage_rebalances_total"] if v}
+    assert {"fanout", "storage", "push"} <= rebalanced, rebalanced
+    assert total("resonance_faust_messages_received_total") > 0  # presence, into routes
+    assert total("resonance_message_age_seconds_count", stage="gateway_ack") > 0
