@@ -109,8 +109,13 @@ class GatewaySimulator:
         ack: bool = True,
         stream: bool = True,
         tls: grpc.ServerCredentials | None = None,
+        bind_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
     ) -> None:
         self.gateway_id = gateway_id
+        # Where it listens, and the name workers dial (a container's own name, say).
+        self.bind_host = bind_host
+        self.advertise_host = advertise_host or bind_host
         self.bootstrap_servers = bootstrap_servers
         self.presence_topic = presence_topic
         self.heartbeat_topic = heartbeat_topic
@@ -132,12 +137,12 @@ class GatewaySimulator:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.advertise_host}:{self.port}"
 
     async def start(self) -> GatewaySimulator:
         self._server = grpc.aio.server()
         add_PushServiceServicer_to_server(_PushService(self), self._server)
-        bind = f"127.0.0.1:{self.port}"
+        bind = f"{self.bind_host}:{self.port}"
         if self.tls is not None:
             self.port = self._server.add_secure_port(bind, self.tls)
         else:
