@@ -10,7 +10,9 @@ and push providers at import, and fails on, say, a missing APNs key file):
 A replay reads the dead letters as the consumer group `<APP_ID>-dlq-replay[-<reason>]`
 and commits what it has sent back, so running it twice sends nothing twice (a run for
 one reason and a run for all are separate groups: the latter also sends what the former
-did); `--from-offset` and
+did; two runs of one group at once both send what neither has committed; and Kafka
+forgets a group's offsets after offsets.retention.minutes, 7 days by default, without
+a member); `--from-offset` and
 `--to-offset` (inclusive, with `--partition`) pick a range by hand and commit nothing.
 `--dry-run` lists what would be sent. Progress goes to stderr every 1,000 records; the
 last line on stdout is the JSON outcome.
@@ -112,7 +114,10 @@ async def replay(
         **auth,
     )
     producer = (
-        None if dry_run else AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **auth)
+        None
+        if dry_run
+        # Every replica has it before the group commits past it.
+        else AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", **auth)
     )
     await consumer.start()
     if producer is not None:
@@ -135,15 +140,16 @@ async def replay(
             committed = await _committed(settings, group, tps)
             for tp in tps:
                 consumer.seek(tp, committed.get(tp) or 0)
-        quiet = 0
-        while seen < limit and quiet < 3:
+        quiet, past = 0, False
+        while seen < limit and quiet < 3 and not past:
             batch = await consumer.getmany(timeout_ms=300, max_records=min(500, limit - seen))
             quiet = 0 if batch else quiet + 1
             acks = []
             for records in batch.values():
                 for record in records:
                     if to_offset is not None and record.offset > to_offset:
-                        continue
+                        past = True  # one partition: the range is done
+                        break
                     seen += 1
                     if reason and describe(record)["reason"] != reason:
                         skipped += 1

@@ -498,12 +498,16 @@ class GroupConsumer(Service):
         # record were most of a task lane's own cost. Giving up on an effect (overdue,
         # revoked, restarted) only forgets it, so the sends or pushes under it go on.
         future = asyncio.ensure_future(effect)
+        # Keyed by the effect: a stage returns one awaitable per record or batch, never
+        # the same one twice.
         self._pending[future] = _InFlight(tps, size, time.monotonic() + self._effect_timeout)
         self._pending_bytes += size
 
         def finished(done: asyncio.Future[Any]) -> None:
             if self._pending.pop(done, None) is None:
-                return  # forgotten meanwhile
+                if not done.cancelled():
+                    done.exception()  # forgotten meanwhile: its outcome no longer matters
+                return
             self._pending_bytes -= size
             if done.cancelled():
                 return

@@ -99,7 +99,7 @@ class InboxArchive:
         self._pool = _Pool(dsn, INBOX_SCHEMA, search_path, pool_size)
         self._keep = keep_entries
         self._after_ms = int(after_seconds * 1000)
-        self._remove_sha: str | None = None
+        self._remove = self._redis.register_script(_REMOVE)  # reloaded if Redis lost it
 
     def archived_key(self, user: str) -> str:
         return self._inbox.key(user) + ":archived"
@@ -171,23 +171,28 @@ class InboxArchive:
 
     async def _walk(self, user: str, excess: int, horizon: int | None) -> _Move:
         move = _Move(user)
-        key, rank = self._inbox.key(user), 0
+        key, seen, low = self._inbox.key(user), 0, "-inf"
         while True:
+            # By cursor, not by rank: the cap trims the head meanwhile, and ranks would
+            # then skip entries between two reads.
             rows = cast(
                 list[tuple[bytes, float]],
-                await self._redis.zrange(key, rank, rank + _WALK - 1, withscores=True),
+                await self._redis.zrange(
+                    key, low, "+inf", byscore=True, offset=0, num=_WALK, withscores=True
+                ),
             )
             if not rows:
                 return move
             bodies = await self._inbox.bodies([int(member) for member, _ in rows])
             for (member, score), body in zip(rows, bodies, strict=True):
                 old = body is None or (horizon is not None and _timestamp(body) < horizon)
-                if rank >= excess and not old:
+                if seen >= excess and not old:
                     return move
                 move.entries.append((int(score), int(member), body))
-                rank += 1
+                seen += 1
             if len(rows) < _WALK:
                 return move
+            low = f"({int(rows[-1][1])}"
 
     async def _commit(self, moves: list[_Move], result: ArchiveRun) -> None:
         rows: list[tuple[str, str, int, int, int]] = []
@@ -227,8 +232,6 @@ class InboxArchive:
                 [row[2] for row in rows],
             )
         archived = {(r["owner_username"], r["msg_id"], r["inbox_cursor"]) for r in held}
-        if self._remove_sha is None:
-            self._remove_sha = str(await self._redis.script_load(_REMOVE))
         pipe = self._redis.pipeline(transaction=False)
         for move in moves:
             safe = [(c, m) for c, m, _ in move.entries if (move.user, m, c) in archived]
@@ -238,7 +241,7 @@ class InboxArchive:
             key = self._inbox.key(move.user)
             keys = (key, key + ":trim", key + ":archived")
             top = max(c for c, _ in safe)
-            pipe.evalsha(self._remove_sha, len(keys), *keys, top, *(m for _, m in safe))
+            await self._remove(keys=list(keys), args=[top, *(m for _, m in safe)], client=pipe)
             result.entries_moved += len(safe)
             result.inboxes_archived += 1
         await pipe.execute()
@@ -267,13 +270,42 @@ class ArchivedInboxStore:
         return await self.redis.write(batch)
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
-        top = int(await self.redis.client.get(self.archive.archived_key(user)) or 0)
-        entries = await self.archive.read(user, after, limit) if after < top else []
-        if len(entries) < limit:
-            since = entries[-1].cursor if entries else after
-            # An entry caught between its commit and its removal is in both: once here.
-            entries += await self.redis.read(user, since, limit - len(entries))
-        return entries
+        # `archived` and the Redis page in one snapshot: the archiver commits rows to
+        # PostgreSQL before one script removes them from Redis and raises `archived`, so
+        # at that instant every cursor up to `archived` is in PostgreSQL and every later
+        # one is in the page (or beyond it). Read apart, a move between the two reads
+        # would hide its entries from both.
+        async with self.redis.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.archive.archived_key(user))
+            pipe.zrange(
+                self.redis.key(user),
+                f"({after}",
+                "+inf",
+                byscore=True,
+                offset=0,
+                num=limit,
+                withscores=True,
+            )
+            raw_top, rows = await pipe.execute()
+        top = int(raw_top or 0)
+        bodies = await self.redis.bodies([int(member) for member, _ in rows])
+        from_redis = [
+            InboxEntry(cursor=int(score), msg_id=int(member), message=_message(body))
+            for (member, score), body in zip(rows, bodies, strict=True)
+        ]
+        until = from_redis[-1].cursor if len(rows) >= limit else None  # the page is full
+        from_pg: list[InboxEntry] = []
+        if after < top:
+            archived = await self.archive.read(user, after, limit)
+            if len(archived) >= limit and archived[-1].cursor <= top:
+                until = min(until or top, archived[-1].cursor)
+            from_pg = [e for e in archived if e.cursor <= top]
+        # A cursor in both (caught between commit and removal, or held by PostgreSQL for
+        # another message): Redis, the live copy, wins.
+        merged = {e.cursor: e for e in from_pg} | {e.cursor: e for e in from_redis}
+        return [merged[cursor] for cursor in sorted(merged) if until is None or cursor <= until][
+            :limit
+        ]
 
     async def last_cursor(self, user: str) -> int:
         return await self.redis.last_cursor(user)

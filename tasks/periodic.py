@@ -70,7 +70,13 @@ class PeriodicTasks:
         ]
         if not due:
             return []
-        outcomes = await self._submit(due)
+        try:
+            outcomes = await self._submit(due)
+        except Exception as exc:
+            # A timer that raises takes the worker down (mode crashes the app): not for a
+            # store or broker away for a moment. The next tick submits them again.
+            log.warning("periodic tasks not submitted, next tick tries again: %r", exc)
+            return []
         for task, (kind, state) in zip(due, outcomes, strict=True):
             self._done[task.task_type] = task.task_id
             if kind == "new":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -72,17 +73,26 @@ class StatsReport:
         period = _period(task)
         # Two reports counting from one snapshot would both count its span: one at a
         # time (a period's task can run late, beside the next one). The other is retried.
-        if not await self._statuses.redis.set(self._lock_key, task.task_id, nx=True, px=LOCK_MS):
+        token = uuid.uuid4().hex  # this run's, not the task's: a stale run frees no lock
+        if not await self._statuses.redis.set(self._lock_key, token, nx=True, px=LOCK_MS):
             raise ReportBusy("another stats_report is counting; this one runs after it")
         try:
             return await self._report(period)
         finally:
-            await self._statuses.redis.eval(_RELEASE, 1, self._lock_key, task.task_id)
+            await self._statuses.redis.eval(_RELEASE, 1, self._lock_key, token)
 
     async def _report(self, period: tuple[int, int]) -> dict[str, Any]:
+        key = period_key(period[0])
         now = int(time.time() * 1000)
         raw = await self._statuses.redis.get(self._snapshot_key)
         last: dict[str, Any] = json.loads(raw) if raw else {"at": None, "offsets": {}}
+        if last.get("period") == key and isinstance(last.get("report"), dict):
+            # This period was counted (and published) by a run whose end was not recorded
+            # (its worker died, its status write failed): publish the same report again,
+            # not a recount from its own snapshot, which would cover seconds.
+            report = last["report"]
+            await (await self._publish(key.encode(), json.dumps(report).encode(), None))
+            return {"period": key, **report}
         offsets = await self._end_offsets(sorted(set().union(*self._topics.values())))
         records = {}
         for name, topics in self._topics.items():
@@ -102,11 +112,15 @@ class StatsReport:
             "records": records,
             "tasks": await self._statuses.finished_between(last["at"], now),
         }
-        key = period_key(period[0])
         ack = await self._publish(key.encode(), json.dumps(report).encode(), None)
         await ack
         # Only once the report is out: a retry of this task counts the same span again.
-        snapshot = {"at": now, "offsets": {f"{t}:{p}": end for (t, p), end in offsets.items()}}
+        snapshot = {
+            "at": now,
+            "offsets": {f"{t}:{p}": end for (t, p), end in offsets.items()},
+            "period": key,
+            "report": report,
+        }
         await self._statuses.redis.set(self._snapshot_key, json.dumps(snapshot))
         return {"period": key, **report}
 

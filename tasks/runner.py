@@ -421,6 +421,8 @@ def _after_slot(slot: asyncio.Future[Any]) -> asyncio.Future[Any]:
             outer.set_result(result)
 
     slot.add_done_callback(copy)
+    # Given up (a lane stopping): a job still waiting for its slot must not start then.
+    outer.add_done_callback(lambda done: slot.cancel() if done.cancelled() else None)
     return outer
 
 

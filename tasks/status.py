@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,10 +33,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from pipeline.retry import retrying
+from pipeline.retry import is_transient, retrying
 from proto.resonance.task.v1.task_pb2 import Task
 from settings import Settings
 from tasks.envelope import priority_name
+
+log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled")
 FINAL = frozenset({"succeeded", "failed", "dead", "cancelled"})
@@ -432,15 +436,30 @@ class Moves:
             self._schedule(write.get_loop())
 
     async def _flush(self, batch: list[tuple[Move, asyncio.Future[tuple[str, str]]]]) -> None:
-        try:
-            replies = await self._write([move for move, _ in batch])
-        except Exception as exc:  # not transient (those are waited out)
-            for _, future in batch:
-                _settle(future, exc)
-            return
-        for (_, future), (kind, value) in zip(batch, replies, strict=True):
-            # A move whose key holds something else fails alone.
-            _settle(future, ResponseError(value) if kind == "error" else (kind, value))
+        delay = 0.05
+        while True:
+            try:
+                replies = await self._write([move for move, _ in batch])
+            except Exception as exc:  # not transient (those are waited out)
+                for _, future in batch:
+                    _settle(future, exc)
+                return
+            again = []
+            for (move, future), (kind, value) in zip(batch, replies, strict=True):
+                if kind != "error":
+                    _settle(future, (kind, value))
+                elif is_transient(error := ResponseError(value)):
+                    # An item refused for a while (a failover's READONLY, OOM): only it is
+                    # written again; the others took effect and must not be redone.
+                    again.append((move, future))
+                    why = value
+                else:
+                    _settle(future, error)  # its key holds something else: it fails alone
+            if not again:
+                return
+            log.warning("task statuses: %d moves refused for now (%s)", len(again), why)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay, batch = min(2.0, delay * 2), again
 
     async def _write(self, moves: list[Move]) -> list[tuple[str, str]]:
         return await retrying(lambda: self._statuses.move(moves), "task statuses", attempts=1)

@@ -151,6 +151,8 @@ async def test_an_entry_postgres_holds_another_message_for_stays_in_redis(
     assert (run.entries_moved, run.conflicts) == (1, 1)
     assert await redis_cursors(store, user) == [1, 3]  # never dropped from both
     assert await pg_rows(postgres_dsn, pg_schema, user) == [(1, 42), (2, BASE + 2)]
+    # Read, the live entry at cursor 1 is Redis's, not hidden behind the archived top.
+    assert [e.msg_id for e in await store.read(user, 0, 10)] == [BASE + i for i in (1, 2, 3)]
 
 
 async def test_a_pass_can_be_stopped_between_pages(make_inbox: MakeInbox, tag: str) -> None:
