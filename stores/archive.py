@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from stores.inbox import InboxEntry, RedisInboxStore, WriteResult
-from stores.postgres import INBOX_SCHEMA, _Pool, read_entries
+from stores.postgres import INBOX_SCHEMA, _Pool, insert_entries, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -211,19 +211,7 @@ class InboxArchive:
                 rows.append((move.user, message.session_id, msg_id, message.seq_id, cursor))
         pool = await self._pool.get()
         async with pool.acquire() as conn, conn.transaction():
-            if bodies:
-                await conn.execute(
-                    "INSERT INTO t_message_body (msg_id, body)"
-                    " SELECT * FROM unnest($1::bigint[], $2::bytea[]) ON CONFLICT DO NOTHING",
-                    list(bodies),
-                    list(bodies.values()),
-                )
-            await conn.execute(
-                "INSERT INTO t_inbox (owner_username, session_id, msg_id, seq_id, inbox_cursor)"
-                " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],"
-                " $5::bigint[]) ON CONFLICT DO NOTHING",
-                *(list(column) for column in zip(*rows, strict=True)),
-            )
+            await insert_entries(conn, bodies, rows)
             held = await conn.fetch(
                 "SELECT owner_username, msg_id, inbox_cursor FROM t_inbox"
                 " WHERE (owner_username, msg_id) IN"

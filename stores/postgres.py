@@ -67,6 +67,26 @@ CREATE INDEX IF NOT EXISTS t_group_member_username ON t_group_member (username);
 """
 
 
+async def insert_entries(
+    conn: Any, bodies: dict[int, bytes], rows: list[tuple[str, str, int, int, int]]
+) -> None:
+    """Message bodies, and t_inbox rows (owner, session_id, msg_id, seq_id, cursor); a row
+    or body already there is left as it is."""
+    if bodies:
+        await conn.execute(
+            "INSERT INTO t_message_body (msg_id, body)"
+            " SELECT * FROM unnest($1::bigint[], $2::bytea[]) ON CONFLICT DO NOTHING",
+            list(bodies),
+            list(bodies.values()),
+        )
+    await conn.execute(
+        "INSERT INTO t_inbox (owner_username, session_id, msg_id, seq_id, inbox_cursor)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],"
+        " $5::bigint[]) ON CONFLICT DO NOTHING",
+        *(list(column) for column in zip(*rows, strict=True)),
+    )
+
+
 async def read_entries(pool: Any, user: str, after: int, limit: int) -> list[InboxEntry]:
     """A user's entries after a cursor, in cursor order, from t_inbox: the PostgreSQL inbox
     store's, and the Redis inbox's archive (stores/archive.py)."""
@@ -211,22 +231,9 @@ class PostgresInboxStore:
         rows: list[tuple[str, str, int, int, int]],
         counters: dict[str, list[int]],
     ) -> None:
-        bodies = {m.msg_id: m.SerializeToString() for m, _ in batch}
-        await conn.execute(
-            "INSERT INTO t_message_body (msg_id, body)"
-            " SELECT * FROM unnest($1::bigint[], $2::bytea[]) ON CONFLICT DO NOTHING",
-            list(bodies),
-            list(bodies.values()),
-        )
-        await conn.execute(
-            "INSERT INTO t_inbox (owner_username, session_id, msg_id, seq_id, inbox_cursor)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],"
-            " $5::bigint[])"
-            # Checked above under the owners' locks; this only guards against a writer that
-            # does not take them (Resonance's own service writing the same row).
-            " ON CONFLICT DO NOTHING",
-            *(list(column) for column in zip(*rows, strict=True)),
-        )
+        # Checked above under the owners' locks; ON CONFLICT only guards against a writer
+        # that does not take them (Resonance's own service writing the same row).
+        await insert_entries(conn, {m.msg_id: m.SerializeToString() for m, _ in batch}, rows)
         touched = sorted({row[0] for row in rows})
         await conn.execute(
             "UPDATE t_inbox_cursor c SET last_cursor = u.last"
