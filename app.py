@@ -406,17 +406,16 @@ task_side = (
     )
 )
 # Every worker's copy of the stats_report topic, for GET /api/v1/stats/hourly.
-stats_table = StatsTable() if task_side is not None else None
-stats_view = (
-    TopicView(
+stats_table: StatsTable | None = None
+stats_view: TopicView | None = None
+if task_side is not None:
+    stats_table = StatsTable()
+    stats_view = TopicView(
         topic=task_side.stats_topic,
         apply=stats_table.apply,
         consumer_config=kafka_consumer_config(settings, None),
         idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
     )
-    if task_side is not None and stats_table is not None
-    else None
-)
 own_group_stages = [
     stage
     for stage in (

@@ -107,7 +107,9 @@ async def replay(
     group = f"{settings.app_id}-dlq-replay" + (f"-{reason}" if reason else "")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
-        group_id=None if by_hand or dry_run else group,
+        # A dry run reads as the group too (from where a replay would start), and
+        # commits nothing.
+        group_id=None if by_hand else group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=50,
@@ -135,11 +137,6 @@ async def replay(
         if by_hand:
             for tp in tps:
                 consumer.seek(tp, from_offset or 0)
-        elif dry_run:
-            # Where a real replay would start: the group's committed offsets.
-            committed = await _committed(settings, group, tps)
-            for tp in tps:
-                consumer.seek(tp, committed.get(tp) or 0)
         quiet, past = 0, False
         while seen < limit and quiet < 3 and not past:
             batch = await consumer.getmany(timeout_ms=300, max_records=min(500, limit - seen))
@@ -179,22 +176,6 @@ async def replay(
     if dry_run:
         outcome.update(would_replay=sent, records=matched[:100])
     return outcome
-
-
-async def _committed(
-    settings: Settings, group: str, tps: list[TopicPartition]
-) -> dict[TopicPartition, int | None]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group,
-        enable_auto_commit=False,
-        **aiokafka_auth(settings),
-    )
-    await consumer.start()
-    try:
-        return {tp: await consumer.committed(tp) for tp in tps}
-    finally:
-        await consumer.stop()
 
 
 def register(app: Any, settings: Settings) -> None:

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from commands.dlq import describe, read_all
 from pipeline.dlq import dlq_topic
+from pipeline.kafka_security import aiokafka_auth
 from proto.resonance.task.v1.task_pb2 import Task
 from settings import Settings
 
@@ -37,8 +38,9 @@ def register(app: Any, settings: Settings) -> None:
         from tasks.status import TaskStatuses
 
         letters: dict[str, tuple[Task, dict[str, Any]]] = {}
+        auth = aiokafka_auth(settings)  # the cluster's SASL/TLS, as every client of ours
         for record in await read_all(
-            settings.bootstrap_servers, dlq_topic(settings.topic_tasks), limit
+            settings.bootstrap_servers, dlq_topic(settings.topic_tasks), limit, **auth
         ):
             about = describe(record)
             try:
@@ -51,7 +53,7 @@ def register(app: Any, settings: Settings) -> None:
                 continue
             letters[task.task_id] = (task, about)
         statuses = TaskStatuses.from_settings(settings)
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **auth)
         await producer.start()
         retry_topic = retry_topic_names(settings)[0]
 

@@ -155,16 +155,31 @@ class InboxArchive:
     async def _moves(self, users: list[str], horizon: int | None) -> list[_Move]:
         """Each user's archivable prefix: beyond the newest `keep`, or older than the
         horizon (an entry whose body has expired is older than any horizon)."""
+        # A page of inboxes is sized and its oldest entries read in two round trips; only
+        # an inbox with something to move is walked on its own. Most have nothing.
         pipe = self._redis.pipeline(transaction=False)
         for user in users:
             pipe.zcard(self._inbox.key(user))
-        cards = await pipe.execute()
+            pipe.zrange(self._inbox.key(user), 0, 0)
+        replies = await pipe.execute()
+        cards, oldest = replies[0::2], replies[1::2]
+        excess = {
+            user: max(0, int(card) - self._keep) if self._keep > 0 else 0
+            for user, card in zip(users, cards, strict=True)
+        }
+        walk = [user for user in users if excess[user] > 0]
+        if horizon is not None:
+            maybe = [(u, int(first[0])) for u, first in zip(users, oldest, strict=True) if first]
+            maybe = [(u, msg_id) for u, msg_id in maybe if excess[u] == 0]
+            bodies = await self._inbox.bodies([msg_id for _, msg_id in maybe])
+            walk += [
+                user
+                for (user, _), body in zip(maybe, bodies, strict=True)
+                if body is None or _timestamp(body) < horizon
+            ]
         moves = []
-        for user, card in zip(users, cards, strict=True):
-            excess = max(0, int(card) - self._keep) if self._keep > 0 else 0
-            if excess == 0 and horizon is None:
-                continue
-            move = await self._walk(user, excess, horizon)
+        for user in walk:
+            move = await self._walk(user, excess[user], horizon)
             if move.entries:
                 moves.append(move)
         return moves
@@ -263,25 +278,11 @@ class ArchivedInboxStore:
         # at that instant every cursor up to `archived` is in PostgreSQL and every later
         # one is in the page (or beyond it). Read apart, a move between the two reads
         # would hide its entries from both.
-        async with self.redis.client.pipeline(transaction=True) as pipe:
-            pipe.get(self.archive.archived_key(user))
-            pipe.zrange(
-                self.redis.key(user),
-                f"({after}",
-                "+inf",
-                byscore=True,
-                offset=0,
-                num=limit,
-                withscores=True,
-            )
-            raw_top, rows = await pipe.execute()
+        from_redis, raw_top = await self.redis.page(
+            user, after, limit, also=self.archive.archived_key(user)
+        )
         top = int(raw_top or 0)
-        bodies = await self.redis.bodies([int(member) for member, _ in rows])
-        from_redis = [
-            InboxEntry(cursor=int(score), msg_id=int(member), message=_message(body))
-            for (member, score), body in zip(rows, bodies, strict=True)
-        ]
-        until = from_redis[-1].cursor if len(rows) >= limit else None  # the page is full
+        until = from_redis[-1].cursor if len(from_redis) >= limit else None  # page full
         from_pg: list[InboxEntry] = []
         if after < top:
             archived = await self.archive.read(user, after, limit)

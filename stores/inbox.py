@@ -340,23 +340,31 @@ class RedisInboxStore:
         return list(await pipe.execute())
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
-        rows = await self._redis.zrange(
-            self.key(user),
-            f"({after}",
-            "+inf",
-            byscore=True,
-            offset=0,
-            num=limit,
-            withscores=True,
-        )
-        if not rows:
-            return []
-        bodies = await self.bodies([int(member) for member, _ in rows])  # type: ignore[str-unpack]
-        entries = []
-        for (member, score), body in zip(rows, bodies, strict=True):  # type: ignore[str-unpack]
-            message = PushMessage.FromString(body) if body is not None else None
-            entries.append(InboxEntry(cursor=int(score), msg_id=int(member), message=message))
+        entries, _ = await self.page(user, after, limit)
         return entries
+
+    async def page(
+        self, user: str, after: int, limit: int, *, also: str | None = None
+    ) -> tuple[list[InboxEntry], bytes | None]:
+        """`read`, and the value of the key `also` taken in the same MULTI as the page: one
+        snapshot of both (the archive's top, stores/archive.py)."""
+        pipe = self._redis.pipeline(transaction=also is not None)
+        if also is not None:
+            pipe.get(also)
+        pipe.zrange(
+            self.key(user), f"({after}", "+inf", byscore=True, offset=0, num=limit, withscores=True
+        )
+        *extra, rows = await pipe.execute()
+        bodies = await self.bodies([int(member) for member, _ in rows]) if rows else []
+        entries = [
+            InboxEntry(
+                cursor=int(score),
+                msg_id=int(member),
+                message=PushMessage.FromString(body) if body is not None else None,
+            )
+            for (member, score), body in zip(rows, bodies, strict=True)
+        ]
+        return entries, (extra[0] if extra else None)
 
     async def bodies(self, msg_ids: Sequence[int]) -> list[bytes | None]:
         """The messages' bytes, None where the body's TTL has passed."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from google.protobuf.json_format import Parse, ParseError
@@ -41,6 +41,9 @@ from pipeline.transport import SendRecord
 from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
 from proto.resonance.task.v1.task_pb2 import Task
 from tasks.registry import Context, PermanentError, Registry
+
+if TYPE_CHECKING:
+    from stores.archive import InboxArchive  # imported only where an archive is set
 
 # A pass over every inbox of a big Redis takes a while; past this it is retried, and the
 # retry only redoes what the cut-off pass had not moved yet.
@@ -115,8 +118,8 @@ class InboxArchiveTask:
     """One archive pass (stores/archive.py); payload {"users": [...]} limits it to those
     inboxes, anything else (the leader's periodic payload) means every inbox."""
 
-    def __init__(self, archive: Any) -> None:
-        self._archive = archive  # stores.archive.InboxArchive
+    def __init__(self, archive: InboxArchive) -> None:
+        self._archive = archive
 
     async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
         users = _json_object(task).get("users")
@@ -125,7 +128,7 @@ class InboxArchiveTask:
         ):
             raise PermanentError("payload.users: a list of user ids")
         run = await self._archive.run(users, progress=ctx.progress, cancelled=lambda: ctx.cancelled)
-        return dict(run.as_dict())
+        return run.as_dict()
 
 
 def _offline_pushes(payload: bytes) -> list[OfflinePush]:

@@ -51,6 +51,17 @@ IDEMPOTENCY_SECONDS = 24 * 3600
 # KEYS[1] is only the batch's hash tag, for Redis Cluster's routing: every key touched
 # shares it (see the top of this module).
 
+# The batch is the last argument; each item's reply is a pair (kind, value).
+_EACH_ITEM = """
+local out = {{}}
+for _, item in ipairs(cjson.decode(ARGV[#ARGV])) do
+  local ok, res = pcall({run}, item)
+  if not ok then res = {{'error', type(res) == 'table' and res.err or tostring(res)}} end
+  out[#out + 1] = res[1]; out[#out + 1] = res[2]
+end
+return out
+"""
+
 # Create each status if it is new. A second task with a used idempotency key is a
 # duplicate: it is recorded as cancelled, naming the first, and never runs.
 # ARGV: prefix, now, ttl (ms), how long an idempotency key holds (s), then JSON items
@@ -78,14 +89,8 @@ local function submit(t)
   if state == 'cancelled' then return {'duplicate', first} end
   return {'new', state}
 end
-local out = {}
-for _, t in ipairs(cjson.decode(ARGV[5])) do
-  local ok, res = pcall(submit, t)
-  if not ok then res = {'error', type(res) == 'table' and res.err or tostring(res)} end
-  out[#out + 1] = res[1]; out[#out + 1] = res[2]
-end
-return out
 """
+_SUBMIT += _EACH_ITEM.format(run="submit")
 
 # Move each task from one of the allowed states to another, with fields. `running` is
 # taken only when the task is queued or retrying, or when its last runner's lease ran out
@@ -116,14 +121,8 @@ local function move(m)
   redis.call('ZADD', prefix .. 'state:' .. to, now, id)
   return {'moved', state}
 end
-local out = {}
-for _, m in ipairs(cjson.decode(ARGV[4])) do
-  local ok, res = pcall(move, m)
-  if not ok then res = {'error', type(res) == 'table' and res.err or tostring(res)} end
-  out[#out + 1] = res[1]; out[#out + 1] = res[2]
-end
-return out
 """
+_MOVE += _EACH_ITEM.format(run="move")
 
 # KEYS: task hash; ARGV: field, value pairs. An expired task is not brought back.
 _SET_IF_EXISTS = """
