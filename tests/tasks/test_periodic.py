@@ -126,3 +126,27 @@ async def test_stats_report_counts_records_since_the_last_report(
         await producer.stop()
         await consumer.stop()
         await statuses.close()
+
+
+async def test_bad_payloads_fail_for_good_not_retried(redis_url: str) -> None:
+    """A permanent error: the runner dead-letters the task at once (tests/e2e/test_tasks)."""
+    from tasks.builtins import InboxArchiveTask
+    from tasks.registry import PermanentError
+
+    statuses = TaskStatuses(redis_url, f"test-{uuid.uuid4().hex[:8]}")
+
+    async def unused(*args: Any) -> Any:
+        raise AssertionError("nothing is counted or published for a bad payload")
+
+    report = StatsReport(topics={}, end_offsets=unused, statuses=statuses, publish=unused)
+    try:
+        for payload in (b"nope", b'{"period_start": 5}', b'{"period_start": 9, "period_end": 1}'):
+            bad = Task(task_id="r", task_type="stats_report", payload=payload)
+            with pytest.raises(PermanentError, match="payload"):
+                await report.run(bad, _Ctx())
+    finally:
+        await statuses.close()
+    archive = InboxArchiveTask(archive=None)  # type: ignore[arg-type]
+    for payload in (b"[1]", b'{"users": "u1"}', b'{"users": [""]}'):
+        with pytest.raises(PermanentError, match="payload"):
+            await archive.run(Task(task_id="a", task_type="inbox_archive", payload=payload), _Ctx())
