@@ -13,6 +13,7 @@ from typing import Any
 from faust.cli import option
 
 from gateway.simulator import GatewaySimulator, Recorder
+from pipeline.kafka_security import aiokafka_auth
 from settings import Settings
 
 
@@ -83,6 +84,7 @@ def register(app: Any, settings: Settings) -> None:
             fail_users=names[::fail_every] if fail_every else (),
             ack=not no_ack,
             stream=not unary_only,
+            kafka_config=aiokafka_auth(settings),
         )
         await sim.start()
         await sim.connect(names)

@@ -13,6 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from faust.cli import option
 
+from pipeline.kafka_security import aiokafka_auth
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from settings import Settings
 from stores.members import RedisMemberStore
@@ -77,7 +78,9 @@ def mixed_traffic(
 
 
 async def publish(settings: Settings, events: list[PushEvent]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, linger_ms=5, **aiokafka_auth(settings)
+    )
     await producer.start()
     try:
         futures = [

@@ -40,8 +40,16 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | Non
 
 
 class EmbeddedBroker:
-    def __init__(self, port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_file: Path | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
+        # Clients are told to reconnect here: a TLS terminator in front of the broker
+        # (Tansu 0.6 cannot serve TLS itself) advertises its own port.
+        self.advertised_port = advertised_port or self.port
         self._log_file = log_file
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -58,11 +66,10 @@ class EmbeddedBroker:
         return self._proc.pid if self._proc is not None else None
 
     def start(self) -> EmbeddedBroker:
-        listener = f"tcp://127.0.0.1:{self.port}"
         env = {
             **os.environ,
-            "LISTENER_URL": listener,
-            "ADVERTISED_LISTENER_URL": listener,
+            "LISTENER_URL": f"tcp://127.0.0.1:{self.port}",
+            "ADVERTISED_LISTENER_URL": f"tcp://127.0.0.1:{self.advertised_port}",
             "RUST_LOG": os.environ.get("TANSU_LOG", "warn"),
         }
         out = open(self._log_file, "ab") if self._log_file else subprocess.DEVNULL  # noqa: SIM115

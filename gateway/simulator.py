@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -111,8 +112,11 @@ class GatewaySimulator:
         tls: grpc.ServerCredentials | None = None,
         bind_host: str = "127.0.0.1",
         advertise_host: str | None = None,
+        kafka_config: dict[str, Any] | None = None,
     ) -> None:
         self.gateway_id = gateway_id
+        # The cluster's TLS/SASL keyword arguments for its producer (kafka_security).
+        self.kafka_config = kafka_config or {}
         # Where it listens, and the name workers dial (a container's own name, say).
         self.bind_host = bind_host
         self.advertise_host = advertise_host or bind_host
@@ -150,7 +154,9 @@ class GatewaySimulator:
         await self._server.start()
         if self.bootstrap_servers is None:
             return self  # gRPC only: presence and heartbeats are the caller's business
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=5)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers, linger_ms=5, **self.kafka_config
+        )
         await self._producer.start()
         await self.heartbeat()
         self._tasks = [

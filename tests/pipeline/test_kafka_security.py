@@ -9,7 +9,7 @@ from faust.auth import SASLCredentials, SSLCredentials
 
 from pipeline.kafka_security import aiokafka_auth, faust_credentials
 from settings import Settings
-from tests.gateway.test_tls import Pki
+from tests.pki import Pki
 
 
 def settings(**values: object) -> Settings:
