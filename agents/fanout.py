@@ -32,6 +32,7 @@ from pipeline.deliveries import DeliveryRecords
 from pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.limits import Limits
+from pipeline.pacing import Pacer
 from pipeline.retry import retrying
 from pipeline.trace import context_from
 from pipeline.transport import SendRecord
@@ -224,8 +225,10 @@ class Fanout:
 
     async def handle(self, records: Sequence[FanoutRecord]) -> list[Awaitable[object]]:
         """Fan a batch of push-events records out; returns the produced records' acks."""
+        pacer = Pacer()
         events: list[tuple[FanoutRecord, PushEvent]] = []
         for record in records:
+            await pacer.pace()
             event = await self._dead_letters.decoded(record, self._decode)
             if event is not None:
                 events.append((record, event))
@@ -239,6 +242,7 @@ class Fanout:
         fanned = 0
         now_ms = time.time() * 1000
         for record, event in events:
+            await pacer.pace()
             if event.timestamp:
                 metrics.FANOUT_AGE.observe(max(0.0, now_ms - event.timestamp) / 1000)
             context = trace_context(event, record.headers)
