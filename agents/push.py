@@ -33,6 +33,7 @@ from offline import records as offline_records
 from pipeline import metrics
 from pipeline.dlq import DeadLetters
 from pipeline.group_consumer import GroupConsumer, Records
+from pipeline.pacing import Pacer
 from pipeline.trace import grpc_metadata
 from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
@@ -62,30 +63,50 @@ class OfflineSink:
 
 
 class _Settlement:
-    """A batch's pushes: done when every one is settled and its offline records are acked."""
+    """A record's pushes: its future is done when every push is settled and its offline
+    records are acked.
+
+    The future itself is the record's effect: no task waits on it, so its offset is done
+    (and marked) in the loop turn after the last ack, not several turns later; under
+    load a turn lasts tens of milliseconds, and what a gateway got but was not yet marked
+    done is pushed again after a SIGKILL.
+    """
 
     def __init__(self) -> None:
-        self._pending = 1  # the batch itself, until every push of it was offered
-        self._all = asyncio.get_running_loop().create_future()
-        self.acks: list[Awaitable[object]] = []
+        self._pending = 1  # the record itself, until every push of it was offered
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks: list[Awaitable[object]] = []
 
     def add(self) -> None:
         self._pending += 1
 
+    def acked_by(self, ack: Awaitable[object]) -> None:
+        """Offline records this record produced: done only once the broker has them."""
+        self._acks.append(ack)
+
     def settled(self) -> None:
         self._pending -= 1
-        if self._pending == 0 and not self._all.done():
-            self._all.set_result(None)
+        if self._pending or self.future.done():
+            return
+        if not self._acks:
+            self.future.set_result(None)
+        else:
+            asyncio.gather(*self._acks).add_done_callback(self._acked)
+
+    def _acked(self, acks: asyncio.Future[list[object]]) -> None:
+        if self.future.done():
+            return
+        if acks.cancelled():
+            self.future.cancel()
+        elif (exc := acks.exception()) is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(None)
 
     def fail(self, exc: BaseException) -> None:
         # Users neither pushed nor handed to offline push: the record must not commit.
-        if not self._all.done():
-            self._all.set_exception(exc)
-
-    async def wait(self) -> None:
-        await self._all
-        if self.acks:
-            await asyncio.gather(*self.acks)
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 # However few records that is, a partition remembers at most this many offered users.
@@ -204,7 +225,9 @@ class PushConsumer(GroupConsumer):
 
     async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
         effects: list[Awaitable[object] | None] = []
+        pacer = Pacer()
         for record in records:
+            await pacer.pace()
             pushes = await self._dead_letters.decoded(record, GatewayPushBatch.FromString)
             if pushes is None:
                 effects.append(None)
@@ -215,7 +238,7 @@ class PushConsumer(GroupConsumer):
             settlement = _Settlement()
             await self._offer(pushes, settlement)
             settlement.settled()
-            effects.append(settlement.wait())
+            effects.append(settlement.future)
         return effects
 
     async def _offer(self, pushes: GatewayPushBatch, batch: _Settlement) -> None:
@@ -244,7 +267,7 @@ class PushConsumer(GroupConsumer):
                     except Exception as exc:
                         batch.fail(exc)  # the stage restarts from the committed offsets
                         raise
-                    batch.acks.append(ack)
+                    batch.acked_by(ack)
                 batch.settled()
 
             item = PushItem(

@@ -219,10 +219,9 @@ class GroupConsumer(Service):
         self._marks = marks
         self._isolation_letters = dead_letters
         self._isolate = 0  # records still to take one at a time
-        self._marks_due = asyncio.Event()
+        self._marked: dict[TopicPartition, int] = {}  # what was last posted to `marks`
         self._resuming: dict[TopicPartition, _Resume] = {}
         self._replay_records = replay_records
-        self._mark_task: asyncio.Task[None] | None = None
         self._progress = False  # offsets committed since the last restart
         self._deferred: dict[TopicPartition, int] = {}
         self.joined = False  # has been through a group join (possibly with no partitions)
@@ -286,14 +285,10 @@ class GroupConsumer(Service):
 
     async def on_start(self) -> None:
         await self._start_consumer()
-        if self._marks is not None:
-            self._mark_task = asyncio.create_task(self._mark_loop(self._marks))
         self._consume_task = asyncio.create_task(self._consume(), name=f"stage:{self.stage}")
 
     async def on_stop(self) -> None:
         self._stopping = True
-        if self._mark_task is not None:
-            self._mark_task.cancel()
         deadline = time.monotonic() + self._drain_seconds
         task = self._consume_task
         if task is not None:
@@ -440,7 +435,7 @@ class GroupConsumer(Service):
                 else:
                     self._track(effect, segments, list(fetched))
         if fetched:
-            self._marks_due.set()
+            self._post_marks()
         idle = not fetched and not self._pending
         due = idle or time.monotonic() - self._last_commit >= self._commit_interval
         if due and (self._committing is None or self._committing.done()):
@@ -484,7 +479,7 @@ class GroupConsumer(Service):
                         source_record(record), "stage_failed", f"{type(exc).__name__}: {exc}"
                     )
                 Offsets.close(segments)
-                self._marks_due.set()
+                self._post_marks()
                 self._isolate = max(0, self._isolate - 1)
 
     def _track(
@@ -515,7 +510,7 @@ class GroupConsumer(Service):
                 self._failed = done.exception()
             else:
                 Offsets.close(segments)
-                self._marks_due.set()
+                self._post_marks()
 
         future.add_done_callback(finished)
 
@@ -549,28 +544,20 @@ class GroupConsumer(Service):
     def _group(self) -> str:
         return str(self._consumer_config.get("group_id"))
 
-    async def _mark_loop(self, marks: OffsetMarks) -> None:
-        marked: dict[TopicPartition, int] = {}
-        while True:
-            await self._marks_due.wait()
-            self._marks_due.clear()
-            consumer = self._consumer
-            if consumer is None:
-                continue
-            owned = consumer.assignment()
-            ends = {
-                tp: offset
-                for tp, offset in self._offsets.done_ends().items()
-                if tp in owned and marked.get(tp) != offset
-            }
-            if not ends:
-                continue
-            try:
-                await marks.save(self._group, ends)
-                marked.update(ends)
-            except Exception as exc:  # a hint only: Kafka's commits still hold
-                log.warning("%s: offset marks not saved: %r", self.stage, exc)
-                await asyncio.sleep(1.0)
+    def _post_marks(self) -> None:
+        """Hand the moved ends of the done prefix to `marks`, which writes them off the loop."""
+        consumer = self._consumer
+        if self._marks is None or consumer is None:
+            return
+        owned = consumer.assignment()
+        ends = {
+            tp: offset
+            for tp, offset in self._offsets.done_ends().items()
+            if tp in owned and self._marked.get(tp) != offset
+        }
+        if ends:
+            self._marks.post(self._group, ends)
+            self._marked.update(ends)
 
     def replayed(self, tp: TopicPartition, records: Records) -> None:
         """Records before where this stage resumes a partition: done already, not to redo.

@@ -297,7 +297,7 @@ class Done(GroupConsumer):
 
     async def kill(self) -> None:
         """What SIGKILL leaves: no drain, no final commit, the group left uncommitted."""
-        for task in (self._consume_task, self._mark_task, self._committing):
+        for task in (self._consume_task, self._committing):
             if task is not None:
                 task.cancel()
         if self._consumer is not None:
