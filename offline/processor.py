@@ -22,9 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from offline import metrics
 from offline import records as offline_records
@@ -34,6 +32,9 @@ from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records, source_record
 from pipeline.retry import retrying
 from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+
+if TYPE_CHECKING:
+    from offline.setup import ProviderSet
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +201,14 @@ async def _send(provider: Provider, chunk: list[Notification]) -> list[Outcome]:
 
 
 class OfflinePushConsumer(GroupConsumer):
-    def __init__(
-        self, *, pusher: OfflinePusher, clients: Sequence[httpx.AsyncClient], **kwargs: Any
-    ) -> None:
+    def __init__(self, *, pusher: OfflinePusher, providers: ProviderSet, **kwargs: Any) -> None:
         self._pusher = pusher
-        self._clients = clients
+        self._providers = providers  # the pusher's, built here at start and closed at stop
         super().__init__(stage="offline", **kwargs)
+
+    async def on_start(self) -> None:
+        self._providers.open()
+        await super().on_start()
 
     @property
     def pusher(self) -> OfflinePusher:
@@ -216,8 +219,7 @@ class OfflinePushConsumer(GroupConsumer):
 
     async def on_stop(self) -> None:
         await super().on_stop()
-        for client in self._clients:
-            await client.aclose()
+        await self._providers.aclose()
 
     async def handle(self, records: Records) -> None:
         await self._pusher.handle([source_record(r) for r in records])

@@ -1,11 +1,14 @@
 """The offline push stage the settings configure: providers, HTTP clients, rate limits.
 
 Nothing of it (httpx, JWT signing, HTTP/2) is imported unless a provider is configured:
-a worker without offline push is ~15 MB lighter.
+a worker without offline push is ~15 MB lighter. Providers are built when the stage
+starts (or a task first pushes), not when the app is imported: every `faust -A app`
+command imports it, and `dlq-list` must not fail on a key file only pushes need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,37 @@ if TYPE_CHECKING:
 
     from offline.processor import OfflinePushConsumer
     from offline.provider import Provider
+
+
+class ProviderSet(Mapping[str, "Provider"]):
+    """The configured providers by name, built on first use, and their HTTP clients."""
+
+    def __init__(
+        self, build: Callable[[], tuple[dict[str, Provider], list[httpx.AsyncClient]]]
+    ) -> None:
+        self._build = build
+        self._providers: dict[str, Provider] | None = None
+        self._clients: list[httpx.AsyncClient] = []
+
+    def open(self) -> dict[str, Provider]:
+        """Build them now: a missing key file or setting fails here, loudly."""
+        if self._providers is None:
+            self._providers, self._clients = self._build()
+        return self._providers
+
+    def __getitem__(self, name: str) -> Provider:
+        return self.open()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.open())
+
+    def __len__(self) -> int:
+        return len(self.open())
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.aclose()
 
 
 def configured(s: Settings) -> bool:
@@ -39,7 +73,7 @@ def offline_stage(
     from offline.processor import OfflinePushConsumer, OfflinePusher
     from offline.tokens import RedisDeviceTokenStore
 
-    providers, clients = providers_from(s)
+    providers = ProviderSet(lambda: providers_from(s))
     return OfflinePushConsumer(
         topic=topic,
         pusher=OfflinePusher(
@@ -52,7 +86,7 @@ def offline_stage(
             backoff_min=s.offline_backoff_min_seconds,
             backoff_max=s.offline_backoff_max_seconds,
         ),
-        clients=clients,
+        providers=providers,
         consumer_config=consumer_config,
         batch_max_records=s.offline_batch_max_records,
         dead_letters=dead_letters,  # a record failing alone for good is dead-lettered
