@@ -23,6 +23,10 @@ from tasks.scheduler import Scheduler
 from tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry, submit
 from tasks.status import TaskStatuses
 
+# Intake batches whose lane sends are still unacknowledged while the next are submitted:
+# the broker's round trip overlaps the next batch's status writes instead of adding to it.
+INTAKE_BATCHES_IN_FLIGHT = 4
+
 
 @dataclass
 class TaskSide:
@@ -154,6 +158,7 @@ def task_side(
         routes=settings.task_routes,
         consumer_config=consumer_config(settings.topic_name("task-intake")),
         batch_max_records=settings.task_batch_max_records,
+        max_pending_batches=INTAKE_BATCHES_IN_FLIGHT,
         **stage_options,
     )
     lane_stages = [

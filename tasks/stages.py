@@ -57,24 +57,25 @@ async def submit(
     """Record each (checked) task's status and queue the new ones; what `statuses.submit`
     said of each."""
     outcomes = await statuses.submit(tasks)
-    await queue(tasks, outcomes, lanes, via)
+    acks = await queue(tasks, outcomes, lanes, via)
+    if acks:
+        await asyncio.gather(*acks)
     return outcomes
 
 
 async def queue(
     tasks: Sequence[Task], outcomes: Sequence[tuple[str, str]], lanes: Lanes, via: str
-) -> None:
-    """Send to their lanes the tasks whose status was just written. A task whose status
-    exists but is still queued is queued again: its first submit may have died between
-    the two steps, and a second record of a queued task runs once (the first run's lease
-    turns the other away)."""
+) -> list[Awaitable[object]]:
+    """Send to their lanes the tasks whose status was just written; the sends' acks. A
+    task whose status exists but is still queued is queued again: its first submit may
+    have died between the two steps, and a second record of a queued task runs once (the
+    first run's lease turns the other away)."""
     acks = []
     for task, (kind, state) in zip(tasks, outcomes, strict=True):
         metrics.TASKS_SUBMITTED.labels(task.task_type, via).inc()
         if kind == "new" or (kind == "exists" and state == "queued"):
             acks.append(await lanes.send(task))
-    if acks:
-        await asyncio.gather(*acks)
+    return acks
 
 
 async def run_again(
@@ -179,7 +180,11 @@ class TaskIntake(GroupConsumer):
             # Kafka is the buffer while Redis is away; a batch Redis refuses for good is
             # narrowed down to its record by the stage's isolation, and dead-lettered.
             outcomes = await retrying(lambda: self._statuses.submit(tasks), "task statuses")
-            await queue(tasks, outcomes, self._lanes, "topic")
+            acks = await queue(tasks, outcomes, self._lanes, "topic")
+            if acks:
+                # The batch is done once its lanes have it; the next batch is fetched and
+                # submitted meanwhile (waiting here cost every batch a broker round trip).
+                return asyncio.gather(*acks)
         return None
 
 
