@@ -41,6 +41,7 @@ from pipeline import kafka_security, metrics, transport
 from pipeline.dlq import DeadLetters, dlq_topic
 from pipeline.offset_marks import OffsetMarks
 from pipeline.topic_view import TopicView
+from pipeline.trace import setup_tracing
 from pipeline.workers import WorkerDirectory, worker_name
 from settings import Settings
 from stores import setup as stores
@@ -459,6 +460,8 @@ if task_side is not None and task_side.periodic:
 
 @app.task
 async def _start_own_groups() -> None:
+    # Spans only in the worker: commands import this module too (pipeline/trace.py).
+    setup_tracing(settings.otel_traces_exporter, settings.otel_service_name)
     # Topics only our own consumers read are not declared by Faust: create them first.
     for topic in (*sources, *dead_letter_topics, *(task_side.topics if task_side else ())):
         await topic.maybe_declare()

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # 88 ms at 5 ms), so its profile waits 20 ms while busy and 50 ms at rest.
     fetch_max_wait_ms: int | None = Field(None, ge=0)
     fetch_idle_max_wait_ms: int | None = Field(None, ge=0)
+    # OpenTelemetry traces (pipeline/trace.py), by OpenTelemetry's own variable names:
+    # "otlp" exports to OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) over
+    # HTTP/protobuf; sampling follows the incoming context (OTEL_TRACES_SAMPLER).
+    otel_traces_exporter: Literal["none", "otlp", "console"] = "none"
+    otel_service_name: str = "resonance-task"
     # Kafka TLS/SASL (pipeline/kafka_security.py), as Kafka clients name them.
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_ssl_cafile: str = ""

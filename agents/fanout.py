@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import Span
 
 from agents.route import Router
 from pipeline import metrics
@@ -34,7 +35,7 @@ from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.limits import Limits
 from pipeline.pacing import Pacer
 from pipeline.retry import retrying
-from pipeline.trace import context_from
+from pipeline.trace import context_from, headers_of, start_span
 from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
@@ -239,6 +240,7 @@ class Fanout:
         )
         plan = self._router.plan()
         acks: list[Awaitable[object]] = []
+        spans: list[Span] = []
         fanned = 0
         now_ms = time.time() * 1000
         for record, event in events:
@@ -246,6 +248,10 @@ class Fanout:
             if event.timestamp:
                 metrics.FANOUT_AGE.observe(max(0.0, now_ms - event.timestamp) / 1000)
             context = trace_context(event, record.headers)
+            span = start_span("fanout", context, **{"resonance.msg_id": event.msg_id})
+            if span is not None:
+                spans.append(span)
+                context = headers_of(span, context)
             group = groups.get(event.session_id) if is_group_event(event) else None
             if isinstance(group, UnpageableGroup):
                 metrics.MEMBER_STORE_REFUSED.labels(group.reason).inc()
@@ -282,6 +288,8 @@ class Fanout:
         for value in plan.offline_records():
             acks.append(await self._out.offline_pushes(None, value, None))
         plan.count()
+        for span in spans:
+            span.end()
         metrics.EVENTS.inc(fanned)
         metrics.DELIVERIES.inc(deliveries.deliveries)
         metrics.RECIPIENTS.inc(deliveries.recipients)

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import Span
 
 from gateway.client import GatewayPool, PushItem, PushOutcome
 from offline import records as offline_records
@@ -34,7 +35,7 @@ from pipeline import metrics
 from pipeline.dlq import DeadLetters
 from pipeline.group_consumer import GroupConsumer, Records
 from pipeline.pacing import Pacer
-from pipeline.trace import grpc_metadata
+from pipeline.trace import grpc_metadata, headers_of, start_span
 from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPush, GatewayPushBatch, OfflinePush
@@ -253,7 +254,25 @@ class PushConsumer(GroupConsumer):
             if push.message.timestamp:
                 metrics.PUSH_AGE.observe(max(0.0, now_ms - push.message.timestamp) / 1000)
 
-            async def settle(outcome: PushOutcome, push: GatewayPush = push) -> None:
+            span = start_span(
+                "push",
+                push.trace_headers,
+                **{"resonance.msg_id": push.message.msg_id, "resonance.gateway": gateway_id},
+            )
+            if span is not None:
+                # Offline push, if the gateway fails them, follows from this span too.
+                push.trace_headers.clear()
+                push.trace_headers.update(headers_of(span, {}))
+
+            async def settle(
+                outcome: PushOutcome, push: GatewayPush = push, span: Span | None = span
+            ) -> None:
+                if span is not None:
+                    span.set_attribute("resonance.delivered", len(outcome.delivered))
+                    span.set_attribute("resonance.failed", len(outcome.failed))
+                    if outcome.failed:
+                        span.set_attribute("resonance.failed_reason", outcome.reason)
+                    span.end()
                 if outcome.delivered:
                     metrics.PUSHED_USERS.inc(len(outcome.delivered))
                     if push.message.timestamp:

@@ -18,10 +18,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from opentelemetry.trace import Span
+
 from pipeline import metrics
 from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records, source_record
 from pipeline.retry import PERMANENT_ATTEMPTS, is_transient, redis_reply, retrying
+from pipeline.trace import start_span
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
 from stores.inbox import InboxStore
@@ -63,13 +66,21 @@ class StorageConsumer(GroupConsumer):
 
     async def handle(self, records: Records) -> None:
         batch: list[_Entry] = []
+        spans: list[Span] = []
         for record in records:
             source = source_record(record)
             batch_of = await self._dead_letters.decoded(source, DeliveryBatch.FromString)
-            if batch_of is not None:
-                batch.extend(
-                    (source, d.message, d.users) for d in batch_of.deliveries if not d.push_only
-                )
+            if batch_of is None:
+                continue
+            for d in batch_of.deliveries:
+                if d.push_only:
+                    continue
+                batch.append((source, d.message, d.users))
+                msg_id = d.message.msg_id
+                span = start_span("storage", d.trace_headers, **{"resonance.msg_id": msg_id})
+                if span is not None:
+                    span.set_attribute("resonance.recipients", len(d.users))
+                    spans.append(span)
         if not batch:
             return
         refused: list[tuple[_Entry, Exception]] = []
@@ -78,6 +89,8 @@ class StorageConsumer(GroupConsumer):
             await self._store(batch, refused)
         finally:
             self.pending_since = None
+            for span in spans:
+                span.end()
         await self._dead_letter(refused)
 
     async def _store(self, batch: list[_Entry], refused: list[tuple[_Entry, Exception]]) -> None:

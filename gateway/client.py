@@ -400,7 +400,9 @@ class GatewaySession:
     ) -> list[tuple[PushItem, PushResponse]]:
         answered = []
         for item in items:
-            request = PushRequest(to_usernames=item.users, message=item.message)
+            request = PushRequest(
+                to_usernames=item.users, message=item.message, trace_headers=dict(item.metadata)
+            )
             started = time.monotonic()
             response = await stub.Push(
                 request,
@@ -469,7 +471,9 @@ def _pack(batch_id: int, items: list[PushItem]) -> tuple[PushBatch, list[int]]:
         index = by_msg.get(item.message.msg_id)
         if index is None or any(last_for_user.get(u, -1) > index for u in item.users):
             index = len(batch.items)
-            batch.items.add().message.CopyFrom(item.message)
+            request = batch.items.add()
+            request.message.CopyFrom(item.message)
+            request.trace_headers.update(item.metadata)
             by_msg[item.message.msg_id] = index
         batch.items[index].to_usernames.extend(item.users)
         for user in item.users:

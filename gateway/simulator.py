@@ -46,6 +46,7 @@ class Received:
     session_id: str
     seq_id: int
     latency_ms: float
+    traceparent: str = ""  # the W3C context the worker sent with the push, if any
 
 
 @dataclass
@@ -77,7 +78,7 @@ class _PushService(PushServiceServicer):
         self._sim.recorder.unary_calls += 1
         self._sim.recorder.calls.append([request.message.msg_id])
         await self._sim._pause()
-        return self._sim._answer(request)
+        return self._sim._answer(request, context.invocation_metadata() or ())
 
     async def PushStream(
         self,
@@ -245,8 +246,11 @@ class GatewaySimulator:
         if self.delay:
             await asyncio.sleep(self.delay)
 
-    def _answer(self, request: PushRequest) -> PushResponse:
+    def _answer(self, request: PushRequest, metadata: Iterable[Any] = ()) -> PushResponse:
         now_ms = time.time() * 1000
+        traceparent = request.trace_headers.get("traceparent") or next(
+            (str(m[1]) for m in metadata if m[0] == "traceparent"), ""
+        )
         message = request.message
         self.recorder.bodies += 1
         failed = [u for u in request.to_usernames if u in self.fail_users or u not in self.online]
@@ -259,6 +263,7 @@ class GatewaySimulator:
                         message.session_id,
                         message.seq_id,
                         now_ms - message.timestamp,
+                        traceparent,
                     )
                 )
         self.recorder.failed_reported += len(failed)
