@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
@@ -32,6 +32,7 @@ from pipeline.deliveries import DeliveryRecords
 from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
 from pipeline.limits import Limits
 from pipeline.retry import retrying
+from pipeline.trace import headers_of, start_span
 from pipeline.transport import SendRecord
 from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
@@ -252,7 +253,27 @@ class LargeGroups:
         page: int,
     ) -> list[tuple[SendRecord, bytes | None, bytes, int | None]]:
         """A page's records, as fanout would make them: (send, key, value, partition)."""
-        event, context = job.event, dict(job.trace_headers)
+        event = job.event
+        span = start_span("large_group", job.trace_headers, **{"resonance.msg_id": event.msg_id})
+        context = headers_of(span, dict(job.trace_headers))
+        try:
+            return await self._page_records(record, job, message, users, excluded, page, context)
+        finally:
+            if span is not None:
+                span.set_attribute("resonance.page", page)
+                span.end()
+
+    async def _page_records(
+        self,
+        record: SourceRecord,
+        job: LargeGroupJob,
+        message: PushMessage,
+        users: list[str],
+        excluded: set[str],
+        page: int,
+        context: Mapping[str, str],
+    ) -> list[tuple[SendRecord, bytes | None, bytes, int | None]]:
+        event = job.event
         unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages
         for name in excluded:
             unique.pop(name, None)

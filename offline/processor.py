@@ -24,6 +24,8 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import Span
+
 from offline import metrics
 from offline import records as offline_records
 from offline.provider import Notification, Outcome, Provider
@@ -31,6 +33,7 @@ from offline.tokens import DeviceTokenStore
 from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.group_consumer import GroupConsumer, Records, source_record
 from pipeline.retry import retrying
+from pipeline.trace import start_span
 from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 
 if TYPE_CHECKING:
@@ -103,6 +106,24 @@ class OfflinePusher:
         """Notify every device of every push's users (retrying what a provider asks to);
         what finally failed, by the push's index. The token store's non-transient error
         is raised (transient ones are waited out)."""
+        spans = [
+            start_span(
+                "offline_push",
+                push.trace_headers,
+                **{"resonance.msg_id": push.message.msg_id, "resonance.reason": push.reason},
+            )
+            for push in pushes
+        ]
+        try:
+            return await self._notify(pushes, spans)
+        finally:
+            for span in spans:
+                if span is not None:
+                    span.end()
+
+    async def _notify(
+        self, pushes: Sequence[OfflinePush], spans: Sequence[Span | None]
+    ) -> dict[int, list[str]]:
         users = sorted({u for push in pushes for u in push.users})
         try:
             devices = await retrying(lambda: self._tokens.tokens(users), "device token store")
@@ -135,6 +156,9 @@ class OfflinePusher:
         for failed in failures:
             for note, outcome in failed:
                 errors[note.record].append(f"{note.device.provider}:{outcome.detail}")
+        for index, span in enumerate(spans):
+            if span is not None:
+                span.set_attribute("resonance.failed_notifications", len(errors.get(index, ())))
         return errors
 
     async def _deliver(

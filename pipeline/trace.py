@@ -67,6 +67,7 @@ def grpc_metadata(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 
 _tracer = trace.get_tracer("resonance")
 _propagator = TraceContextTextMapPropagator()
+_exporting = False  # without an exporter, contexts pass through untouched and unparsed
 
 
 def setup_tracing(exporter: str, service_name: str) -> TracerProvider | None:
@@ -93,15 +94,16 @@ def setup_tracing(exporter: str, service_name: str) -> TracerProvider | None:
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
-    global _tracer
-    _tracer = trace.get_tracer("resonance")
+    global _tracer, _exporting
+    _tracer, _exporting = trace.get_tracer("resonance"), True
     return provider
 
 
 def start_span(name: str, headers: Mapping[str, str], **attributes: Any) -> Span | None:
     """A CONSUMER span of stage `name`, child of the context in `headers`; None when they
-    carry none. The caller ends it (`span.end()`); it is never made current."""
-    if not headers:
+    carry none or nothing exports spans. The caller ends it (`span.end()`); it is never
+    made current."""
+    if not headers or not _exporting:
         return None
     parent = _propagator.extract(headers)
     return _tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
