@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from bench.harness import git_commit
 from bench.large_group import VARIANTS, LargeGroupBench
 from bench.loadgen import one_to_one_pairs
 from bench.routes import million_routes
+from commands.progress import progress
 from commands.traffic import group_chat, single_chat
 from embedded.broker import EmbeddedBroker
 
@@ -66,19 +68,47 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": "cores_used: 1.0 = one core busy for the whole measurement",
     }
+    bar = progress()
+    chosen = [name for name in SCENARIOS if name in only]
+    step = bar.add_task("bench: start", total=len(chosen))
+
+    def begin(name: str) -> bool:
+        """Whether scenario `name` runs; if so, the bar shows it."""
+        if name not in only:
+            return False
+        bar.update(step, description=f"bench: {name}", completed=chosen.index(name))
+        return True
+
+    bar.start()
+    try:
+        return await _run(args, only, workdir, n, out, begin)
+    finally:
+        bar.update(step, completed=len(chosen), description="bench: done")
+        bar.stop()
+
+
+async def _run(
+    args: argparse.Namespace,
+    only: set[str],
+    workdir: Path,
+    n: int,
+    out: dict[str, Any],
+    begin: Callable[[str], bool],
+) -> dict[str, Any]:
     with EmbeddedBroker(log_file=workdir / "tansu.log") as broker:
         system = pipeline.System(broker, workdir, "bench" + uuid.uuid4().hex[:6])
         try:
             _, ready_s = await system.start_worker("worker-1")
             await system.start_gateways()
             await system.wait_routed()
-            if "startup" in only:
+            if begin("startup"):
                 out["startup"] = {
                     "worker_ready_s": round(ready_s, 2),
                     "first_delivery_ms": await pipeline.first_delivery(system),
                     "idle": await pipeline.idle_cost(system),
                 }
             if only & {"1to1", "latency", "two_workers"}:
+                begin("1to1")
                 out["1to1"] = await pipeline.one_to_one(system, n, seed=1)
                 topic = system.env["TOPIC_PUSH_EVENTS"]
                 out["1to1_ceilings"] = {
@@ -94,14 +124,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         top / out["1to1_ceilings"]["bare_aiokafka_consumer"]["events_per_s"], 3
                     ),
                 }
-            if "latency" in only:
+            if begin("latency"):
                 rate = args.latency_rate or out["1to1"]["events_per_s"] / 2
                 seconds = 6 if args.quick else 15
                 out["latency"] = await pipeline.steady(system, rate, seconds, 3)
                 out["latency_broker_floor_one_hop"] = await pipeline.broker_hop(
                     broker, rate, seconds / 2
                 )
-            if "groups" in only:
+            if begin("groups"):
                 groups = await pipeline.add_groups(system)
                 out["groups_1000"] = await pipeline.groups(
                     system, groups, 30 if args.quick else 150, 4
@@ -121,9 +151,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     / out["naive_groups_1000"]["deliveries_per_s"],
                     1,
                 )
-            if "inbox" in only:
+            if begin("inbox"):
                 out["inbox_store"] = await pipeline.inbox_store(2 if args.quick else 5)
-            if "tasks" in only:
+            if begin("tasks"):
                 count = 2_000 if args.quick else 60_000
                 out["tasks_noop"] = await tasks.noop_tasks(system, count)
                 # Half the issue's 5,000 a second, the rate its latency target is set at.
@@ -131,7 +161,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 out["tasks_priority"] = await tasks.priority(
                     system, 1_000 if args.quick else 10_000, 100
                 )
-            if "two_workers" in only:
+            if begin("two_workers"):
                 await system.start_worker("worker-2")
                 await system.wait_routed()
                 await asyncio.sleep(2)  # the groups have rebalanced: both workers hold partitions
@@ -141,14 +171,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         finally:
             await system.stop()
-        if "large_group" in only:
+        if begin("large_group"):
             bench = LargeGroupBench(broker, workdir, 20_000 if args.quick else 100_000, 0.1)
             try:
                 out["large_group_setup"] = await bench.setup()
                 out["large_group_100k"] = await bench.run("large_group", VARIANTS["large_group"], 1)
             finally:
                 await bench.stop()
-        if "routes" in only:
+        if begin("routes"):
             count = 100_000 if args.quick else 1_000_000
             for store in ("memory", "rocksdb"):
                 out[f"routes_{store}"] = await million_routes(

@@ -14,7 +14,7 @@ did; two runs of one group at once both send what neither has committed; and Kaf
 forgets a group's offsets after offsets.retention.minutes, 7 days by default, without
 a member); `--from-offset` and
 `--to-offset` (inclusive, with `--partition`) pick a range by hand and commit nothing.
-`--dry-run` lists what would be sent. Progress goes to stderr every 1,000 records; the
+`--dry-run` lists what would be sent. Progress goes to stderr (commands/progress.py); the
 last line on stdout is the JSON outcome.
 """
 
@@ -29,11 +29,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from commands.progress import progress
 from pipeline.dlq import H_ERROR, H_REASON, H_TOPIC, dlq_topic
 from pipeline.kafka_security import aiokafka_auth
 from settings import Settings
-
-PROGRESS_EVERY = 1000
 
 
 async def read_all(
@@ -125,6 +124,9 @@ async def replay(
     if producer is not None:
         await producer.start()
     sent, skipped, seen, matched = 0, 0, 0, []
+    bar = progress()
+    task = bar.add_task("would replay" if dry_run else "replayed", total=None)
+    bar.start()
     try:
         tps = [
             TopicPartition(dlq, p)
@@ -156,13 +158,13 @@ async def replay(
                     else:
                         acks.append(await producer.send(topic, record.value, key=record.key))
                     sent += 1
-                    if sent % PROGRESS_EVERY == 0:
-                        print(f"{sent} records {'listed' if dry_run else 'sent'}", file=sys.stderr)
+                    bar.update(task, completed=sent)
             if acks:
                 await asyncio.gather(*acks)
             if batch and not (by_hand or dry_run):
                 await consumer.commit()  # only once what it covers is acknowledged
     finally:
+        bar.stop()
         await asyncio.sleep(0)
         await consumer.stop()
         if producer is not None:

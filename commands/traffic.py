@@ -13,6 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from faust.cli import option
 
+from commands.progress import progress
 from pipeline.kafka_security import aiokafka_auth
 from proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from settings import Settings
@@ -83,13 +84,16 @@ async def publish(settings: Settings, events: list[PushEvent]) -> None:
     )
     await producer.start()
     try:
-        futures = [
-            await producer.send(
-                settings.topic_push_events, e.SerializeToString(), key=e.session_id.encode()
-            )
-            for e in events
-        ]
-        await asyncio.gather(*futures)
+        with progress() as bar:
+            task = bar.add_task("published", total=len(events))
+            futures = []
+            for e in events:
+                ack = await producer.send(
+                    settings.topic_push_events, e.SerializeToString(), key=e.session_id.encode()
+                )
+                ack.add_done_callback(lambda _: bar.advance(task))
+                futures.append(ack)
+            await asyncio.gather(*futures)
     finally:
         await producer.stop()
 

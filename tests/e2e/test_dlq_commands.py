@@ -68,7 +68,7 @@ async def test_replay_sends_each_letter_once_and_needs_only_kafka(
         "PYTHONPATH": str(ROOT),
         "KAFKA_BROKER_URL": broker.url,
         "APP_ID": f"rt-{tag}",
-        # The app itself would not start: the APNs key file is missing.
+        # A worker would not start (its offline stage): the APNs key file is missing.
         "OFFLINE_APNS_TEAM_ID": "TEAM",
         "OFFLINE_APNS_KEY_ID": "KEY",
         "OFFLINE_APNS_TOPIC": "com.example.im",
@@ -82,7 +82,8 @@ async def test_replay_sends_each_letter_once_and_needs_only_kafka(
         capture_output=True,
         text=True,
     )
-    assert app_import.returncode != 0 and "missing.p8" in app_import.stderr
+    # Importing the app reads no key file: `faust -A app dlq-*` works too.
+    assert app_import.returncode == 0, app_import.stderr[-2000:]
 
     dry = await asyncio.to_thread(_run, env, ROOT, "replay", "--topic", topic, "--dry-run")
     assert (dry["replayed"], dry["would_replay"]) == (0, 5)
