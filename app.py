@@ -50,6 +50,7 @@ from tables import routes as route_rules
 from tasks import setup as tasks_setup
 from tasks.reports import StatsTable
 from web import auth, errors, openapi, stats, views
+from web import status as status_page
 from web import tasks as web_tasks
 
 settings = Settings()
@@ -482,26 +483,27 @@ async def _start_own_groups() -> None:
     gc.freeze()
 
 
-views.register(
-    app,
-    views.Topology(
-        settings=settings,
-        routes=routes,
-        online_routes=online_routes,
-        gateways=gateways,
-        topic_views=(gateways_view, routes_view),
-        inbox=inbox,
-        members=members,
-        timeline=timeline,
-        gateway_pool=gateway_pool,
-        stages=own_group_stages,
-        storage_consumer=storage_consumer,
-        large_group_cursors=large_group_cursors,
-        offline_consumer=offline_consumer,
-    ),
+topology = views.Topology(
+    settings=settings,
+    routes=routes,
+    online_routes=online_routes,
+    gateways=gateways,
+    topic_views=(gateways_view, routes_view),
+    inbox=inbox,
+    members=members,
+    timeline=timeline,
+    gateway_pool=gateway_pool,
+    stages=own_group_stages,
+    storage_consumer=storage_consumer,
+    large_group_cursors=large_group_cursors,
+    offline_consumer=offline_consumer,
 )
+views.register(app, topology)
 if task_side is not None:
     web_tasks.register(app, task_side, settings.limits)
 stats.register(app, task_side, worker_directory, stats_table)
+status_page.register(
+    app, topology, worker_directory, task_side, [t.get_topic_name() for t in dead_letter_topics]
+)
 openapi.register(app)
 commands.register(app, settings)

@@ -184,6 +184,13 @@ class TaskStatuses:
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}task:{task_id}"
 
+    async def counts(self) -> dict[str, int]:
+        """Tasks per state, from the state indexes (expired tasks leave them lazily)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for state in STATES:
+            pipe.zcard(f"{self._prefix}state:{state}")
+        return dict(zip(STATES, map(int, await pipe.execute()), strict=True))
+
     async def finished_between(self, since_ms: int | None, until_ms: int) -> dict[str, int]:
         """Tasks that reached each final state in (since, until]: counted in the state
         indexes (a task's entry is scored by its last change), not by reading tasks."""

@@ -160,6 +160,38 @@ class Topology:
     offline_consumer: Any = None  # None when no push provider is configured
 
 
+def gateways_json(topology: Topology) -> list[dict[str, Any]]:
+    """Every gateway this worker knows: its heartbeat, status, and this worker's session."""
+    at = gateway_rules.clock(
+        topology.gateways.values(),
+        int(time.time() * 1000),
+        int(topology.settings.gateway_timeout_seconds * 1000),
+    )
+    sessions = topology.gateway_pool.stats()
+    return [
+        {
+            "gateway_id": gid,
+            **info,
+            "status": gateway_rules.status(info, at),
+            "silent_ms": gateway_rules.silent_ms(info, at),
+            "session": sessions.get(gid),
+        }
+        for gid, info in sorted(topology.gateways.items())
+    ]
+
+
+def large_groups_json(topology: Topology) -> dict[str, list[dict[str, Any]]]:
+    """This worker's jobs: in progress (resumable from `after`) and recently finished."""
+    jobs = [
+        {"msg_id": int(key), **cursor}
+        for key, cursor in sorted(topology.large_group_cursors.items())
+    ]
+    return {
+        "in_progress": [j for j in jobs if not j["done"]],
+        "finished": [j for j in jobs if j["done"]],
+    }
+
+
 def register(app: Any, topology: Topology) -> None:
     @app.page("/health")
     async def health(self: Any, request: Any) -> Any:
@@ -211,40 +243,11 @@ def register(app: Any, topology: Topology) -> None:
 
     @app.page("/gateways")
     async def gateway_list(self: Any, request: Any) -> Any:
-        at = gateway_rules.clock(
-            topology.gateways.values(),
-            int(time.time() * 1000),
-            int(topology.settings.gateway_timeout_seconds * 1000),
-        )
-        sessions = topology.gateway_pool.stats()
-        return self.json(
-            {
-                "gateways": [
-                    {
-                        "gateway_id": gid,
-                        **info,
-                        "status": gateway_rules.status(info, at),
-                        "silent_ms": gateway_rules.silent_ms(info, at),
-                        "session": sessions.get(gid),
-                    }
-                    for gid, info in sorted(topology.gateways.items())
-                ]
-            }
-        )
+        return self.json({"gateways": gateways_json(topology)})
 
     @app.page("/large-groups")
     async def large_groups(self: Any, request: Any) -> Any:
-        # This worker's jobs: in progress (resumable from `after`) and recently finished.
-        jobs = [
-            {"msg_id": int(key), **cursor}
-            for key, cursor in sorted(topology.large_group_cursors.items())
-        ]
-        return self.json(
-            {
-                "in_progress": [j for j in jobs if not j["done"]],
-                "finished": [j for j in jobs if j["done"]],
-            }
-        )
+        return self.json(large_groups_json(topology))
 
     @app.page("/inbox/{user}")
     async def user_inbox(self: Any, request: Any, user: str) -> Any:
