@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
@@ -257,53 +257,42 @@ class LargeGroups:
         span = start_span("large_group", job.trace_headers, **{"resonance.msg_id": event.msg_id})
         context = headers_of(span, dict(job.trace_headers))
         try:
-            return await self._page_records(record, job, message, users, excluded, page, context)
+            unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages
+            for name in excluded:
+                unique.pop(name, None)
+            chosen, refused = self._limits.split_ids(unique)
+            if refused:
+                await refuse_ids(self._dead_letters, record, event, refused, self._limits)
+            out: list[tuple[SendRecord, bytes | None, bytes, int | None]] = []
+            if not (event.push_only or job.read_diffusion):
+                deliveries = DeliveryRecords(
+                    partitions=self._partitions,
+                    max_users=self._max_users,
+                    max_bytes=self._max_bytes,
+                )
+                deliveries.add(
+                    message, chosen, priority=event.priority, trace_headers=context, page=page
+                )
+                out += [(self._out.deliveries, None, v, p) for p, v in deliveries.records()]
+                metrics.DELIVERIES.inc(deliveries.deliveries)
+            if not event.persist_only:
+                plan = self._router.plan()
+                plan.add(
+                    message,
+                    chosen,
+                    priority=event.priority,
+                    trace_headers=context,
+                    online_only=job.read_diffusion,
+                )
+                out += [(self._out.gateway_pushes, k, v, None) for k, v in plan.gateway_records()]
+                out += [(self._out.offline_pushes, None, v, None) for v in plan.offline_records()]
+                plan.count()
+            metrics.RECIPIENTS.inc(len(chosen))
+            return out
         finally:
             if span is not None:
                 span.set_attribute("resonance.page", page)
                 span.end()
-
-    async def _page_records(
-        self,
-        record: SourceRecord,
-        job: LargeGroupJob,
-        message: PushMessage,
-        users: list[str],
-        excluded: set[str],
-        page: int,
-        context: Mapping[str, str],
-    ) -> list[tuple[SendRecord, bytes | None, bytes, int | None]]:
-        event = job.event
-        unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages
-        for name in excluded:
-            unique.pop(name, None)
-        chosen, refused = self._limits.split_ids(unique)
-        if refused:
-            await refuse_ids(self._dead_letters, record, event, refused, self._limits)
-        out: list[tuple[SendRecord, bytes | None, bytes, int | None]] = []
-        if not (event.push_only or job.read_diffusion):
-            deliveries = DeliveryRecords(
-                partitions=self._partitions, max_users=self._max_users, max_bytes=self._max_bytes
-            )
-            deliveries.add(
-                message, chosen, priority=event.priority, trace_headers=context, page=page
-            )
-            out += [(self._out.deliveries, None, v, p) for p, v in deliveries.records()]
-            metrics.DELIVERIES.inc(deliveries.deliveries)
-        if not event.persist_only:
-            plan = self._router.plan()
-            plan.add(
-                message,
-                chosen,
-                priority=event.priority,
-                trace_headers=context,
-                online_only=job.read_diffusion,
-            )
-            out += [(self._out.gateway_pushes, k, v, None) for k, v in plan.gateway_records()]
-            out += [(self._out.offline_pushes, None, v, None) for v in plan.offline_records()]
-            plan.count()
-        metrics.RECIPIENTS.inc(len(chosen))
-        return out
 
     async def _save(self, key: str, partition: int, after: str, pages: int, *, done: bool) -> None:
         cursor = Cursor(
