@@ -220,6 +220,7 @@ class GroupConsumer(Service):
         self._isolation_letters = dead_letters
         self._isolate = 0  # records still to take one at a time
         self._marked: dict[TopicPartition, int] = {}  # what was last posted to `marks`
+        self._marks_scheduled = False
         self._resuming: dict[TopicPartition, _Resume] = {}
         self._replay_records = replay_records
         self._progress = False  # offsets committed since the last restart
@@ -276,7 +277,8 @@ class GroupConsumer(Service):
         consumer = self._consumer
         if consumer is None:
             return [
-                {"topic": t, "group": self._group, "depth": 0, "lag": None} for t in self.topics
+                {"topic": t, "group": self._group, "partitions": 0, "depth": 0, "lag": None}
+                for t in self.topics
             ]
         return [
             await backlog(consumer, t, consumer.partitions_for_topic(t) or (), group=self._group)
@@ -338,6 +340,11 @@ class GroupConsumer(Service):
         self._pending_bytes = 0
         self._offsets = Offsets()
         self._resuming = {}
+        if self._marks is not None:
+            # Its partitions may go elsewhere: a mark written after that would overwrite
+            # their next owner's (the committed offsets cover what is dropped here).
+            self._marks.forget(self._group)
+        self._marked.clear()
         self.released(None)
         if consumer is not None:
             with contextlib.suppress(Exception):
@@ -545,7 +552,15 @@ class GroupConsumer(Service):
         return str(self._consumer_config.get("group_id"))
 
     def _post_marks(self) -> None:
-        """Hand the moved ends of the done prefix to `marks`, which writes them off the loop."""
+        """Soon (once per loop turn, however many records ended in it): hand the moved
+        ends of the done prefix to `marks`, which writes them off the loop."""
+        if self._marks is None or self._marks_scheduled:
+            return
+        self._marks_scheduled = True
+        asyncio.get_running_loop().call_soon(self._flush_marks)
+
+    def _flush_marks(self) -> None:
+        self._marks_scheduled = False
         consumer = self._consumer
         if self._marks is None or consumer is None:
             return
@@ -654,8 +669,11 @@ class GroupConsumer(Service):
             await self._wait_pending(revoked, time.monotonic() + self._drain_seconds)
         await self._commit()
         self._offsets.forget(revoked)
+        if self._marks is not None:
+            self._marks.forget(self._group, revoked)
         for tp in revoked:
             self._resuming.pop(tp, None)
+            self._marked.pop(tp, None)
         self.released(revoked)
         # What is still in flight there will not commit here: stop counting it against
         # backpressure (the work itself goes on, and its repeat by the next owner is fine).
