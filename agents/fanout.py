@@ -243,53 +243,55 @@ class Fanout:
         spans: list[Span] = []
         fanned = 0
         now_ms = time.time() * 1000
-        for record, event in events:
-            await pacer.pace()
-            if event.timestamp:
-                metrics.FANOUT_AGE.observe(max(0.0, now_ms - event.timestamp) / 1000)
-            context = trace_context(event, record.headers)
-            span = start_span("fanout", context, **{"resonance.msg_id": event.msg_id})
-            if span is not None:
-                spans.append(span)
-                context = headers_of(span, context)
-            group = groups.get(event.session_id) if is_group_event(event) else None
-            if isinstance(group, UnpageableGroup):
-                metrics.MEMBER_STORE_REFUSED.labels(group.reason).inc()
-                await self._dead_letters.put(record, group.reason, group)
-                continue
-            if isinstance(group, _Large):
-                acks.append(await self._hand_over(event, group, context))
-                continue
-            if len(event.to_usernames) > self._limits.recipients_max:
-                # Paged like a large group's members, so one event cannot hold the stage.
-                listed = _Large(len(event.to_usernames), read_diffusion=False)
-                acks.append(await self._hand_over(event, listed, context))
-                continue
-            if group is None:
-                users, refused = self._limits.split_ids(recipients(event))
-            else:
-                # The sender's id was checked with the event, the members' with the group.
-                users = recipients(event, group.users)
-                excluded = event.exclude_usernames
-                refused = [u for u in group.refused if u not in excluded]
-            if refused:
-                await refuse_ids(self._dead_letters, record, event, refused, self._limits)
-            message = push_message(event)
-            if not event.push_only:
-                deliveries.add(message, users, priority=event.priority, trace_headers=context)
-            if not event.persist_only:
-                plan.add(message, users, priority=event.priority, trace_headers=context)
-            fanned += 1
+        try:
+            for record, event in events:
+                await pacer.pace()
+                if event.timestamp:
+                    metrics.FANOUT_AGE.observe(max(0.0, now_ms - event.timestamp) / 1000)
+                context = trace_context(event, record.headers)
+                span = start_span("fanout", context, **{"resonance.msg_id": event.msg_id})
+                if span is not None:
+                    spans.append(span)
+                    context = headers_of(span, context)
+                group = groups.get(event.session_id) if is_group_event(event) else None
+                if isinstance(group, UnpageableGroup):
+                    metrics.MEMBER_STORE_REFUSED.labels(group.reason).inc()
+                    await self._dead_letters.put(record, group.reason, group)
+                    continue
+                if isinstance(group, _Large):
+                    acks.append(await self._hand_over(event, group, context))
+                    continue
+                if len(event.to_usernames) > self._limits.recipients_max:
+                    # Paged like a large group's members, so one event cannot hold the stage.
+                    listed = _Large(len(event.to_usernames), read_diffusion=False)
+                    acks.append(await self._hand_over(event, listed, context))
+                    continue
+                if group is None:
+                    users, refused = self._limits.split_ids(recipients(event))
+                else:
+                    # The sender's id was checked with the event, the members' with the group.
+                    users = recipients(event, group.users)
+                    excluded = event.exclude_usernames
+                    refused = [u for u in group.refused if u not in excluded]
+                if refused:
+                    await refuse_ids(self._dead_letters, record, event, refused, self._limits)
+                message = push_message(event)
+                if not event.push_only:
+                    deliveries.add(message, users, priority=event.priority, trace_headers=context)
+                if not event.persist_only:
+                    plan.add(message, users, priority=event.priority, trace_headers=context)
+                fanned += 1
 
-        for partition, value in deliveries.records():
-            acks.append(await self._out.deliveries(None, value, partition))
-        for key, value in plan.gateway_records():
-            acks.append(await self._out.gateway_pushes(key, value, None))
-        for value in plan.offline_records():
-            acks.append(await self._out.offline_pushes(None, value, None))
-        plan.count()
-        for span in spans:
-            span.end()
+            for partition, value in deliveries.records():
+                acks.append(await self._out.deliveries(None, value, partition))
+            for key, value in plan.gateway_records():
+                acks.append(await self._out.gateway_pushes(key, value, None))
+            for value in plan.offline_records():
+                acks.append(await self._out.offline_pushes(None, value, None))
+            plan.count()
+        finally:
+            for span in spans:
+                span.end()
         metrics.EVENTS.inc(fanned)
         metrics.DELIVERIES.inc(deliveries.deliveries)
         metrics.RECIPIENTS.inc(deliveries.recipients)

@@ -95,11 +95,16 @@ class _Settlement:
             asyncio.gather(*self._acks).add_done_callback(self._acked)
 
     def _acked(self, acks: asyncio.Future[list[object]]) -> None:
+        exc = (
+            RuntimeError("an offline push send was cancelled")
+            if acks.cancelled()
+            else acks.exception()  # read even when no longer needed: never "unretrieved"
+        )
         if self.future.done():
             return
-        if acks.cancelled():
-            self.future.cancel()
-        elif (exc := acks.exception()) is not None:
+        if exc is not None:
+            # The record must not commit; a failed effect restarts the stage (a cancelled
+            # one would only be forgotten, and its partition would stop committing).
             self.future.set_exception(exc)
         else:
             self.future.set_result(None)

@@ -67,28 +67,30 @@ class StorageConsumer(GroupConsumer):
     async def handle(self, records: Records) -> None:
         batch: list[_Entry] = []
         spans: list[Span] = []
-        for record in records:
-            source = source_record(record)
-            batch_of = await self._dead_letters.decoded(source, DeliveryBatch.FromString)
-            if batch_of is None:
-                continue
-            for d in batch_of.deliveries:
-                if d.push_only:
-                    continue
-                batch.append((source, d.message, d.users))
-                msg_id = d.message.msg_id
-                span = start_span("storage", d.trace_headers, **{"resonance.msg_id": msg_id})
-                if span is not None:
-                    span.set_attribute("resonance.recipients", len(d.users))
-                    spans.append(span)
-        if not batch:
-            return
-        refused: list[tuple[_Entry, Exception]] = []
-        self.pending_since = time.monotonic()
         try:
-            await self._store(batch, refused)
+            for record in records:
+                source = source_record(record)
+                batch_of = await self._dead_letters.decoded(source, DeliveryBatch.FromString)
+                if batch_of is None:
+                    continue
+                for d in batch_of.deliveries:
+                    if d.push_only:
+                        continue
+                    batch.append((source, d.message, d.users))
+                    msg_id = d.message.msg_id
+                    span = start_span("storage", d.trace_headers, **{"resonance.msg_id": msg_id})
+                    if span is not None:
+                        span.set_attribute("resonance.recipients", len(d.users))
+                        spans.append(span)
+            if not batch:
+                return
+            refused: list[tuple[_Entry, Exception]] = []
+            self.pending_since = time.monotonic()
+            try:
+                await self._store(batch, refused)
+            finally:
+                self.pending_since = None
         finally:
-            self.pending_since = None
             for span in spans:
                 span.end()
         await self._dead_letter(refused)

@@ -242,8 +242,10 @@ class OfflinePushConsumer(GroupConsumer):
         return {**super().stats(), "providers": self._pusher.provider_names}
 
     async def on_stop(self) -> None:
-        await super().on_stop()
-        await self._providers.aclose()
+        try:
+            await super().on_stop()
+        finally:
+            await self._providers.aclose()
 
     async def handle(self, records: Records) -> None:
         await self._pusher.handle([source_record(r) for r in records])

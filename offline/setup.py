@@ -26,8 +26,11 @@ class ProviderSet(Mapping[str, "Provider"]):
     """The configured providers by name, built on first use, and their HTTP clients."""
 
     def __init__(
-        self, build: Callable[[], tuple[dict[str, Provider], list[httpx.AsyncClient]]]
+        self,
+        names: list[str],
+        build: Callable[[], tuple[dict[str, Provider], list[httpx.AsyncClient]]],
     ) -> None:
+        self._names = sorted(names)  # what the settings configure: listing builds nothing
         self._build = build
         self._providers: dict[str, Provider] | None = None
         self._clients: list[httpx.AsyncClient] = []
@@ -42,12 +45,17 @@ class ProviderSet(Mapping[str, "Provider"]):
         return self.open()[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.open())
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self.open())
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
 
     async def aclose(self) -> None:
+        # Built anew if used again: closed clients are never handed out.
+        self._providers = None
         clients, self._clients = self._clients, []
         for client in clients:
             await client.aclose()
@@ -73,7 +81,16 @@ def offline_stage(
     from offline.processor import OfflinePushConsumer, OfflinePusher
     from offline.tokens import RedisDeviceTokenStore
 
-    providers = ProviderSet(lambda: providers_from(s))
+    names = [
+        name
+        for name, wanted in (
+            ("fcm", s.offline_fcm_project_id),
+            ("apns", s.offline_apns_team_id),
+            ("webhook", s.offline_webhook_url),
+        )
+        if wanted
+    ]
+    providers = ProviderSet(names, lambda: providers_from(s))
     return OfflinePushConsumer(
         topic=topic,
         pusher=OfflinePusher(

@@ -106,6 +106,8 @@ def start_span(name: str, headers: Mapping[str, str], **attributes: Any) -> Span
     if not headers or not _exporting:
         return None
     parent = _propagator.extract(headers)
+    if not trace.get_current_span(parent).get_span_context().is_valid:
+        return None  # no valid traceparent: a root span here would start a trace of ours
     return _tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
 
 

@@ -128,7 +128,7 @@ def register(
         stages: list[GroupConsumer] = list(topology.stages)
         found = await asyncio.gather(*(stage.backlog() for stage in stages))
         rows = [
-            (stage.stage, b["topic"], b["partitions"], b["depth"], b["lag"])
+            (stage.stage, b["topic"], b.get("partitions"), b.get("depth"), b.get("lag"))
             for stage, topics in zip(stages, found, strict=True)
             for b in topics
         ]

@@ -150,11 +150,13 @@ async def test_a_worker_runs_against_a_broker_that_wants_mutual_tls(
             await producer.stop()
             await inbox.close()
 
-        # Every connection was TLS with our client certificate; a plaintext client gets
-        # nowhere.
-        assert len(terminator.clients) >= 4 and set(terminator.clients) == {"worker-1"}
-        plain = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-        with pytest.raises(KafkaConnectionError):
-            await plain.start()
-        await plain.stop()
-        await terminator.stop()
+        try:
+            # Every connection was TLS with our client certificate; a plaintext client
+            # gets nowhere.
+            assert len(terminator.clients) >= 4 and set(terminator.clients) == {"worker-1"}
+            plain = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            with pytest.raises(KafkaConnectionError):
+                await plain.start()
+            await plain.stop()
+        finally:
+            await terminator.stop()

@@ -4,10 +4,14 @@ when set, Faust's own table views off, and a store that is away answered with 50
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
+import urllib.error
 import urllib.parse
+import urllib.request
 
+import pytest
 import redis.asyncio as aioredis
 
 from commands.traffic import single_chat
@@ -54,6 +58,27 @@ async def test_views_need_the_token_and_faust_table_views_are_off(
     for path in ("/health", "/ready", "/metrics"):
         status, _ = await asyncio.to_thread(worker.get, path, token="")
         assert status in (200, 503) and status != 401, path
+    # The status page, for browsers: a Basic challenge, and the token as its password.
+    status_url = f"http://127.0.0.1:{worker.port}/status"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        await asyncio.to_thread(urllib.request.urlopen, status_url, timeout=5)
+    assert refused.value.code == 401
+    assert refused.value.headers["WWW-Authenticate"].startswith("Basic ")
+    basic = "Basic " + base64.b64encode(f"ops:{TOKEN}".encode()).decode()
+    wrong = "Basic " + base64.b64encode(b"ops:guess").decode()
+    for header, want in ((basic, 200), (wrong, 401)):
+        request = urllib.request.Request(status_url, headers={"Authorization": header})
+        try:
+            with await asyncio.to_thread(urllib.request.urlopen, request, timeout=10) as page:
+                assert page.status == want and b"<h2>Workers</h2>" in page.read()
+        except urllib.error.HTTPError as exc:
+            assert exc.code == want
+    # Basic is for the browser's page only: the API still wants the bearer token.
+    api = urllib.request.Request(f"http://127.0.0.1:{worker.port}{inbox}")
+    api.add_header("Authorization", basic)
+    with pytest.raises(urllib.error.HTTPError) as api_refused:
+        await asyncio.to_thread(urllib.request.urlopen, api, timeout=5)
+    assert api_refused.value.code == 401
     for path in ("/router/", "/table/", f"/table/routes/{user}/"):
         assert (await asyncio.to_thread(worker.get, path))[0] == 404, path
     # Ids the API cannot answer for are a 400, not a lookup of something else.
