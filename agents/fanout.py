@@ -249,7 +249,7 @@ class Fanout:
                 if event.timestamp:
                     metrics.FANOUT_AGE.observe(max(0.0, now_ms - event.timestamp) / 1000)
                 context = trace_context(event, record.headers)
-                span = start_span("fanout", context, **{"resonance.msg_id": event.msg_id})
+                span = start_span("fanout", context, event.msg_id)
                 if span is not None:
                     spans.append(span)
                     context = headers_of(span, context)

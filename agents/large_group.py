@@ -254,7 +254,7 @@ class LargeGroups:
     ) -> list[tuple[SendRecord, bytes | None, bytes, int | None]]:
         """A page's records, as fanout would make them: (send, key, value, partition)."""
         event = job.event
-        span = start_span("large_group", job.trace_headers, **{"resonance.msg_id": event.msg_id})
+        span = start_span("large_group", job.trace_headers, event.msg_id)
         context = headers_of(span, dict(job.trace_headers))
         try:
             unique = dict.fromkeys(users)  # a plain set may repeat a member across SSCAN pages

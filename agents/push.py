@@ -259,12 +259,9 @@ class PushConsumer(GroupConsumer):
             if push.message.timestamp:
                 metrics.PUSH_AGE.observe(max(0.0, now_ms - push.message.timestamp) / 1000)
 
-            span = start_span(
-                "push",
-                push.trace_headers,
-                **{"resonance.msg_id": push.message.msg_id, "resonance.gateway": gateway_id},
-            )
+            span = start_span("push", push.trace_headers, push.message.msg_id)
             if span is not None:
+                span.set_attribute("resonance.gateway", gateway_id)
                 # Offline push, if the gateway fails them, follows from this span too.
                 push.trace_headers.clear()
                 push.trace_headers.update(headers_of(span, {}))

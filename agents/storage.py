@@ -77,8 +77,7 @@ class StorageConsumer(GroupConsumer):
                     if d.push_only:
                         continue
                     batch.append((source, d.message, d.users))
-                    msg_id = d.message.msg_id
-                    span = start_span("storage", d.trace_headers, **{"resonance.msg_id": msg_id})
+                    span = start_span("storage", d.trace_headers, d.message.msg_id)
                     if span is not None:
                         span.set_attribute("resonance.recipients", len(d.users))
                         spans.append(span)

@@ -106,14 +106,10 @@ class OfflinePusher:
         """Notify every device of every push's users (retrying what a provider asks to);
         what finally failed, by the push's index. The token store's non-transient error
         is raised (transient ones are waited out)."""
-        spans = [
-            start_span(
-                "offline_push",
-                push.trace_headers,
-                **{"resonance.msg_id": push.message.msg_id, "resonance.reason": push.reason},
-            )
-            for push in pushes
-        ]
+        spans = [start_span("offline_push", p.trace_headers, p.message.msg_id) for p in pushes]
+        for span, push in zip(spans, pushes, strict=True):
+            if span is not None:
+                span.set_attribute("resonance.reason", push.reason)
         try:
             return await self._notify(pushes, spans)
         finally:

@@ -61,8 +61,14 @@ class ProviderSet(Mapping[str, "Provider"]):
             await client.aclose()
 
 
-def configured(s: Settings) -> bool:
-    return bool(s.offline_fcm_project_id or s.offline_apns_team_id or s.offline_webhook_url)
+def configured(s: Settings) -> list[str]:
+    """The providers the settings name (empty: no offline push)."""
+    wanted = (
+        ("apns", s.offline_apns_team_id),
+        ("fcm", s.offline_fcm_project_id),
+        ("webhook", s.offline_webhook_url),
+    )
+    return [name for name, setting in wanted if setting]
 
 
 def offline_stage(
@@ -76,20 +82,12 @@ def offline_stage(
     """The offline push stage, or None when no provider is configured.
 
     `stage_options` go to its GroupConsumer as they go to every stage's (app.py)."""
-    if not configured(s):
+    names = configured(s)
+    if not names:
         return None
     from offline.processor import OfflinePushConsumer, OfflinePusher
     from offline.tokens import RedisDeviceTokenStore
 
-    names = [
-        name
-        for name, wanted in (
-            ("fcm", s.offline_fcm_project_id),
-            ("apns", s.offline_apns_team_id),
-            ("webhook", s.offline_webhook_url),
-        )
-        if wanted
-    ]
     providers = ProviderSet(names, lambda: providers_from(s))
     return OfflinePushConsumer(
         topic=topic,

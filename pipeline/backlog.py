@@ -41,15 +41,20 @@ async def end_offsets(
 ) -> dict[tuple[str, int], int]:
     """Each partition's end offset, of every partition the broker lists for `topics`
     (a topic it does not know has none)."""
-    # Metadata of all topics, not only those this consumer reads: the client's own view
-    # holds only its subscriptions.
-    cluster = await consumer._client.fetch_all_metadata()
     tps = [
         TopicPartition(topic, partition)
-        for topic in topics
-        for partition in sorted(cluster.partitions_for_topic(topic) or ())
+        for topic, partitions in (await partitions_of(consumer, topics)).items()
+        for partition in partitions
     ]
     if not tps:
         return {}
     ends = await consumer.end_offsets(tps)
     return {(tp.topic, tp.partition): int(offset) for tp, offset in ends.items()}
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> dict[str, list[int]]:
+    """The partitions the broker lists for each of `topics` (none for one it does not know)."""
+    # Metadata of all topics, not only those this consumer reads: the client's own view
+    # holds only its subscriptions.
+    cluster = await consumer._client.fetch_all_metadata()
+    return {topic: sorted(cluster.partitions_for_topic(topic) or ()) for topic in topics}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
@@ -99,16 +99,19 @@ def setup_tracing(exporter: str, service_name: str) -> TracerProvider | None:
     return provider
 
 
-def start_span(name: str, headers: Mapping[str, str], **attributes: Any) -> Span | None:
-    """A CONSUMER span of stage `name`, child of the context in `headers`; None when they
-    carry none or nothing exports spans. The caller ends it (`span.end()`); it is never
-    made current."""
+def start_span(name: str, headers: Mapping[str, str], msg_id: int) -> Span | None:
+    """A CONSUMER span of stage `name` for message `msg_id`, child of the context in
+    `headers`; None when they carry none or nothing exports spans (checked before
+    anything is built: this runs per message and per push). The caller ends it
+    (`span.end()`); it is never made current."""
     if not headers or not _exporting:
         return None
     parent = _propagator.extract(headers)
     if not trace.get_current_span(parent).get_span_context().is_valid:
         return None  # no valid traceparent: a root span here would start a trace of ours
-    return _tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes)
+    return _tracer.start_span(
+        name, context=parent, kind=SpanKind.CONSUMER, attributes={"resonance.msg_id": msg_id}
+    )
 
 
 def headers_of(span: Span | None, fallback: Mapping[str, str]) -> Mapping[str, str]:

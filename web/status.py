@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from faust.web import View
 
-from pipeline.backlog import backlog
+from pipeline.backlog import backlog, partitions_of
 from pipeline.group_consumer import GroupConsumer
 from pipeline.workers import WorkerDirectory
 from tasks.setup import TaskSide
@@ -139,10 +139,9 @@ def register(
         if asker is None:
             return '<p class="muted">no stage is connected yet</p>'
         topics = [*dead_letter_topics, *([side.dead_letter_topic] if side else [])]
-        # Every topic's metadata: a consumer's own view holds only what it reads.
-        cluster = await asker._client.fetch_all_metadata()
+        partitions = await partitions_of(asker, topics)
         counts = await asyncio.gather(
-            *(backlog(asker, t, cluster.partitions_for_topic(t) or (), group=None) for t in topics)
+            *(backlog(asker, t, partitions[t], group=None) for t in topics)
         )
         rows = [(c["topic"], c["depth"]) for c in counts]
         return _table(("dead-letter topic", "records"), rows, "none")
