@@ -63,6 +63,10 @@ class OfflineSink:
         return ack
 
 
+async def _acked(sent: Awaitable[Awaitable[object]]) -> object:
+    return await (await sent)
+
+
 class _Settlement:
     """A record's pushes: its future is done when every push is settled and its offline
     records are acked.
@@ -108,11 +112,6 @@ class _Settlement:
             self.future.set_exception(exc)
         else:
             self.future.set_result(None)
-
-    def fail(self, exc: BaseException) -> None:
-        # Users neither pushed nor handed to offline push: the record must not commit.
-        if not self.future.done():
-            self.future.set_exception(exc)
 
 
 # However few records that is, a partition remembers at most this many offered users.
@@ -266,7 +265,7 @@ class PushConsumer(GroupConsumer):
                 push.trace_headers.clear()
                 push.trace_headers.update(headers_of(span, {}))
 
-            async def settle(
+            def settle(
                 outcome: PushOutcome, push: GatewayPush = push, span: Span | None = span
             ) -> None:
                 if span is not None:
@@ -281,14 +280,12 @@ class PushConsumer(GroupConsumer):
                         age = time.time() * 1000 - push.message.timestamp
                         metrics.GATEWAY_ACK_AGE.observe(max(0.0, age) / 1000)
                 if outcome.failed:
-                    try:
-                        ack = await offline.put(
-                            push.message, outcome.failed, outcome.reason, gateway_id, push
-                        )
-                    except Exception as exc:
-                        batch.fail(exc)  # the stage restarts from the committed offsets
-                        raise
-                    batch.acked_by(ack)
+                    # Done once the broker has the offline record; a send that fails
+                    # fails the record, and the stage restarts from committed offsets.
+                    handed = offline.put(
+                        push.message, outcome.failed, outcome.reason, gateway_id, push
+                    )
+                    batch.acked_by(asyncio.ensure_future(_acked(handed)))
                 batch.settled()
 
             item = PushItem(
@@ -308,6 +305,6 @@ class PushConsumer(GroupConsumer):
                     else ("unhealthy", "gateway_unhealthy")
                 )
                 metrics.PUSH_ENQUEUE_FAILED.labels(gateway_id, label).inc()
-                await settle(PushOutcome(delivered=[], failed=item.users, reason=reason))
+                settle(PushOutcome(delivered=[], failed=item.users, reason=reason))
         if enqueued:
             metrics.PUSH_ENQUEUE.labels(gateway_id).inc(enqueued)

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,9 @@ class PushOutcome:
 class PushItem:
     message: PushMessage
     users: list[str]
-    on_done: Callable[[PushOutcome], Awaitable[None]]
+    # Called in the loop turn the outcome is known; it must not block (what it has to
+    # await, it schedules).
+    on_done: Callable[[PushOutcome], None]
     metadata: Sequence[tuple[str, str]] = ()
     attempts: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -245,7 +247,7 @@ class GatewaySession:
                 item = queue.popleft()
                 reason = "gateway_failed" if item.attempts else "gateway_unreachable"
                 expired.append((item, PushOutcome(delivered=[], failed=item.users, reason=reason)))
-        await self._finish_all(expired)
+        self._finish_all(expired)
 
     def _requeue_inflight(self, *, count_attempt: bool) -> None:
         items = [item for batch, _, _ in self._inflight.values() for item in batch]
@@ -272,7 +274,7 @@ class GatewaySession:
         self._queue.clear()
         self._window_free.set()
         self._depth_gauge.set(0)
-        await self._finish_all(
+        self._finish_all(
             [(item, PushOutcome(delivered=[], failed=item.users, reason=reason)) for item in items]
         )
 
@@ -283,7 +285,7 @@ class GatewaySession:
         # Out of the queue before any await: nothing else may see them again.
         exhausted = [item for item in self._retry if item.attempts >= limit]
         self._retry = deque(item for item in self._retry if item.attempts < limit)
-        await self._finish_all(
+        self._finish_all(
             [
                 (item, PushOutcome(delivered=[], failed=item.users, reason="gateway_failed"))
                 for item in exhausted
@@ -424,13 +426,16 @@ class GatewaySession:
             outcomes.append(
                 (item, PushOutcome(delivered=delivered, failed=failed, reason="gateway_rejected"))
             )
-        await self._finish_all(outcomes)
+        self._finish_all(outcomes)
 
-    async def _finish_all(self, outcomes: list[tuple[PushItem, PushOutcome]]) -> None:
-        """Hand each item its outcome, once, all of them even if the caller is cancelled.
+    def _finish_all(self, outcomes: list[tuple[PushItem, PushOutcome]]) -> None:
+        """Hand each item its outcome, once, in this loop turn.
 
-        The items have left the queues and the in-flight window already: a reader or
-        writer cancelled halfway (the stream broke) must not strand the rest unsettled.
+        Synchronous, so a reader or writer cancelled halfway (the stream broke) cannot
+        strand the rest unsettled, and an ack reaches the offset marks without waiting
+        for a task to be scheduled: what a gateway got but the worker had not yet marked
+        done is pushed again after a SIGKILL, and under load every loop turn in that path
+        is milliseconds more of it.
         """
         todo = [(item, outcome) for item, outcome in outcomes if not item.finished]
         if not todo:
@@ -438,17 +443,13 @@ class GatewaySession:
         for item, _ in todo:
             item.finished = True
         self._settled.set()
-        await asyncio.shield(_call_all(todo))
-
-
-async def _call_all(outcomes: list[tuple[PushItem, PushOutcome]]) -> None:
-    for item, outcome in outcomes:
-        try:
-            await item.on_done(outcome)
-        except Exception:
-            # on_done owns its failures (push.py fails the record's effect); this only
-            # keeps one item's handler from skipping the next ones.
-            log.exception("push outcome handler failed for msg %s", item.message.msg_id)
+        for item, outcome in todo:
+            try:
+                item.on_done(outcome)
+            except Exception:
+                # on_done owns its failures (push.py fails the record's effect); this
+                # only keeps one item's handler from skipping the next ones.
+                log.exception("push outcome handler failed for msg %s", item.message.msg_id)
 
 
 def _aio_stub(channel: grpc.aio.Channel) -> Any:
@@ -519,7 +520,7 @@ class GatewayPool:
             if not new.offer(item):
                 outcome = PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
                 overflow.append((item, outcome))
-        await new._finish_all(overflow)
+        new._finish_all(overflow)
 
     def forget(self, gateway_id: str) -> None:
         """Close the session of a gateway gone for good, unless it still holds work.

@@ -6,6 +6,11 @@ offset marks still for as long as it runs (150-250 ms per batch while a worker c
 up, measured with asyncio's debug mode). What a gateway got in that time is not yet
 marked done, so a SIGKILL then makes the next owner push it again. Yielding once per
 slice of CPU time bounds that wait at a negligible cost (one loop turn per slice).
+
+A loop turn runs every stage that is ready, so the wait is the sum of their slices:
+with 5 ms slices a steady load still saw turns of 10-17 ms, with 2 ms 2-10 ms, and
+the 1:1 pipeline's p99 at 3,500 events/s fell from 395-610 ms to 195-299 ms (side by
+side) at no cost in throughput.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-SLICE_SECONDS = 0.005
+SLICE_SECONDS = 0.002
 
 
 class Pacer:

@@ -18,12 +18,10 @@ from tests.agents.conftest import Sink
 class Refusing:
     """A gateway session that fails every push at once: its users go to offline push."""
 
-    def __init__(self) -> None:
-        self.answers: list[asyncio.Future[None]] = []
-
     def offer(self, item: PushItem) -> bool:
         outcome = PushOutcome(delivered=[], failed=item.users, reason="gateway_rejected")
-        self.answers.append(asyncio.ensure_future(item.on_done(outcome)))
+        # Answered in a later loop turn, as a gateway's ack is.
+        asyncio.get_running_loop().call_soon(item.on_done, outcome)
         return True
 
 
@@ -77,12 +75,12 @@ class Accepting:
 
     def __init__(self) -> None:
         self.users: list[tuple[int, str]] = []
-        self.answers: list[asyncio.Future[None]] = []
 
     def offer(self, item: PushItem) -> bool:
         self.users += [(item.message.msg_id, u) for u in item.users]
         outcome = PushOutcome(delivered=item.users, failed=[], reason="")
-        self.answers.append(asyncio.ensure_future(item.on_done(outcome)))
+        # Answered in a later loop turn, as a gateway's ack is.
+        asyncio.get_running_loop().call_soon(item.on_done, outcome)
         return True
 
 

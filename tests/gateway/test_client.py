@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ class Outcomes:
         self.expected = 0
 
     def handler(self, msg_id: int) -> Callable[[PushOutcome], Any]:
-        async def on_done(outcome: PushOutcome) -> None:
+        def on_done(outcome: PushOutcome) -> None:
             self.items.append((msg_id, outcome))
             if len(self.items) >= self.expected:
                 self.done.set()
@@ -178,7 +179,7 @@ async def test_full_queue_is_refused_not_awaited() -> None:
     pool = GatewayPool(SessionConfig(queue_max_items=2, connect_timeout=0.2, ack_timeout=0.3))
     session = pool.session("gw-gone", f"127.0.0.1:{free_port()}")
 
-    async def ignore(outcome: PushOutcome) -> None:
+    def ignore(outcome: PushOutcome) -> None:
         return None
 
     assert session.offer(PushItem(message(1), ["u0"], ignore))
@@ -191,8 +192,8 @@ async def test_every_item_settles_exactly_once_when_the_stream_breaks_mid_settle
     gateway: GatewaySimulator,
 ) -> None:
     # Outcome handlers slower than the ack timeout: while the reader settles one batch,
-    # the next batch's ack waits unread, the watchdog breaks the stream and cancels the
-    # reader halfway through its settling. Neither may strand an item or settle it twice.
+    # the next batch's ack waits unread, and the watchdog breaks the stream. A broken
+    # stream may neither strand an item nor settle it twice.
     config = SessionConfig(
         batch_max_items=5,
         batch_linger=0.001,
@@ -206,8 +207,8 @@ async def test_every_item_settles_exactly_once_when_the_stream_breaks_mid_settle
     seen: dict[int, int] = {}
 
     def slow(msg_id: int) -> Callable[[PushOutcome], Any]:
-        async def on_done(outcome: PushOutcome) -> None:
-            await asyncio.sleep(0.12)
+        def on_done(outcome: PushOutcome) -> None:
+            time.sleep(0.12)  # blocks the loop, as a handler that misbehaves would
             seen[msg_id] = seen.get(msg_id, 0) + 1
 
         return on_done
