@@ -19,7 +19,8 @@ Offsets are committed per partition only up to the first batch not yet done, eve
 fetching goes on while the broker commits. What a SIGKILL makes the next owner do again
 (pushes sent twice) is what took effect since the last commit: about one commit round
 trip of work, unless `marks` (pipeline/offset_marks.py) keep the done prefix in Redis as
-it moves: a successor then starts from the mark. A batch that fails restarts the
+it moves (with, for `handle_each` stages, the records done out of order past it): a
+successor then starts from the mark and skips what it names. A batch that fails restarts the
 consumer, which resumes from the committed offsets: effects are idempotent, or their
 repetition is what the stage promises (gateways dedupe pushes by msg_id).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -42,12 +44,15 @@ from pipeline import metrics
 from pipeline.backlog import backlog
 from pipeline.dlq import DeadLetters, SourceRecord
 from pipeline.fetch_wait import FetchWait
-from pipeline.offset_marks import OffsetMarks
+from pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
 from pipeline.retry import is_transient
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.1  # seconds
+# Open records looked through for done ranges past a partition's done prefix, per mark:
+# bounds the cost of a mark when many records are in hand.
+SCAN_SEGMENTS = 512
 RESTART_BACKOFF_MAX = 5.0
 # After this many restarts in a row without progress, on an error that is not transient,
 # the stage takes its next records one at a time and dead-letters the one that fails.
@@ -63,11 +68,12 @@ def source_record(record: ConsumerRecord[Any, Any]) -> SourceRecord:
 
 
 class _Segment:
-    """The offsets one batch fetched from one partition."""
+    """The offsets [start, end) one batch fetched from one partition."""
 
-    __slots__ = ("done", "end")
+    __slots__ = ("done", "end", "start")
 
-    def __init__(self, end: int) -> None:
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
         self.end = end
         self.done = False
 
@@ -88,7 +94,7 @@ class _Resume:
 
     __slots__ = ("done_below", "mark")
 
-    def __init__(self, mark: int | None) -> None:
+    def __init__(self, mark: Mark | None) -> None:
         self.mark = mark  # from offset marks; valid only if within the partition
         self.done_below: int | None = None
 
@@ -104,7 +110,7 @@ class Offsets:
     def open(self, fetched: dict[TopicPartition, Records]) -> list[_Segment]:
         segments = []
         for tp, records in fetched.items():
-            segment = _Segment(records[-1].offset + 1)
+            segment = _Segment(records[0].offset, records[-1].offset + 1)
             self._open.setdefault(tp, deque()).append(segment)
             segments.append(segment)
         return segments
@@ -115,14 +121,14 @@ class Offsets:
         for tp, records in fetched.items():
             opened = self._open.setdefault(tp, deque())
             for record in records:
-                segment = _Segment(record.offset + 1)
+                segment = _Segment(record.offset, record.offset + 1)
                 opened.append(segment)
                 segments.append(segment)
         return segments
 
     def skip(self, tp: TopicPartition, end: int) -> None:
         """Offsets below `end` are done without being handled here (an offset mark said so)."""
-        segment = _Segment(end)
+        segment = _Segment(end, end)
         segment.done = True
         self._open.setdefault(tp, deque()).append(segment)
 
@@ -143,6 +149,29 @@ class Offsets:
             while segments and segments[0].done:
                 self._done[tp] = segments.popleft().end
         return dict(self._done)
+
+    def done_marks(self) -> dict[TopicPartition, Mark]:
+        """Each partition's done prefix and the done ranges past it (up to MAX_RANGES,
+        looked for among the first SCAN_SEGMENTS records or batches still open)."""
+        marks = {}
+        ends = self.done_ends()
+        for tp, segments in self._open.items():
+            # Nothing done yet: where the stage began is where its done prefix ends.
+            end = ends.get(tp, segments[0].start if segments else None)
+            if end is None:
+                continue
+            beyond: list[tuple[int, int]] = []
+            for segment in itertools.islice(segments, SCAN_SEGMENTS):
+                if not segment.done or segment.start == segment.end:
+                    continue
+                if beyond and beyond[-1][1] == segment.start:
+                    beyond[-1] = (beyond[-1][0], segment.end)
+                elif len(beyond) < MAX_RANGES:
+                    beyond.append((segment.start, segment.end))
+                else:
+                    break
+            marks[tp] = Mark(end, tuple(beyond))
+        return marks
 
     def waiting(self, tps: Iterable[TopicPartition]) -> bool:
         return any(self._open.get(tp) for tp in tps)
@@ -219,9 +248,11 @@ class GroupConsumer(Service):
         self._marks = marks
         self._isolation_letters = dead_letters
         self._isolate = 0  # records still to take one at a time
-        self._marked: dict[TopicPartition, int] = {}  # what was last posted to `marks`
+        self._marked: dict[TopicPartition, Mark] = {}  # what was last posted to `marks`
         self._marks_scheduled = False
         self._resuming: dict[TopicPartition, _Resume] = {}
+        # Per partition taken over: ranges its mark says are done past where work resumes.
+        self._done_past: dict[TopicPartition, tuple[tuple[int, int], ...]] = {}
         self._replay_records = replay_records
         self._progress = False  # offsets committed since the last restart
         self._deferred: dict[TopicPartition, int] = {}
@@ -340,6 +371,7 @@ class GroupConsumer(Service):
         self._pending_bytes = 0
         self._offsets = Offsets()
         self._resuming = {}
+        self._done_past = {}
         if self._marks is not None:
             # Its partitions may go elsewhere: a mark written after that would overwrite
             # their next owner's (the committed offsets cover what is dropped here).
@@ -422,6 +454,8 @@ class GroupConsumer(Service):
             if fetched and self.per_record:
                 records = [r for rs in fetched.values() for r in rs]
                 segments = self._offsets.open_each(fetched)
+                if self._done_past:
+                    records, segments = self._skip_done_past(records, segments)
                 effects = await self.handle_each(records)
                 for record, segment, each in zip(records, segments, effects, strict=True):
                     if each is None:
@@ -565,10 +599,14 @@ class GroupConsumer(Service):
         if self._marks is None or consumer is None:
             return
         owned = consumer.assignment()
+        # Done ranges past the prefix only where records end out of order, one by one.
+        current = (
+            self._offsets.done_marks()
+            if self.per_record
+            else {tp: Mark(end) for tp, end in self._offsets.done_ends().items()}
+        )
         ends = {
-            tp: offset
-            for tp, offset in self._offsets.done_ends().items()
-            if tp in owned and self._marked.get(tp) != offset
+            tp: mark for tp, mark in current.items() if tp in owned and self._marked.get(tp) != mark
         }
         if ends:
             self._marks.post(self._group, ends)
@@ -578,8 +616,9 @@ class GroupConsumer(Service):
         """Records before where this stage resumes a partition: done already, not to redo.
 
         Fed, with `replay_records`, when a partition is taken: the last that many records
-        before its resume point, so a stage can tell a repeat of done work (the same
-        push fanned out again by a successor of a killed fanout) from new work.
+        before its resume point, then those its mark names done past it as they are
+        fetched, so a stage can tell a repeat of done work (the same push fanned out again
+        by a successor of a killed fanout) from new work.
         """
 
     def released(self, tps: set[TopicPartition] | None) -> None:
@@ -595,10 +634,10 @@ class GroupConsumer(Service):
         on both brokers.
         """
         metrics.STAGE_REBALANCES.labels(self.stage).inc()
-        marks: dict[TopicPartition, int] = {}
+        marks: dict[TopicPartition, Mark] = {}
         if self._marks is not None and assigned:
             try:
-                marks = await self._marks.load(self._group, assigned)
+                marks = await self._marks.load_marks(self._group, assigned)
             except Exception as exc:
                 log.warning("%s: offset marks not read, from the commits: %r", self.stage, exc)
         self._resuming = {
@@ -620,7 +659,16 @@ class GroupConsumer(Service):
                 continue
             if resume.done_below is None:
                 start = records[0].offset
-                resume.done_below = self._resume_point(consumer, tp, start, resume.mark)
+                mark = self._valid_mark(consumer, tp, start, resume.mark)
+                resume.done_below = start
+                if mark is not None and mark.below > start:
+                    metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark.below - start)
+                    self._offsets.skip(tp, mark.below)
+                    resume.done_below = mark.below
+                if mark is not None and self.per_record:
+                    past = tuple((s, e) for s, e in mark.beyond if e > resume.done_below)
+                    if past:
+                        self._done_past[tp] = past
                 wanted = max(0, resume.done_below - self._replay_records)
                 if wanted != start:
                     # Back for the records to replay, or on past what is done: the consumer
@@ -638,21 +686,53 @@ class GroupConsumer(Service):
                 del fetched[tp]
         return fetched
 
-    def _resume_point(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, mark: int | None
-    ) -> int:
-        """The committed offset (`start`), or the mark if it is ahead and within the partition."""
-        if mark is None or mark <= start:
-            return start
+    def _valid_mark(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, mark: Mark | None
+    ) -> Mark | None:
+        """The mark, if it says more than the committed offset `start` and lies within the
+        partition."""
+        if mark is None:
+            return None
+        end = mark.beyond[-1][1] if mark.beyond else mark.below
+        if end <= start:
+            return None
         highwater = consumer.highwater(tp)
-        if highwater is None or mark > highwater:
+        if highwater is None or end > highwater:
             log.warning(
-                "%s: %s mark %d is past its end %s: ignored", self.stage, tp, mark, highwater
+                "%s: %s mark %s is past its end %s: ignored",
+                self.stage,
+                tp,
+                mark.encode(),
+                highwater,
             )
-            return start
-        metrics.OFFSETS_SKIPPED.labels(self.stage).inc(mark - start)
-        self._offsets.skip(tp, mark)
+            return None
         return mark
+
+    def _skip_done_past(
+        self, records: Records, segments: list[_Segment]
+    ) -> tuple[Records, list[_Segment]]:
+        """Of records just fetched, leave out those a taken partition's mark says are done
+        past its prefix: done, in their place, and handed to `replayed` as done work."""
+        kept: Records = []
+        kept_segments: list[_Segment] = []
+        skipped: dict[TopicPartition, Records] = {}
+        for record, segment in zip(records, segments, strict=True):
+            tp = TopicPartition(record.topic, record.partition)
+            past = self._done_past.get(tp)
+            if past is not None and record.offset >= past[-1][1]:
+                del self._done_past[tp]  # fetched beyond them all
+                past = None
+            if past is not None and any(s <= record.offset < e for s, e in past):
+                segment.done = True
+                skipped.setdefault(tp, []).append(record)
+            else:
+                kept.append(record)
+                kept_segments.append(segment)
+        for tp, done in skipped.items():
+            metrics.OFFSETS_SKIPPED.labels(self.stage).inc(len(done))
+            if self._replay_records:
+                self.replayed(tp, done)
+        return kept, kept_segments
 
     async def _wait_pending(self, tps: set[TopicPartition] | None, deadline: float) -> None:
         while True:
@@ -673,6 +753,7 @@ class GroupConsumer(Service):
             self._marks.forget(self._group, revoked)
         for tp in revoked:
             self._resuming.pop(tp, None)
+            self._done_past.pop(tp, None)
             self._marked.pop(tp, None)
         self.released(revoked)
         # What is still in flight there will not commit here: stop counting it against

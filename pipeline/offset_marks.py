@@ -6,9 +6,16 @@ redoes that tail: pushes a gateway sees twice. A Redis write costs a fraction of
 millisecond, so each stage also marks here the end of its done prefix as soon as it
 moves; a worker that takes a partition starts from the later of the two.
 
-A mark only ever says "everything before this offset took effect", so starting from it
-skips nothing undone. It is a hint: without Redis the stage runs on Kafka's offsets
-alone, and a mark beyond the partition's end (the topic was recreated) is ignored.
+A mark only ever says "everything before this offset took effect" and, for a stage whose
+records take effect out of order (pushes, each acknowledged by its own gateway), "and so
+did these ranges past it", so starting from it skips nothing undone. It is a hint:
+without Redis the stage runs on Kafka's offsets alone, and a mark beyond the partition's
+end (the topic was recreated) is ignored.
+
+Why the ranges: a push record waits for its gateway's acknowledgement, and the records
+behind it, for gateways that answered sooner, are done but not part of the prefix. A
+successor killed in would push them all again: at a replacement's catch-up rate, about a
+gateway round trip's worth of pushes per kill.
 
 Marks are written by a thread of their own, with a blocking client. On the event loop a
 write waits for a loop turn to be sent and another for its reply, and a worker catching
@@ -24,6 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
@@ -36,6 +44,41 @@ RETRY_SECONDS = 1.0  # between writes while Redis fails: marks are hints, Kafka 
 # Between two writes: a burst of moves is one write, and the thread takes the GIL at most
 # this often (woken per move, it cost the 1:1 pipeline a fifth of its throughput).
 WRITE_INTERVAL_SECONDS = 0.005
+# Ranges kept past the prefix: bounds a mark's size (a few hundred bytes); what does not fit
+# is redone by a successor, as without ranges.
+MAX_RANGES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Offsets below `below` are done, and so are the [start, end) `beyond` ranges past it."""
+
+    below: int
+    beyond: tuple[tuple[int, int], ...] = ()
+
+    def encode(self) -> str:
+        if not self.beyond:
+            return str(self.below)  # what every mark was before ranges: readers of old marks
+        return f"{self.below};" + ",".join(f"{s}-{e}" for s, e in self.beyond)
+
+    @classmethod
+    def decode(cls, text: str) -> Mark | None:
+        """None for anything else than a mark (a field written by hand, another version)."""
+        below, _, ranges = text.partition(";")
+        if not below.isdigit():
+            return None
+        beyond: list[tuple[int, int]] = []
+        floor = int(below)
+        for part in filter(None, ranges.split(",")):
+            start, _, end = part.partition("-")
+            if not (start.isdigit() and end.isdigit()) or not floor < int(start) < int(end):
+                return cls(int(below))  # the prefix holds alone; ranges are only a hint
+            beyond.append((int(start), int(end)))
+            floor = int(end)
+        return cls(int(below), tuple(beyond))
+
+    def covers(self, offset: int) -> bool:
+        return offset < self.below or any(s <= offset < e for s, e in self.beyond)
 
 
 class OffsetMarks:
@@ -47,7 +90,7 @@ class OffsetMarks:
         self._url = url
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._due: dict[tuple[str, TopicPartition], int] = {}
+        self._due: dict[tuple[str, TopicPartition], Mark] = {}
         self._wake = threading.Event()
         self._closing = False
         self._failing = False  # the last write failed: closing does not wait for Redis
@@ -56,11 +99,11 @@ class OffsetMarks:
     def _key(self, group: str, topic: str) -> str:
         return f"{self._prefix}:offsets:{{{group}}}:{topic}"
 
-    def post(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
+    def post(self, group: str, offsets: Mapping[TopicPartition, int | Mark]) -> None:
         """Save these marks soon, off the event loop; returns at once."""
         with self._lock:
             for tp, offset in offsets.items():
-                self._due[(group, tp)] = offset
+                self._due[(group, tp)] = Mark(offset) if isinstance(offset, int) else offset
             if self._writer is None and not self._closing:
                 self._writer = threading.Thread(
                     target=self._write_loop, name="offset-marks", daemon=True
@@ -107,39 +150,49 @@ class OffsetMarks:
         finally:
             client.close()
 
-    def _fields(self, due: Mapping[tuple[str, TopicPartition], int]) -> dict[str, dict[str, int]]:
+    def _fields(self, due: Mapping[tuple[str, TopicPartition], Mark]) -> dict[str, dict[str, str]]:
         """Marks by Redis key: one hash per (group, topic), a field per partition."""
-        by_key: dict[str, dict[str, int]] = {}
-        for (group, tp), offset in due.items():
-            by_key.setdefault(self._key(group, tp.topic), {})[str(tp.partition)] = offset
+        by_key: dict[str, dict[str, str]] = {}
+        for (group, tp), mark in due.items():
+            by_key.setdefault(self._key(group, tp.topic), {})[str(tp.partition)] = mark.encode()
         return by_key
 
-    def _write(self, client: redis.Redis, due: Mapping[tuple[str, TopicPartition], int]) -> None:
+    def _write(self, client: redis.Redis, due: Mapping[tuple[str, TopicPartition], Mark]) -> None:
         pipe = client.pipeline(transaction=False)
         for key, fields in self._fields(due).items():
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.expire(key, MARK_TTL_SECONDS)
         pipe.execute()
 
-    async def save(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
+    async def save(self, group: str, offsets: Mapping[TopicPartition, int | Mark]) -> None:
         """Save these marks now (a test's or a tool's; stages post theirs)."""
+        due = {(group, tp): Mark(o) if isinstance(o, int) else o for tp, o in offsets.items()}
         async with self._redis.pipeline(transaction=False) as pipe:
-            for key, fields in self._fields({(group, tp): o for tp, o in offsets.items()}).items():
+            for key, fields in self._fields(due).items():
                 pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
                 pipe.expire(key, MARK_TTL_SECONDS)
             await pipe.execute()
 
     async def load(self, group: str, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Each partition's done prefix."""
+        return {tp: mark.below for tp, mark in (await self.load_marks(group, tps)).items()}
+
+    async def load_marks(
+        self, group: str, tps: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, Mark]:
         tps = list(tps)
-        out: dict[TopicPartition, int] = {}
+        out: dict[TopicPartition, Mark] = {}
         for topic in {tp.topic for tp in tps}:
             mine = [tp for tp in tps if tp.topic == topic]
             values = await self._redis.hmget(
                 self._key(group, topic), [str(tp.partition) for tp in mine]
             )
             for tp, value in zip(mine, values, strict=True):
-                if value is not None and value.isdigit():
-                    out[tp] = int(value)
+                if isinstance(value, bytes):
+                    value = value.decode(errors="replace")
+                mark = Mark.decode(value) if value is not None else None
+                if mark is not None:
+                    out[tp] = mark
         return out
 
     async def close(self) -> None:
