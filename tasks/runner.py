@@ -147,6 +147,22 @@ class TaskRunner:
                 )
         return effects
 
+    def start_now(self, task: Task) -> asyncio.Future[Any] | None:
+        """Run `task` in a slot at once if nothing would make it wait there: due, its type
+        not rate-limited, a slot idle with no task of any priority waiting (so it passes
+        nobody), and the lanes running here (they watch for cancels and hand running
+        tasks back at shutdown). What completes when it has ended; None: not now, it
+        goes to its lane."""
+        if not self._lanes_running or not self._scheduler.idle_slot:
+            return None
+        if task.not_before > time.time() * 1000:
+            return None
+        if self._rate_limits is not None and self._rate_limits.limited(task.task_type):
+            return None
+        return _after_slot(
+            self._scheduler.submit(task.priority, functools.partial(self._run, task))
+        )
+
     def _after_token(self, task: Task, limits: RateLimits) -> asyncio.Future[Any]:
         """Its type's token first (waited for outside the slots), then a slot."""
 

@@ -52,6 +52,12 @@ class Scheduler:
         self._queues.get(priority, deque()).clear()
 
     @property
+    def idle_slot(self) -> bool:
+        """A slot is free and no job waits: a job submitted now starts at once, ahead of
+        nobody."""
+        return self._free > 0 and not any(self._queues.values())
+
+    @property
     def running(self) -> int:
         return self.concurrency - self._free
 

@@ -23,10 +23,6 @@ from tasks.scheduler import Scheduler
 from tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry, submit
 from tasks.status import TaskStatuses
 
-# Intake batches whose lane sends are still unacknowledged while the next are submitted:
-# the broker's round trip overlaps the next batch's status writes instead of adding to it.
-INTAKE_BATCHES_IN_FLIGHT = 4
-
 
 @dataclass
 class TaskSide:
@@ -156,9 +152,13 @@ def task_side(
         dead_letters=dead_letters,
         topic=submitted.get_topic_name(),
         routes=settings.task_routes,
+        runner=runner if settings.task_intake_starts else None,
         consumer_config=consumer_config(settings.topic_name("task-intake")),
         batch_max_records=settings.task_batch_max_records,
-        max_pending_batches=INTAKE_BATCHES_IN_FLIGHT,
+        # Records whose lane send or (started here) task is not done yet; the next ones
+        # are fetched and submitted meanwhile.
+        max_pending_bytes=settings.task_lane_pending_bytes,
+        effect_timeout=TIMEOUT_MS_LIMIT / 1000 + 60,
         **stage_options,
     )
     lane_stages = [

@@ -7,8 +7,15 @@
                                                               resonance.task.v1.dlq <+ or permanent
 
 Intake checks each task (its type must have a processor), writes its status and
-idempotency key, and forwards it to its priority's lane; it never waits for a task to
-run, so a backlog of one priority never hides the tasks of another behind it. Each lane
+idempotency key, and forwards it to its priority's lane; it never waits for a slot, so a
+backlog of one priority never hides the tasks of another behind it. A new task that
+would start at once anyway (a slot idle, no task of any priority waiting for one, due,
+not rate-limited) is started by the intake itself: the lane's Kafka hop is most of a
+task's submit-to-start time and a good part of its cost, and it would order nothing.
+Its intake record is then done when the task has ended, as a lane record would be; the
+intake takes records one by one (per_record), so a long task holds back only its own
+offset, and a record redone after a crash whose task is still "running" is sent to its
+lane, where the run's lease decides whether it runs again. Each lane
 holds its own records in hand (bounded by bytes), so a low-priority backlog cannot stop
 high-priority records from being fetched; the scheduler then gives slots by weight.
 A retry topic per delay: its records come due in order, so the retry consumer (one for
@@ -130,6 +137,12 @@ def _stamp_origin(task: Task, record: Any) -> None:
 
 
 class TaskIntake(GroupConsumer):
+    """Submitted tasks: status written, then started here at once (`runner`, when a slot
+    is idle) or sent to their lane; a record is done when its lane has it or its task has
+    ended."""
+
+    per_record = True
+
     def __init__(
         self,
         *,
@@ -140,10 +153,12 @@ class TaskIntake(GroupConsumer):
         dead_letters: DeadLetters,
         topic: str,
         routes: Mapping[str, str] | None = None,
+        runner: TaskRunner | None = None,
         **kwargs: Any,
     ) -> None:
         self._statuses = statuses
         self._lanes = lanes
+        self._runner = runner
         self._known_types = known_types
         self._limits = limits
         self._dead_letters = dead_letters
@@ -166,26 +181,37 @@ class TaskIntake(GroupConsumer):
             task.task_id = task.task_id or (record.key or b"").decode(errors="replace")
         return envelope.check(task, known, self._limits)
 
-    async def handle(self, records: Records) -> Awaitable[object] | None:
+    async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
         known = self._known_types()
-        tasks = []
-        for record in records:
+        effects: list[Awaitable[object] | None] = [None] * len(records)
+        tasks: list[Task] = []
+        at: list[int] = []
+        for i, record in enumerate(records):
             read = functools.partial(self._task_of, record, known)
             task = await self._dead_letters.decoded(record, read)
             if task is None:
                 continue
             _stamp_origin(task, record)
             tasks.append(task)
-        if tasks:
-            # Kafka is the buffer while Redis is away; a batch Redis refuses for good is
-            # narrowed down to its record by the stage's isolation, and dead-lettered.
-            outcomes = await retrying(lambda: self._statuses.submit(tasks), "task statuses")
-            acks = await queue(tasks, outcomes, self._lanes, "topic")
-            if acks:
-                # The batch is done once its lanes have it; the next batch is fetched and
-                # submitted meanwhile (waiting here cost every batch a broker round trip).
-                return asyncio.gather(*acks)
-        return None
+            at.append(i)
+        if not tasks:
+            return effects
+        # Kafka is the buffer while Redis is away; a batch Redis refuses for good is
+        # narrowed down to its record by the stage's isolation, and dead-lettered.
+        outcomes = await retrying(lambda: self._statuses.submit(tasks), "task statuses")
+        runner = self._runner
+        for i, task, (kind, state) in zip(at, tasks, outcomes, strict=True):
+            metrics.TASKS_SUBMITTED.labels(task.task_type, "topic").inc()
+            started = runner.start_now(task) if runner is not None and kind == "new" else None
+            if started is not None:
+                effects[i] = started
+            elif kind == "new" or (kind == "exists" and state == "queued"):
+                effects[i] = await self._lanes.send(task)
+            elif kind == "exists" and state == "running" and runner is not None:
+                # Perhaps started here by a worker that died since: its lane runs it
+                # again once the run's lease has ended, not before (and not if it ends).
+                effects[i] = await self._lanes.send(task)
+        return effects
 
 
 class TaskLane(GroupConsumer):

@@ -293,6 +293,10 @@ async def test_tasks_published_to_the_topic_run_and_bad_ones_are_dead_lettered(
         await producer.stop()
     await _state(worker, "from-proto", "succeeded", published=True)
     await _state(worker, "from-json", "succeeded", published=True)  # the record key is its task_id
+    # A slot was idle and nothing waited: the intake started them itself, no lane hop.
+    lanes = [f"{p.env['APP_ID']}-tasks-{lane}" for lane in ("high", "normal", "low")]
+    laned = [r.key for lane in lanes for r in await p.read_topic(lane)]
+    assert b"from-proto" not in laned and b"from-json" not in laned, laned
     status, _ = worker.get("/api/v1/tasks/nope")
     assert status == 404
 

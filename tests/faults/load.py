@@ -105,7 +105,13 @@ class Load:
         async def all_stored() -> bool:
             return await self.inbox_total() >= want.inbox_total
 
-        await eventually(all_stored, seconds, f"{want.inbox_total} inbox entries")
+        try:
+            await eventually(all_stored, seconds, f"{want.inbox_total} inbox entries")
+        except AssertionError as exc:
+            # What a stall looks like from outside: how far it got, and each live worker's
+            # stages and log, for the run that cannot be repeated.
+            stored = await self.inbox_total()
+            raise AssertionError(f"{exc}: {stored} stored; {self._workers()}") from exc
         for user in self.users:
             entries = await self.p.inbox(user)
             assert sorted(e.msg_id for e in entries) == sorted(want.inbox[user]), user
@@ -126,6 +132,19 @@ class Load:
         pushes = sum(sum(counts.values()) for counts in got.values())
         duplicates = sum(c - 1 for counts in got.values() for c in counts.values() if c > 1)
         return Outcome(want.inbox_total, pushes, duplicates, len(offline))
+
+    def _workers(self) -> str:
+        seen = []
+        for worker in self.p.workers:
+            if worker.proc is None or worker.proc.poll() is not None:
+                continue
+            try:
+                _, stats = worker.get("/stats", timeout=5)
+                stages = stats.get("stages") if isinstance(stats, dict) else stats
+            except OSError as exc:
+                stages = repr(exc)
+            seen.append(f"{worker.name}: {stages}\n{worker.log_tail()}")
+        return "\n".join(seen) or "no worker alive"
 
     async def _offline_instead(self) -> set[tuple[str, int]]:
         return {

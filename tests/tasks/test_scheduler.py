@@ -61,3 +61,22 @@ async def test_a_failing_job_fails_its_future_only() -> None:
     ok = scheduler.submit(NORMAL, fine)
     assert await ok == "fine"
     assert isinstance(failed.exception(), RuntimeError)
+
+
+async def test_a_slot_is_idle_only_while_free_and_nothing_waits() -> None:
+    scheduler = Scheduler(concurrency=1)
+    assert scheduler.idle_slot
+    release = asyncio.Event()
+
+    async def held() -> None:
+        await release.wait()
+
+    first = scheduler.submit(LOW, held)
+    assert not scheduler.idle_slot  # its one slot is taken
+    second = scheduler.submit(HIGH, held)
+    release.set()
+    await first
+    # The slot came free, and went to the waiting job at once: still not idle.
+    assert not scheduler.idle_slot
+    await second
+    assert scheduler.idle_slot

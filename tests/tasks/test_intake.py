@@ -1,0 +1,129 @@
+"""The intake's choice per submitted task: start it here at once, send it to its lane, or
+leave it. Statuses are the real script on the real Redis; the runner and the lanes are
+stand-ins that record what they were asked (the runs themselves are the e2e tests')."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from pipeline.dlq import DeadLetters
+from pipeline.limits import Limits
+from proto.resonance.task.v1.task_pb2 import Task
+from tasks.stages import Lanes, TaskIntake
+from tasks.status import Move, TaskStatuses
+
+TOPIC = "resonance.task.v1"
+
+
+class Runner:
+    """Starts what it is given while `idle`, as TaskRunner.start_now does."""
+
+    def __init__(self, idle: bool) -> None:
+        self.idle = idle
+        self.started: list[str] = []
+
+    def start_now(self, task: Task) -> asyncio.Future[Any] | None:
+        if not self.idle:
+            return None
+        self.started.append(task.task_id)
+        return asyncio.get_running_loop().create_future()
+
+
+class LaneSends:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def __call__(
+        self, key: bytes | None, value: bytes, partition: int | None
+    ) -> Awaitable[object]:
+        self.sent.append(Task.FromString(value).task_id)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def _no_letters(*_: Any) -> None:
+    raise AssertionError("nothing here is dead-lettered")
+
+
+def _intake(statuses: TaskStatuses, runner: Runner | None, sends: LaneSends) -> TaskIntake:
+    return TaskIntake(
+        statuses=statuses,
+        lanes=Lanes({p: sends for p in (0, 1, 2, 3)}),
+        known_types=lambda: frozenset({"noop"}),
+        limits=Limits(),
+        dead_letters=DeadLetters(_no_letters),
+        topic=TOPIC,
+        runner=runner,  # type: ignore[arg-type]
+        consumer_config={"group_id": "unused"},
+        batch_max_records=10,
+    )
+
+
+def _records(*task_ids: str) -> list[ConsumerRecord[Any, Any]]:
+    return [
+        ConsumerRecord(
+            TOPIC,
+            0,
+            offset,
+            0,
+            0,
+            task_id.encode(),
+            Task(task_id=task_id, task_type="noop").SerializeToString(),
+            None,
+            0,
+            0,
+            (),
+        )
+        for offset, task_id in enumerate(task_ids)
+    ]
+
+
+async def test_a_new_task_starts_here_while_a_slot_is_idle(redis_url: str, tag: str) -> None:
+    statuses = TaskStatuses(redis_url, tag)
+    runner, sends = Runner(idle=True), LaneSends()
+    try:
+        effects = await _intake(statuses, runner, sends).handle_each(_records("a", "b"))
+        assert runner.started == ["a", "b"] and sends.sent == []
+        # Each record is done when its task has ended, not before.
+        assert all(isinstance(e, asyncio.Future) and not e.done() for e in effects)
+    finally:
+        await statuses.close()
+
+
+async def test_a_new_task_goes_to_its_lane_when_none_is_idle_or_starting_is_off(
+    redis_url: str, tag: str
+) -> None:
+    statuses = TaskStatuses(redis_url, tag)
+    busy, sends = Runner(idle=False), LaneSends()
+    try:
+        await _intake(statuses, busy, sends).handle_each(_records("a"))
+        await _intake(statuses, None, sends).handle_each(_records("b"))
+        assert sends.sent == ["a", "b"] and busy.started == []
+    finally:
+        await statuses.close()
+
+
+async def test_a_record_read_again_starts_nothing_twice(redis_url: str, tag: str) -> None:
+    """Read again after a crash: a task still queued goes to its lane; one still "running"
+    too (its runner may have died with the worker: the lane runs it once the run's lease
+    has ended, not before); an ended one is left alone."""
+    statuses = TaskStatuses(redis_url, tag)
+    runner, sends = Runner(idle=True), LaneSends()
+    try:
+        await statuses.submit([Task(task_id=t, task_type="noop") for t in ("q", "r", "s")])
+        await statuses.move(
+            [
+                Move("r", "running", "queued", {}, lease_ms=60_000),
+                Move("s", "succeeded", "queued", {}),
+            ]
+        )
+        effects = await _intake(statuses, runner, sends).handle_each(_records("q", "r", "s"))
+        assert runner.started == [] and sends.sent == ["q", "r"]
+        assert effects[2] is None
+    finally:
+        await statuses.close()
