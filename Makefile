@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m embedded.demo
+	$(BIN)/python -m resonance_task.embedded.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -25,7 +25,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy .
+	$(BIN)/mypy
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py

@@ -17,7 +17,7 @@
 fanout, push, storage and the task stages read their topics in consumer groups of their
 own, a fetched batch at a time (pipeline/group_consumer.py); presence, routes and
 large_group are Faust agents, with the tables they write. Run it with
-`faust -A app worker`; scale it with workers and Kafka partitions.
+`faust -A resonance_task.app worker`; scale it with workers and Kafka partitions.
 """
 
 from __future__ import annotations
@@ -31,27 +31,27 @@ import faust
 from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 from prometheus_client import REGISTRY
 
-import commands
-from agents import fanout, large_group, presence, push, registry, route, storage
-from embedded import tansu
-from gateway import tls as gateway_tls
-from gateway.client import GatewayPool, SessionConfig
-from offline.setup import offline_stage
-from pipeline import kafka_security, metrics, transport
-from pipeline.dlq import DeadLetters, dlq_topic
-from pipeline.offset_marks import OffsetMarks
-from pipeline.topic_view import TopicView
-from pipeline.trace import setup_tracing
-from pipeline.workers import WorkerDirectory, worker_name
-from settings import Settings
-from stores import setup as stores
-from tables import gateways as gateway_rules
-from tables import routes as route_rules
-from tasks import setup as tasks_setup
-from tasks.reports import StatsTable
-from web import auth, errors, openapi, stats, views
-from web import status as status_page
-from web import tasks as web_tasks
+from resonance_task import commands
+from resonance_task.agents import fanout, large_group, presence, push, registry, route, storage
+from resonance_task.embedded import tansu
+from resonance_task.gateway import tls as gateway_tls
+from resonance_task.gateway.client import GatewayPool, SessionConfig
+from resonance_task.offline.setup import offline_stage
+from resonance_task.pipeline import kafka_security, metrics, transport
+from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
+from resonance_task.pipeline.offset_marks import OffsetMarks
+from resonance_task.pipeline.topic_view import TopicView
+from resonance_task.pipeline.trace import setup_tracing
+from resonance_task.pipeline.workers import WorkerDirectory, worker_name
+from resonance_task.settings import Settings
+from resonance_task.stores import setup as stores
+from resonance_task.tables import gateways as gateway_rules
+from resonance_task.tables import routes as route_rules
+from resonance_task.tasks import setup as tasks_setup
+from resonance_task.tasks.reports import StatsTable
+from resonance_task.web import auth, errors, openapi, stats, views
+from resonance_task.web import status as status_page
+from resonance_task.web import tasks as web_tasks
 
 settings = Settings()
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.limits import Limits
+from resonance_task.pipeline.limits import Limits
 
 
 class Settings(BaseSettings):
@@ -339,7 +339,7 @@ class Settings(BaseSettings):
     @field_validator("task_rate_limits")
     @classmethod
     def _rate_limits_parse(cls, value: str) -> str:
-        from tasks.ratelimit import parse
+        from resonance_task.tasks.ratelimit import parse
 
         parse(value)
         return value

@@ -27,20 +27,20 @@ from typing import Any, Protocol
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import Span
 
-from agents.route import Router
-from pipeline import metrics
-from pipeline.deliveries import DeliveryRecords
-from pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
-from pipeline.group_consumer import GroupConsumer, Records
-from pipeline.limits import Limits
-from pipeline.pacing import Pacer
-from pipeline.retry import retrying
-from pipeline.trace import context_from, headers_of, start_span
-from pipeline.transport import SendRecord
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
-from stores.members import MemberStore, UnpageableGroup
+from resonance_task.agents.route import Router
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.deliveries import DeliveryRecords
+from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
+from resonance_task.pipeline.group_consumer import GroupConsumer, Records
+from resonance_task.pipeline.limits import Limits
+from resonance_task.pipeline.pacing import Pacer
+from resonance_task.pipeline.retry import retrying
+from resonance_task.pipeline.trace import context_from, headers_of, start_span
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
+from resonance_task.stores.members import MemberStore, UnpageableGroup
 
 log = logging.getLogger(__name__)
 

@@ -25,20 +25,20 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from agents.fanout import Outputs, push_message, refuse_ids
-from agents.route import Router
-from pipeline import metrics
-from pipeline.deliveries import DeliveryRecords
-from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
-from pipeline.limits import Limits
-from pipeline.retry import retrying
-from pipeline.trace import headers_of, start_span
-from pipeline.transport import SendRecord
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
-from stores.members import MemberStore, UnpageableGroup
-from stores.timeline import TimelineStore
+from resonance_task.agents.fanout import Outputs, push_message, refuse_ids
+from resonance_task.agents.route import Router
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.deliveries import DeliveryRecords
+from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord, source_of
+from resonance_task.pipeline.limits import Limits
+from resonance_task.pipeline.retry import retrying
+from resonance_task.pipeline.trace import headers_of, start_span
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
+from resonance_task.stores.members import MemberStore, UnpageableGroup
+from resonance_task.stores.timeline import TimelineStore
 
 log = logging.getLogger(__name__)
 

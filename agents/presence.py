@@ -15,13 +15,13 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from pipeline import metrics
-from pipeline.dlq import DeadLetters, InvalidRecord, source_of
-from pipeline.partitioning import partition_for
-from proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest
-from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
-from tables import gateways as gateway_rules
-from tables import routes as route_rules
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, source_of
+from resonance_task.pipeline.partitioning import partition_for
+from resonance_task.proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
+from resonance_task.tables import gateways as gateway_rules
+from resonance_task.tables import routes as route_rules
 
 log = logging.getLogger(__name__)
 

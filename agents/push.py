@@ -29,16 +29,20 @@ from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import Span
 
-from gateway.client import GatewayPool, PushItem, PushOutcome
-from offline import records as offline_records
-from pipeline import metrics
-from pipeline.dlq import DeadLetters
-from pipeline.group_consumer import GroupConsumer, Records
-from pipeline.pacing import Pacer
-from pipeline.trace import grpc_metadata, headers_of, start_span
-from pipeline.transport import SendRecord
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPush, GatewayPushBatch, OfflinePush
+from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome
+from resonance_task.offline import records as offline_records
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.pipeline.group_consumer import GroupConsumer, Records
+from resonance_task.pipeline.pacing import Pacer
+from resonance_task.pipeline.trace import grpc_metadata, headers_of, start_span
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
+    GatewayPush,
+    GatewayPushBatch,
+    OfflinePush,
+)
 
 
 class OfflineSink:

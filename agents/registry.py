@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pipeline.dlq import DeadLetters, source_of
-from tables.gateways import decode_heartbeat
+from resonance_task.pipeline.dlq import DeadLetters, source_of
+from resonance_task.tables.gateways import decode_heartbeat
 
 
 def agent(dead_letters: DeadLetters) -> Callable[[Any], Awaitable[None]]:

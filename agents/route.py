@@ -16,12 +16,12 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from offline import records as offline_records
-from pipeline import metrics
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch, OfflinePush
-from tables import gateways as gateway_rules
-from tables.gateways import GatewayInfo
+from resonance_task.offline import records as offline_records
+from resonance_task.pipeline import metrics
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch, OfflinePush
+from resonance_task.tables import gateways as gateway_rules
+from resonance_task.tables.gateways import GatewayInfo
 
 # Per record, beyond its pushes: the gateway's id and address, protobuf framing.
 _RECORD_OVERHEAD = 512

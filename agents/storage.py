@@ -20,14 +20,14 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from pipeline import metrics
-from pipeline.dlq import DeadLetters, SourceRecord
-from pipeline.group_consumer import GroupConsumer, Records, source_record
-from pipeline.retry import PERMANENT_ATTEMPTS, is_transient, redis_reply, retrying
-from pipeline.trace import start_span
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
-from stores.inbox import InboxStore
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
+from resonance_task.pipeline.group_consumer import GroupConsumer, Records, source_record
+from resonance_task.pipeline.retry import PERMANENT_ATTEMPTS, is_transient, redis_reply, retrying
+from resonance_task.pipeline.trace import start_span
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
+from resonance_task.stores.inbox import InboxStore
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from bench.harness import git_commit
 from bench.large_group import VARIANTS, LargeGroupBench
 from bench.loadgen import one_to_one_pairs
 from bench.routes import million_routes
-from commands.progress import progress
-from commands.traffic import group_chat, single_chat
-from embedded.broker import EmbeddedBroker
+from resonance_task.commands.progress import progress
+from resonance_task.commands.traffic import group_chat, single_chat
+from resonance_task.embedded.broker import EmbeddedBroker
 
 SCENARIOS = (
     "startup",

@@ -24,9 +24,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.archive import InboxArchive
-from stores.inbox import RedisInboxStore
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.archive import InboxArchive
+from resonance_task.stores.inbox import RedisInboxStore
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 POSTGRES_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")

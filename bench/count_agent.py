@@ -14,7 +14,7 @@ from typing import Any
 
 import faust
 
-from embedded import tansu
+from resonance_task.embedded import tansu
 
 tansu.register()
 app = faust.App(

@@ -32,11 +32,11 @@ import redis
 from aiokafka import AIOKafkaProducer
 
 from bench.harness import CpuMeter, pct, redis_pid, rss_mb
-from commands.traffic import group_chat
-from embedded.broker import EmbeddedBroker
-from embedded.worker import WorkerProcess, pipeline_env
-from gateway.simulator import GatewaySimulator
-from stores.members import RedisMemberStore
+from resonance_task.commands.traffic import group_chat
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import WorkerProcess, pipeline_env
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.stores.members import RedisMemberStore
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 GATEWAYS = 4

@@ -23,7 +23,7 @@ import time
 
 from aiokafka import AIOKafkaProducer
 
-from commands.traffic import group_chat, single_chat
+from resonance_task.commands.traffic import group_chat, single_chat
 
 
 def users(spec: str) -> list[str]:

@@ -1,8 +1,9 @@
 """The pipeline under load: 1:1 bursts, a steady rate, groups, ceilings, more workers.
 
-A `System` is Tansu, the machine's Redis (database 12, flushed), `faust -A app worker`
-processes and two gateway simulators (real gRPC servers, in this process) holding 80%
-of 2,000 users. Load comes from bench/loadgen.py in a process of its own. Every figure
+A `System` is Tansu, the machine's Redis (database 12, flushed),
+`faust -A resonance_task.app worker` processes and two gateway simulators (real gRPC
+servers, in this process) holding 80% of 2,000 users. Load comes from bench/loadgen.py
+in a process of its own. Every figure
 carries the CPU each process used while it was measured (bench/harness.py).
 """
 
@@ -21,18 +22,18 @@ from typing import Any
 import grpc.aio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from agents.fanout import push_message
 from bench.harness import CpuMeter, histogram, pct, quantiles_ms, redis_pid, rss_mb
 from bench.loadgen import one_to_one_pairs, users
-from commands.traffic import group_chat
-from embedded.broker import EmbeddedBroker
-from embedded.worker import ROOT, WorkerProcess, pipeline_env
-from gateway.simulator import GatewaySimulator
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, PushRequest
-from proto.resonance.gateway.v1.gateway_pb2_grpc import PushServiceStub
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from stores.inbox import RedisInboxStore
-from stores.members import RedisMemberStore
+from resonance_task.agents.fanout import push_message
+from resonance_task.commands.traffic import group_chat
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import ROOT, WorkerProcess, pipeline_env
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage, PushRequest
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2_grpc import PushServiceStub
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.stores.inbox import RedisInboxStore
+from resonance_task.stores.members import RedisMemberStore
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 NEW = "resonance_inbox_writes_total{result=new}"

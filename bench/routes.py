@@ -17,10 +17,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.harness import CpuMeter, rss_mb
-from embedded.broker import EmbeddedBroker
-from embedded.worker import WorkerProcess, pipeline_env
-from pipeline.partitioning import partition_for
-from tables.routes import Connection, encode
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import WorkerProcess, pipeline_env
+from resonance_task.pipeline.partitioning import partition_for
+from resonance_task.tables.routes import Connection, encode
 
 PARTITIONS = 4
 

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.harness import pct, rss_mb
 from bench.pipeline import REDIS_URL, System
-from proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
 
 
 async def _produce(system: System, tasks: list[Task]) -> float:

@@ -1,4 +1,4 @@
-"""Developer tools as Faust CLI commands on the same app (`faust -A app <command>`).
+"""Developer tools as Faust CLI commands on the same app (`faust -A resonance_task.app <command>`).
 
 gateway-sim   a simulated gateway: real gRPC server, presence, heartbeats, records pushes
 send          publish one PushEvent
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from settings import Settings
+from resonance_task.settings import Settings
 
 
 def register(app: Any, settings: Settings) -> None:
-    from commands import dlq, gateway_sim, tasks, traffic
+    from resonance_task.commands import dlq, gateway_sim, tasks, traffic
 
     gateway_sim.register(app, settings)
     traffic.register(app, settings)

@@ -3,8 +3,9 @@
 They need Kafka and nothing else, so they also run without the app (which builds stores
 and push providers at import, and fails on, say, a missing APNs key file):
 
-    python -m commands.dlq list   --topic resonance.mq.v1.push   [--limit N]
-    python -m commands.dlq replay --topic resonance.mq.v1.push   [--reason R] [--dry-run]
+    python -m resonance_task.commands.dlq list   --topic resonance.mq.v1.push   [--limit N]
+    python -m resonance_task.commands.dlq replay --topic resonance.mq.v1.push
+                                  [--reason R] [--dry-run]
                                   [--partition P --from-offset A --to-offset B]
 
 A replay reads the dead letters as the consumer group `<APP_ID>-dlq-replay[-<reason>]`
@@ -29,10 +30,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from commands.progress import progress
-from pipeline.dlq import H_ERROR, H_REASON, H_TOPIC, dlq_topic
-from pipeline.kafka_security import aiokafka_auth
-from settings import Settings
+from resonance_task.commands.progress import progress
+from resonance_task.pipeline.dlq import H_ERROR, H_REASON, H_TOPIC, dlq_topic
+from resonance_task.pipeline.kafka_security import aiokafka_auth
+from resonance_task.settings import Settings
 
 
 async def read_all(
@@ -215,7 +216,9 @@ async def _list(settings: Settings, topic: str, limit: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
-    parser = argparse.ArgumentParser(prog="python -m commands.dlq", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m resonance_task.commands.dlq", description=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="what <topic>.dlq holds, with reasons")
     again = sub.add_parser("replay", help="dead letters back to their topic, once")

@@ -1,4 +1,5 @@
-"""`faust -A app gateway-sim`: run a simulated gateway until interrupted or --duration."""
+"""`faust -A resonance_task.app gateway-sim`: run a simulated gateway until interrupted or
+--duration."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 
 from faust.cli import option
 
-from gateway.simulator import GatewaySimulator, Recorder
-from pipeline.kafka_security import aiokafka_auth
-from settings import Settings
+from resonance_task.gateway.simulator import GatewaySimulator, Recorder
+from resonance_task.pipeline.kafka_security import aiokafka_auth
+from resonance_task.settings import Settings
 
 
 def summary(gateway_id: str, recorder: Recorder) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from aiokafka import AIOKafkaProducer
 from faust.cli import option
 from google.protobuf.message import DecodeError
 
-from commands.dlq import describe, read_all
-from pipeline.dlq import dlq_topic
-from pipeline.kafka_security import aiokafka_auth
-from proto.resonance.task.v1.task_pb2 import Task
-from settings import Settings
+from resonance_task.commands.dlq import describe, read_all
+from resonance_task.pipeline.dlq import dlq_topic
+from resonance_task.pipeline.kafka_security import aiokafka_auth
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.settings import Settings
 
 
 def register(app: Any, settings: Settings) -> None:
@@ -33,9 +33,9 @@ def register(app: Any, settings: Settings) -> None:
         self: Any, task_ids: tuple[str, ...], reason: str, limit: int, dry_run: bool
     ) -> None:
         """Send dead tasks back into the first retry stage, attempts from zero."""
-        from tasks.setup import retry_topic_names
-        from tasks.stages import run_again
-        from tasks.status import TaskStatuses
+        from resonance_task.tasks.setup import retry_topic_names
+        from resonance_task.tasks.stages import run_again
+        from resonance_task.tasks.status import TaskStatuses
 
         letters: dict[str, tuple[Task, dict[str, Any]]] = {}
         auth = aiokafka_auth(settings)  # the cluster's SASL/TLS, as every client of ours

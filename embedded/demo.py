@@ -1,8 +1,8 @@
 """The demo: a whole pipeline on this machine, some traffic, and a summary a person can read.
 
-    python -m embedded.demo [--messages 3000] [--users 1000] [--large-group 20000]
+    python -m resonance_task.embedded.demo [--messages 3000] [--users 1000] [--large-group 20000]
 
-Starts Tansu, one `faust -A app worker` process, two simulated gateways (real gRPC
+Starts Tansu, one `faust -A resonance_task.app worker` process, two simulated gateways (real gRPC
 servers holding 40% of the users each; the rest are offline), publishes 1:1 and group
 messages, a few messages to one large group (all the users plus offline members, paged
 by the large_group agent), and one garbage record; offline users have a device
@@ -29,18 +29,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from commands.dlq import read_all
-from commands.traffic import group_chat, mixed_traffic
-from embedded.broker import EmbeddedBroker
-from embedded.expectations import expected, received
-from embedded.providers import ProviderServer
-from embedded.redis import LocalRedis, answers
-from embedded.worker import WorkerProcess, pipeline_env
-from gateway.simulator import GatewaySimulator
-from offline.records import decode as decode_offline
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
-from stores.inbox import RedisInboxStore
-from stores.members import RedisMemberStore
+from resonance_task.commands.dlq import read_all
+from resonance_task.commands.traffic import group_chat, mixed_traffic
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.expectations import expected, received
+from resonance_task.embedded.providers import ProviderServer
+from resonance_task.embedded.redis import LocalRedis, answers
+from resonance_task.embedded.worker import WorkerProcess, pipeline_env
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.offline.records import decode as decode_offline
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.stores.inbox import RedisInboxStore
+from resonance_task.stores.members import RedisMemberStore
 
 
 def say(text: str) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from gateway.simulator import GatewaySimulator
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from embedded.broker import free_port
-from offline.webhook import SIGNATURE_HEADER, sign
+from resonance_task.embedded.broker import free_port
+from resonance_task.offline.webhook import SIGNATURE_HEADER, sign
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

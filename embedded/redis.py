@@ -12,7 +12,7 @@ from types import TracebackType
 
 import redis
 
-from embedded.broker import free_port, wait_for_port
+from resonance_task.embedded.broker import free_port, wait_for_port
 
 
 def answers(url: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from faust.transport import drivers
 from faust.transport.drivers import aiokafka as kafka_driver
 
-from pipeline import transport
+from resonance_task.pipeline import transport
 
 SCHEME = "tansu"
 FETCH_MAX_WAIT_MS = 20

@@ -1,4 +1,4 @@
-"""Run `faust -A app worker` as a child process, the way an operator would.
+"""Run `faust -A resonance_task.app worker` as a child process, the way an operator would.
 
 Used by the demo, the end-to-end tests and the benchmarks: each gets a real worker
 process (so kill -9 means kill -9), configured only through environment variables.
@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from embedded.broker import free_port
+from resonance_task.embedded.broker import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,11 @@ def _body(raw: bytes) -> Any:
 
 class WorkerProcess:
     def __init__(
-        self, env: dict[str, str], workdir: Path, name: str = "worker", app: str = "app"
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        name: str = "worker",
+        app: str = "resonance_task.app",
     ) -> None:
         self.app = app
         self.env = dict(env)

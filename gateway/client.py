@@ -28,16 +28,16 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from gateway.tls import ChannelSecurity
-from pipeline import metrics
-from proto.resonance.gateway.v1.gateway_pb2 import (
+from resonance_task.gateway.tls import ChannelSecurity
+from resonance_task.pipeline import metrics
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import (
     PushBatch,
     PushBatchAck,
     PushMessage,
     PushRequest,
     PushResponse,
 )
-from proto.resonance.gateway.v1.gateway_pb2_grpc import PushServiceStub
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2_grpc import PushServiceStub
 
 log = logging.getLogger(__name__)
 

@@ -22,18 +22,22 @@ import grpc
 import grpc.aio
 from aiokafka import AIOKafkaProducer
 
-from proto.resonance.gateway.v1.gateway_pb2 import (
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import (
     GatewayHeartbeat,
     PushBatch,
     PushBatchAck,
     PushRequest,
     PushResponse,
 )
-from proto.resonance.gateway.v1.gateway_pb2_grpc import (
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2_grpc import (
     PushServiceServicer,
     add_PushServiceServicer_to_server,
 )
-from proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest, UserOffline, UserOnline
+from resonance_task.proto.resonance.logic.v1.presence_pb2 import (
+    SyncStatusRequest,
+    UserOffline,
+    UserOnline,
+)
 
 PRESENCE_BATCH_EVENTS = 50
 PRESENCE_BATCH_SECONDS = 0.1

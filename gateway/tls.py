@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from settings import Settings
+    from resonance_task.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,15 @@ from collections.abc import Sequence
 import httpx
 import jwt
 
-from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text, json_object
-from offline.ratelimit import TokenBucket, Unlimited
+from resonance_task.offline.provider import (
+    DELIVERED,
+    Notification,
+    Outcome,
+    by_status,
+    error_text,
+    json_object,
+)
+from resonance_task.offline.ratelimit import TokenBucket, Unlimited
 
 DEFAULT_BASE_URL = "https://api.push.apple.com"
 # APNs refuses provider tokens older than an hour, and refreshes more often than every

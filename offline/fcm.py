@@ -16,8 +16,15 @@ from typing import Any, Protocol
 import httpx
 import jwt
 
-from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text, json_object
-from offline.ratelimit import TokenBucket, Unlimited
+from resonance_task.offline.provider import (
+    DELIVERED,
+    Notification,
+    Outcome,
+    by_status,
+    error_text,
+    json_object,
+)
+from resonance_task.offline.ratelimit import TokenBucket, Unlimited
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 DEFAULT_BASE_URL = "https://fcm.googleapis.com"

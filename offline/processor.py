@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span
 
-from offline import metrics
-from offline import records as offline_records
-from offline.provider import Notification, Outcome, Provider
-from offline.tokens import DeviceTokenStore
-from pipeline.dlq import DeadLetters, SourceRecord
-from pipeline.group_consumer import GroupConsumer, Records, source_record
-from pipeline.retry import retrying
-from pipeline.trace import start_span
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+from resonance_task.offline import metrics
+from resonance_task.offline import records as offline_records
+from resonance_task.offline.provider import Notification, Outcome, Provider
+from resonance_task.offline.tokens import DeviceTokenStore
+from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
+from resonance_task.pipeline.group_consumer import GroupConsumer, Records, source_record
+from resonance_task.pipeline.retry import retrying
+from resonance_task.pipeline.trace import start_span
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 
 if TYPE_CHECKING:
-    from offline.setup import ProviderSet
+    from resonance_task.offline.setup import ProviderSet
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from offline.tokens import DeviceToken
+from resonance_task.offline.tokens import DeviceToken
 
 Result = Literal["delivered", "invalid_token", "retry", "failed"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
 
 _OVERHEAD = 64  # a push's own framing inside the batch
 

@@ -2,7 +2,7 @@
 
 Nothing of it (httpx, JWT signing, HTTP/2) is imported unless a provider is configured:
 a worker without offline push is ~15 MB lighter. Providers are built when the stage
-starts (or a task first pushes), not when the app is imported: every `faust -A app`
+starts (or a task first pushes), not when the app is imported: every `faust -A resonance_task.app`
 command imports it, and `dlq-list` must not fail on a key file only pushes need.
 """
 
@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.dlq import DeadLetters
-from settings import Settings
+from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.settings import Settings
 
 if TYPE_CHECKING:
     import httpx
 
-    from offline.processor import OfflinePushConsumer
-    from offline.provider import Provider
+    from resonance_task.offline.processor import OfflinePushConsumer
+    from resonance_task.offline.provider import Provider
 
 
 class ProviderSet(Mapping[str, "Provider"]):
@@ -85,8 +85,8 @@ def offline_stage(
     names = configured(s)
     if not names:
         return None
-    from offline.processor import OfflinePushConsumer, OfflinePusher
-    from offline.tokens import RedisDeviceTokenStore
+    from resonance_task.offline.processor import OfflinePushConsumer, OfflinePusher
+    from resonance_task.offline.tokens import RedisDeviceTokenStore
 
     providers = ProviderSet(names, lambda: providers_from(s))
     return OfflinePushConsumer(
@@ -113,10 +113,10 @@ def providers_from(s: Settings) -> tuple[dict[str, Provider], list[httpx.AsyncCl
     """Providers by name, and the clients to close at shutdown."""
     import httpx
 
-    from offline.apns import ApnsProvider, http2_client
-    from offline.fcm import AccessTokens, FcmProvider, ServiceAccount, StaticToken
-    from offline.ratelimit import TokenBucket
-    from offline.webhook import WebhookProvider
+    from resonance_task.offline.apns import ApnsProvider, http2_client
+    from resonance_task.offline.fcm import AccessTokens, FcmProvider, ServiceAccount, StaticToken
+    from resonance_task.offline.ratelimit import TokenBucket
+    from resonance_task.offline.webhook import WebhookProvider
 
     providers: dict[str, Provider] = {}
     clients: list[httpx.AsyncClient] = []

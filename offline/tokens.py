@@ -21,7 +21,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from offline import metrics
+from resonance_task.offline import metrics
 
 log = logging.getLogger(__name__)
 

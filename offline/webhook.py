@@ -16,8 +16,15 @@ from collections.abc import Sequence
 
 import httpx
 
-from offline.provider import DELIVERED, Notification, Outcome, by_status, error_text, json_object
-from offline.ratelimit import TokenBucket, Unlimited
+from resonance_task.offline.provider import (
+    DELIVERED,
+    Notification,
+    Outcome,
+    by_status,
+    error_text,
+    json_object,
+)
+from resonance_task.offline.ratelimit import TokenBucket, Unlimited
 
 SIGNATURE_HEADER = "X-Resonance-Signature"
 

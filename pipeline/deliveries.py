@@ -13,8 +13,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping, Sequence
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
 
 _DELIVERY_OVERHEAD = 64  # flags, trace headers' framing, the Delivery's own tag and length
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from pipeline import metrics
+from resonance_task.pipeline import metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

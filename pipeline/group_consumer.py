@@ -40,12 +40,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
-from pipeline import metrics
-from pipeline.backlog import backlog
-from pipeline.dlq import DeadLetters, SourceRecord
-from pipeline.fetch_wait import FetchWait
-from pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
-from pipeline.retry import is_transient
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.backlog import backlog
+from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
+from resonance_task.pipeline.fetch_wait import FetchWait
+from resonance_task.pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
+from resonance_task.pipeline.retry import is_transient
 
 log = logging.getLogger(__name__)
 

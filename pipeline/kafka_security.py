@@ -16,7 +16,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.types.auth import CredentialsT
 
 if TYPE_CHECKING:
-    from settings import Settings
+    from resonance_task.settings import Settings
 
 
 def ssl_context(s: Settings) -> ssl.SSLContext | None:

@@ -22,7 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
-from pipeline.fetch_wait import FetchWait
+from resonance_task.pipeline.fetch_wait import FetchWait
 
 log = logging.getLogger(__name__)
 

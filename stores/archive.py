@@ -27,9 +27,9 @@ from typing import Any, cast
 
 from google.protobuf.message import DecodeError
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.inbox import InboxEntry, RedisInboxStore, WriteResult
-from stores.postgres import INBOX_SCHEMA, _Pool, insert_entries, read_entries
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.inbox import InboxEntry, RedisInboxStore, WriteResult
+from resonance_task.stores.postgres import INBOX_SCHEMA, _Pool, insert_entries, read_entries
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 
 
 @dataclass(frozen=True)

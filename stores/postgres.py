@@ -26,9 +26,9 @@ from typing import Any
 
 import asyncpg
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.inbox import InboxEntry, WriteResult
-from stores.members import UnpageableGroup, now_ms
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.inbox import InboxEntry, WriteResult
+from resonance_task.stores.members import UnpageableGroup, now_ms
 
 INBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS t_inbox (

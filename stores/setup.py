@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from settings import Settings
-from stores.inbox import InboxStore, RedisInboxStore
-from stores.members import MemberStore, RedisMemberStore
-from stores.timeline import RedisTimelineStore
+from resonance_task.settings import Settings
+from resonance_task.stores.inbox import InboxStore, RedisInboxStore
+from resonance_task.stores.members import MemberStore, RedisMemberStore
+from resonance_task.stores.timeline import RedisTimelineStore
 
 
 def member_store(s: Settings) -> MemberStore:
     if s.member_backend == "postgres":
-        from stores.postgres import PostgresMemberStore
+        from resonance_task.stores.postgres import PostgresMemberStore
 
         return PostgresMemberStore(
             s.postgres_url,
@@ -26,7 +26,7 @@ def member_store(s: Settings) -> MemberStore:
 
 def inbox_store(s: Settings) -> InboxStore:
     if s.inbox_backend == "postgres":
-        from stores.postgres import PostgresInboxStore
+        from resonance_task.stores.postgres import PostgresInboxStore
 
         return PostgresInboxStore(
             s.postgres_url,
@@ -43,7 +43,7 @@ def inbox_store(s: Settings) -> InboxStore:
     )
     if not s.inbox_archive_enabled:
         return redis
-    from stores.archive import ArchivedInboxStore, InboxArchive
+    from resonance_task.stores.archive import ArchivedInboxStore, InboxArchive
 
     archive = InboxArchive(
         redis,

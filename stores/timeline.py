@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.inbox import InboxEntry, RedisInboxStore, WriteResult
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.inbox import InboxEntry, RedisInboxStore, WriteResult
 
 KEY_PREFIX = "timeline"
 

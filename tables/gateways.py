@@ -29,9 +29,9 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
-from pipeline import metrics
-from pipeline.dlq import InvalidRecord
-from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.dlq import InvalidRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Any, TypedDict
 
-from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
 
 TABLE_NAME = "routes"
 

@@ -1,6 +1,6 @@
 """Typed tasks: an envelope routed by task_type to registered processors (stages.py has
 the topology). What a processor author imports is here."""
 
-from tasks.registry import Context, PermanentError, Processor, processor
+from resonance_task.tasks.registry import Context, PermanentError, Processor, processor
 
 __all__ = ["Context", "PermanentError", "Processor", "processor"]

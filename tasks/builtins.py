@@ -37,13 +37,13 @@ import httpx
 from google.protobuf.json_format import Parse, ParseError
 from google.protobuf.message import DecodeError
 
-from pipeline.transport import SendRecord
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
-from proto.resonance.task.v1.task_pb2 import Task
-from tasks.registry import Context, PermanentError, Registry
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks.registry import Context, PermanentError, Registry
 
 if TYPE_CHECKING:
-    from stores.archive import InboxArchive  # imported only where an archive is set
+    from resonance_task.stores.archive import InboxArchive  # imported only where an archive is set
 
 # A pass over every inbox of a big Redis takes a while; past this it is retried, and the
 # retry only redoes what the cut-off pass had not moved yet.

@@ -15,9 +15,9 @@ from typing import Any
 from google.protobuf.json_format import ParseDict
 from google.protobuf.json_format import ParseError as JsonParseError
 
-from pipeline.dlq import InvalidRecord
-from pipeline.limits import Limits
-from proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.pipeline.dlq import InvalidRecord
+from resonance_task.pipeline.limits import Limits
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
 
 PRIORITIES: dict[str, int] = {
     "high": Priority.PRIORITY_HIGH,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 from redis import asyncio as aioredis
 
-from pipeline import metrics
-from pipeline.retry import retrying
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.retry import retrying
 
 log = logging.getLogger(__name__)
 

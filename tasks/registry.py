@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
-from proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 
 log = logging.getLogger(__name__)
 

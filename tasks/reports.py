@@ -29,10 +29,10 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
-from pipeline.transport import SendRecord
-from proto.resonance.task.v1.task_pb2 import Task
-from tasks.registry import Context, PermanentError
-from tasks.status import TaskStatuses
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks.registry import Context, PermanentError
+from resonance_task.tasks.status import TaskStatuses
 
 # [topic] -> {(topic, partition): end offset}
 EndOffsets = Callable[[list[str]], Awaitable[dict[tuple[str, int], int]]]

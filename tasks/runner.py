@@ -28,15 +28,15 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import metrics
-from pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
-from pipeline.transport import SendRecord
-from proto.resonance.task.v1.task_pb2 import Task
-from tasks.envelope import priority_name
-from tasks.ratelimit import RateLimits
-from tasks.registry import PermanentError, Processor, Registry
-from tasks.scheduler import Scheduler
-from tasks.status import FINAL, Move, Moves, TaskStatuses
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks.envelope import priority_name
+from resonance_task.tasks.ratelimit import RateLimits
+from resonance_task.tasks.registry import PermanentError, Processor, Registry
+from resonance_task.tasks.scheduler import Scheduler
+from resonance_task.tasks.status import FINAL, Move, Moves, TaskStatuses
 
 log = logging.getLogger(__name__)
 

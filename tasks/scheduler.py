@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proto.resonance.task.v1.task_pb2 import Priority
-from tasks.envelope import priority_name
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority
+from resonance_task.tasks.envelope import priority_name
 
 WEIGHTS: dict[int, int] = {
     Priority.PRIORITY_HIGH: 6,

@@ -7,21 +7,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import backlog
-from pipeline.dlq import DeadLetters, dlq_topic
-from pipeline.transport import SendRecord
-from pipeline.workers import worker_name
-from settings import Settings
-from tasks import builtins, ratelimit
-from tasks.envelope import TIMEOUT_MS_LIMIT
-from tasks.periodic import Periodic, PeriodicTasks
-from tasks.ratelimit import RateLimits
-from tasks.registry import Registry, registry
-from tasks.reports import StatsReport
-from tasks.runner import RunnerConfig, TaskRunner
-from tasks.scheduler import Scheduler
-from tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry, submit
-from tasks.status import TaskStatuses
+from resonance_task.pipeline import backlog
+from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.pipeline.workers import worker_name
+from resonance_task.settings import Settings
+from resonance_task.tasks import builtins, ratelimit
+from resonance_task.tasks.envelope import TIMEOUT_MS_LIMIT
+from resonance_task.tasks.periodic import Periodic, PeriodicTasks
+from resonance_task.tasks.ratelimit import RateLimits
+from resonance_task.tasks.registry import Registry, registry
+from resonance_task.tasks.reports import StatsReport
+from resonance_task.tasks.runner import RunnerConfig, TaskRunner
+from resonance_task.tasks.scheduler import Scheduler
+from resonance_task.tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry, submit
+from resonance_task.tasks.status import TaskStatuses
 
 
 @dataclass

@@ -33,16 +33,16 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from pipeline import metrics
-from pipeline.dlq import DeadLetters
-from pipeline.group_consumer import GroupConsumer, Records
-from pipeline.limits import Limits
-from pipeline.retry import retrying
-from pipeline.transport import SendRecord
-from proto.resonance.task.v1.task_pb2 import Priority, Task
-from tasks import envelope
-from tasks.runner import TaskRunner
-from tasks.status import Move, TaskStatuses
+from resonance_task.pipeline import metrics
+from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.pipeline.group_consumer import GroupConsumer, Records
+from resonance_task.pipeline.limits import Limits
+from resonance_task.pipeline.retry import retrying
+from resonance_task.pipeline.transport import SendRecord
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.tasks import envelope
+from resonance_task.tasks.runner import TaskRunner
+from resonance_task.tasks.status import Move, TaskStatuses
 
 LANES = envelope.PRIORITY_NAMES  # a lane topic per priority: <app>-tasks-<name>
 

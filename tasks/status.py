@@ -33,10 +33,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from pipeline.retry import is_transient, retrying
-from proto.resonance.task.v1.task_pb2 import Task
-from settings import Settings
-from tasks.envelope import priority_name
+from resonance_task.pipeline.retry import is_transient, retrying
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.settings import Settings
+from resonance_task.tasks.envelope import priority_name
 
 log = logging.getLogger(__name__)
 

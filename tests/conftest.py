@@ -13,8 +13,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from embedded.broker import EmbeddedBroker
-from embedded.redis import LocalRedis, answers
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.redis import LocalRedis, answers
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 TEST_POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from commands.dlq import read_all
-from embedded.broker import EmbeddedBroker
-from embedded.worker import WorkerProcess, pipeline_env
-from gateway.simulator import GatewaySimulator
-from offline.records import decode as decode_offline
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
-from stores.inbox import InboxEntry, RedisInboxStore
-from stores.members import RedisMemberStore
+from resonance_task.commands.dlq import read_all
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import WorkerProcess, pipeline_env
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.offline.records import decode as decode_offline
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+from resonance_task.stores.inbox import InboxEntry, RedisInboxStore
+from resonance_task.stores.members import RedisMemberStore
 
 
 async def eventually(

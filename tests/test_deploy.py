@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from settings import Settings
+from resonance_task.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 README = (DEPLOY.parent / "README.md").read_text()

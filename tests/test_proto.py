@@ -20,8 +20,8 @@ def test_generated_code_is_fresh() -> None:
 
 
 def test_wire_contract_field_numbers() -> None:
-    from proto.resonance.gateway.v1.gateway_pb2 import PushBatchAck, PushMessage
-    from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+    from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushBatchAck, PushMessage
+    from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 
     fields = {f.name: f.number for f in PushEvent.DESCRIPTOR.fields}
     assert fields["trace_headers"] == 11 and fields["push_only"] == 16

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from settings import Settings
+from resonance_task.settings import Settings
 
 
 def test_environment_names_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,14 +82,14 @@ def test_readme_documents_every_metric() -> None:
 
     from prometheus_client.metrics import MetricWrapperBase
 
-    import offline.metrics
-    import pipeline.metrics
+    from resonance_task.offline import metrics as offline_metrics
+    from resonance_task.pipeline import metrics as pipeline_metrics
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.MULTILINE))
     exported = {
         m._name + ("_total" if m._type == "counter" else "")
-        for module in (pipeline.metrics, offline.metrics)
+        for module in (pipeline_metrics, offline_metrics)
         for m in vars(module).values()
         if isinstance(m, MetricWrapperBase)
     }

@@ -2,12 +2,18 @@
 
 python tools/gen_proto.py           # rewrite the generated files in place
 python tools/gen_proto.py --check   # exit 1 if the committed files are stale
+
+protoc names modules after the .proto paths (`proto.resonance...`); the project installs
+them under its one top-level package (`resonance_task.proto.resonance...`, so nothing it
+installs is called `proto`, as proto-plus's package is), and the generated imports are
+rewritten to match. The .proto paths, and so the descriptors' file names, stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -18,6 +24,11 @@ from grpc_tools import protoc  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+PACKAGE = "resonance_task"
+# `from proto.resonance.x import y_pb2` and the module name _builder gives the classes.
+_MODULE_NAMES = re.compile(
+    r"^(from |_builder\.BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')proto\.", re.M
+)
 
 
 def sources() -> list[Path]:
@@ -41,7 +52,10 @@ def generate(out: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    return sorted(p.relative_to(out) for p in out.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
+    written = [p for p in out.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)]
+    for path in written:
+        path.write_text(_MODULE_NAMES.sub(rf"\1{PACKAGE}.proto.", path.read_text()))
+    return sorted(p.relative_to(out) for p in written)
 
 
 def main() -> int:

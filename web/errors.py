@@ -12,8 +12,8 @@ import logging
 
 from aiohttp import web
 
-from pipeline.retry import is_transient
-from web.auth import Handler
+from resonance_task.pipeline.retry import is_transient
+from resonance_task.web.auth import Handler
 
 log = logging.getLogger(__name__)
 

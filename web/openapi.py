@@ -12,8 +12,8 @@ from typing import Any
 from aiohttp import web
 from faust.web import View
 
-from tasks.envelope import MAX_ATTEMPTS_LIMIT, PRIORITIES, TIMEOUT_MS_LIMIT
-from tasks.status import STATES
+from resonance_task.tasks.envelope import MAX_ATTEMPTS_LIMIT, PRIORITIES, TIMEOUT_MS_LIMIT
+from resonance_task.tasks.status import STATES
 
 BATCH_MAX = 1000
 LIST_LIMIT_MAX = 1000

@@ -15,10 +15,10 @@ from typing import Any
 from aiohttp import web
 from faust.web import View
 
-from pipeline.backlog import backlog
-from pipeline.workers import WorkerDirectory
-from tasks.reports import StatsTable
-from tasks.setup import TaskSide
+from resonance_task.pipeline.backlog import backlog
+from resonance_task.pipeline.workers import WorkerDirectory
+from resonance_task.tasks.reports import StatsTable
+from resonance_task.tasks.setup import TaskSide
 
 HOURLY_LIMIT_MAX = 1000
 

@@ -19,11 +19,11 @@ from typing import Any
 from aiohttp import web
 from faust.web import View
 
-from pipeline.backlog import backlog, partitions_of
-from pipeline.group_consumer import GroupConsumer
-from pipeline.workers import WorkerDirectory
-from tasks.setup import TaskSide
-from web.views import Topology, gateways_json, large_groups_json
+from resonance_task.pipeline.backlog import backlog, partitions_of
+from resonance_task.pipeline.group_consumer import GroupConsumer
+from resonance_task.pipeline.workers import WorkerDirectory
+from resonance_task.tasks.setup import TaskSide
+from resonance_task.web.views import Topology, gateways_json, large_groups_json
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from typing import Any
 from aiohttp import web
 from faust.web import View
 
-from pipeline.limits import Limits
-from proto.resonance.task.v1.task_pb2 import Task
-from tasks import envelope
-from tasks.setup import TaskSide
-from tasks.stages import run_again, submit
-from tasks.status import STATES
-from web.openapi import BATCH_MAX, LIST_LIMIT_MAX
+from resonance_task.pipeline.limits import Limits
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks import envelope
+from resonance_task.tasks.setup import TaskSide
+from resonance_task.tasks.stages import run_again, submit
+from resonance_task.tasks.status import STATES
+from resonance_task.web.openapi import BATCH_MAX, LIST_LIMIT_MAX
 
 
 def _error(status: int, field: str, message: str) -> web.Response:

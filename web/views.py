@@ -17,22 +17,22 @@ from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
-from agents.storage import StorageConsumer
-from gateway.client import GatewayPool
-from pipeline import metrics as pipeline_metrics
-from pipeline import retry
-from pipeline.group_consumer import GroupConsumer
-from pipeline.partitioning import partition_for
-from pipeline.topic_view import TopicView
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from settings import Settings
-from stores.inbox import InboxEntry, InboxStore
-from stores.members import MemberStore
-from stores.timeline import TimelineStore
-from tables import gateways as gateway_rules
-from tables import routes as route_rules
-from tables.gateways import GatewayInfo
-from tables.routes import OnlineRoutes
+from resonance_task.agents.storage import StorageConsumer
+from resonance_task.gateway.client import GatewayPool
+from resonance_task.pipeline import metrics as pipeline_metrics
+from resonance_task.pipeline import retry
+from resonance_task.pipeline.group_consumer import GroupConsumer
+from resonance_task.pipeline.partitioning import partition_for
+from resonance_task.pipeline.topic_view import TopicView
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.settings import Settings
+from resonance_task.stores.inbox import InboxEntry, InboxStore
+from resonance_task.stores.members import MemberStore
+from resonance_task.stores.timeline import TimelineStore
+from resonance_task.tables import gateways as gateway_rules
+from resonance_task.tables import routes as route_rules
+from resonance_task.tables.gateways import GatewayInfo
+from resonance_task.tables.routes import OnlineRoutes
 
 INBOX_LIMIT_MAX = 1000
 

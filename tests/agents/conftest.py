@@ -8,20 +8,20 @@ import time
 from collections.abc import Awaitable
 from types import SimpleNamespace
 
-from agents.fanout import Outputs
-from agents.route import Router
-from offline.records import decode as decode_offline
-from pipeline.dlq import DeadLetters
-from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
-from proto.resonance.pipeline.v1.pipeline_pb2 import (
+from resonance_task.agents.fanout import Outputs
+from resonance_task.agents.route import Router
+from resonance_task.offline.records import decode as decode_offline
+from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
     Delivery,
     DeliveryBatch,
     GatewayPushBatch,
     LargeGroupJob,
     OfflinePush,
 )
-from tables.gateways import Gateways
-from tables.routes import OnlineRoutes
+from resonance_task.tables.gateways import Gateways
+from resonance_task.tables.routes import OnlineRoutes
 
 
 def now_ms() -> int:

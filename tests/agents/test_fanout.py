@@ -7,13 +7,13 @@ import random
 import pytest
 from redis.exceptions import ResponseError
 
-from agents.fanout import MEMBER_READ_ATTEMPTS, Diffusion, Fanout
-from agents.route import Router
-from pipeline.deliveries import session_partition
-from pipeline.dlq import H_REASON, SourceRecord
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from stores.members import UnpageableGroup
-from stores.postgres import MemberTableError
+from resonance_task.agents.fanout import MEMBER_READ_ATTEMPTS, Diffusion, Fanout
+from resonance_task.agents.route import Router
+from resonance_task.pipeline.deliveries import session_partition
+from resonance_task.pipeline.dlq import H_REASON, SourceRecord
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.stores.members import UnpageableGroup
+from resonance_task.stores.postgres import MemberTableError
 from tests.agents.conftest import Sink, router
 from tests.fakes import MemoryMembers as Members
 

@@ -12,14 +12,14 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 from redis.exceptions import ResponseError
 
-from agents.large_group import JOB_ATTEMPTS, Cursor, LargeGroups
-from pipeline.deliveries import session_partition
-from pipeline.dlq import SourceRecord
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
-from stores.inbox import InboxEntry, WriteResult
-from stores.members import UnpageableGroup
+from resonance_task.agents.large_group import JOB_ATTEMPTS, Cursor, LargeGroups
+from resonance_task.pipeline.deliveries import session_partition
+from resonance_task.pipeline.dlq import SourceRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
+from resonance_task.stores.inbox import InboxEntry, WriteResult
+from resonance_task.stores.members import UnpageableGroup
 from tests.agents.conftest import Sink, router
 from tests.fakes import MemoryMembers
 

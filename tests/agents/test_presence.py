@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from agents.presence import decode_sync
-from proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest, UserOffline, UserOnline
-from tables import routes as route_rules
+from resonance_task.agents.presence import decode_sync
+from resonance_task.proto.resonance.logic.v1.presence_pb2 import (
+    SyncStatusRequest,
+    UserOffline,
+    UserOnline,
+)
+from resonance_task.tables import routes as route_rules
 
 NOW = 1_800_000_000_000
 

@@ -8,10 +8,10 @@ from collections.abc import Awaitable
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from agents.push import Offered, OfflineSink, PushConsumer
-from gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
+from resonance_task.agents.push import Offered, OfflineSink, PushConsumer
+from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
 from tests.agents.conftest import Sink
 
 

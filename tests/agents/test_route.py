@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from offline.records import decode as decode_offline
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
+from resonance_task.offline.records import decode as decode_offline
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
 from tests.agents.conftest import router
 
 

@@ -8,13 +8,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiokafka.structs import ConsumerRecord
 
-from agents.storage import StorageConsumer
-from pipeline import retry
-from pipeline.dlq import H_ERROR, H_REASON, DeadLetters
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
-from stores.inbox import RedisInboxStore
-from stores.postgres import PostgresInboxStore
+from resonance_task.agents.storage import StorageConsumer
+from resonance_task.pipeline import retry
+from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
+from resonance_task.stores.inbox import RedisInboxStore
+from resonance_task.stores.postgres import PostgresInboxStore
 from tests.offline.conftest import DeadSink
 
 

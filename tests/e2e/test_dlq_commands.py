@@ -1,5 +1,5 @@
-"""`python -m commands.dlq` as an operator runs it, against the real broker: it needs only
-Kafka (it runs where the app would not start), lists, dry-runs, and replays each dead
+"""`python -m resonance_task.commands.dlq` as an operator runs it, against the real broker:
+it needs only Kafka (it runs where the app would not start), lists, dry-runs, and replays each dead
 letter once, by reason or by an offset range."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from commands.dlq import read_all
-from embedded.broker import EmbeddedBroker
-from embedded.worker import ROOT
-from pipeline.dlq import DeadLetters, SourceRecord
+from resonance_task.commands.dlq import read_all
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import ROOT
+from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ async def _dead_letter(
 
 def _run(env: dict[str, str], cwd: Path, *args: str) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "commands.dlq", *args],
+        [sys.executable, "-m", "resonance_task.commands.dlq", *args],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -82,7 +82,7 @@ async def test_replay_sends_each_letter_once_and_needs_only_kafka(
         capture_output=True,
         text=True,
     )
-    # Importing the app reads no key file: `faust -A app dlq-*` works too.
+    # Importing the app reads no key file: `faust -A resonance_task.app dlq-*` works too.
     assert app_import.returncode == 0, app_import.stderr[-2000:]
 
     dry = await asyncio.to_thread(_run, env, ROOT, "replay", "--topic", topic, "--dry-run")
@@ -111,7 +111,7 @@ async def test_replay_sends_each_letter_once_and_needs_only_kafka(
 
     listing = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "commands.dlq", "list", "--topic", topic],
+        [sys.executable, "-m", "resonance_task.commands.dlq", "list", "--topic", topic],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from commands.traffic import single_chat
+from resonance_task.commands.traffic import single_chat
 from tests.harness import PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow

@@ -20,15 +20,15 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from commands.dlq import read_all
-from commands.traffic import single_chat
-from embedded.broker import EmbeddedBroker, free_port
-from embedded.worker import WorkerProcess, pipeline_env
-from gateway.simulator import GatewaySimulator
-from offline.records import decode as decode_offline
-from pipeline.kafka_security import aiokafka_auth
-from settings import Settings
-from stores.inbox import RedisInboxStore
+from resonance_task.commands.dlq import read_all
+from resonance_task.commands.traffic import single_chat
+from resonance_task.embedded.broker import EmbeddedBroker, free_port
+from resonance_task.embedded.worker import WorkerProcess, pipeline_env
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.offline.records import decode as decode_offline
+from resonance_task.pipeline.kafka_security import aiokafka_auth
+from resonance_task.settings import Settings
+from resonance_task.stores.inbox import RedisInboxStore
 from tests.harness import eventually
 from tests.pki import Pki
 

@@ -7,10 +7,10 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from commands.traffic import group_chat
-from embedded.expectations import received
-from embedded.worker import WorkerProcess
-from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
+from resonance_task.commands.traffic import group_chat
+from resonance_task.embedded.expectations import received
+from resonance_task.embedded.worker import WorkerProcess
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 

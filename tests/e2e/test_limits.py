@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from commands.traffic import single_chat
-from pipeline.dlq import H_REASON
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.commands.traffic import single_chat
+from resonance_task.pipeline.dlq import H_REASON
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from tests.harness import Pipeline, eventually
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

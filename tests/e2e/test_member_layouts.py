@@ -17,10 +17,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from commands.traffic import group_chat
-from embedded.expectations import Expected, expected, received
-from embedded.worker import WorkerProcess
-from pipeline.dlq import H_REASON
+from resonance_task.commands.traffic import group_chat
+from resonance_task.embedded.expectations import Expected, expected, received
+from resonance_task.embedded.worker import WorkerProcess
+from resonance_task.pipeline.dlq import H_REASON
 from tests.e2e.test_large_groups import inbox_msg_ids
 from tests.harness import Pipeline, PipelineFactory, eventually
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from commands.traffic import group_chat
-from embedded.providers import ProviderServer
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.commands.traffic import group_chat
+from resonance_task.embedded.providers import ProviderServer
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
 from tests.harness import PipelineFactory, eventually
 from tests.offline.conftest import pem
 

@@ -1,5 +1,5 @@
 """The project as the image installs it: a wheel of pyproject's packages, in a venv of
-its own, outside the checkout, started as `faust -A app worker`. A module the wheel
+its own, outside the checkout, started as `faust -A resonance_task.app worker`. A module the wheel
 leaves out (the image once lacked `offline/`, which app.py imports) fails here."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from embedded.worker import ROOT, WorkerProcess
+from resonance_task.embedded.worker import ROOT, WorkerProcess
 from tests.harness import PipelineFactory
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,16 @@ class InstalledWorker(WorkerProcess):
         env = {k: v for k, v in {**os.environ, **self.env}.items() if k != "PYTHONPATH"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(self.python), "-m", "faust", "-A", "app", "worker", "-l", "info"],
+                [
+                    str(self.python),
+                    "-m",
+                    "faust",
+                    "-A",
+                    "resonance_task.app",
+                    "worker",
+                    "-l",
+                    "info",
+                ],
                 cwd=self.workdir,
                 env={**env, "PYTHONUNBUFFERED": "1"},
                 stdout=log,
@@ -49,7 +58,15 @@ def _build_wheel(out: Path) -> Path:
         ROOT,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "*.egg-info", "__pycache__", "*_cache", "tests", "results"
+            ".git",
+            ".venv",
+            ".typecheck",  # a link to the checkout itself (for mypy): copied, it never ends
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            "*_cache",
+            "tests",
+            "results",
         ),
     )
     subprocess.run(
@@ -84,18 +101,30 @@ def _venv_with(wheel: Path, where: Path) -> Path:
 
 def test_the_wheel_alone_starts_a_worker(pipeline_factory: PipelineFactory, tmp_path: Path) -> None:
     wheel = _build_wheel(tmp_path)
-    names = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    paths = zipfile.ZipFile(wheel).namelist()
+    # One top-level name: nothing it installs shadows another distribution's package
+    # (proto-plus installs `proto`, PyTables `tables`).
+    tops = {path.split("/")[0] for path in paths if ".dist-info/" not in path}
+    assert tops == {"resonance_task"}, tops
+    names = {path.split("/")[1] for path in paths if path.startswith("resonance_task/")}
     # Every package of the checkout is in the wheel, and nothing of the dev side is.
     for package in ("agents", "tables", "stores", "offline", "tasks", "gateway", "pipeline"):
         assert package in names, f"{package}/ is not in the wheel"
-    assert {"app.py", "settings.py"} <= names
+    assert {"app.py", "settings.py", "proto"} <= names
     assert "tests" not in names and "bench" not in names
+    assert "resonance_task/proto/resonance/mq/v1/push_event.proto" in paths  # the contract
 
     python = _venv_with(wheel, tmp_path / "venv")
     outside = tmp_path / "run"
     outside.mkdir()
     where = subprocess.run(
-        [str(python), "-c", "import app, offline, tasks; print(app.__file__)"],
+        [
+            str(python),
+            "-c",
+            "import resonance_task.app as app, resonance_task.offline, resonance_task.tasks;"
+            " import importlib.util as u; assert u.find_spec('app') is None, 'app installed';"
+            " print(app.__file__)",
+        ],
         cwd=outside,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         check=True,

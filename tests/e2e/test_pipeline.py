@@ -10,12 +10,12 @@ from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from commands.traffic import group_chat, single_chat, snowflake
-from embedded.expectations import Expected, expected, pushed_in_order, received
-from embedded.worker import ROOT, WorkerProcess
-from pipeline.dlq import H_REASON
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch, GatewayPushBatch
+from resonance_task.commands.traffic import group_chat, single_chat, snowflake
+from resonance_task.embedded.expectations import Expected, expected, pushed_in_order, received
+from resonance_task.embedded.worker import ROOT, WorkerProcess
+from resonance_task.pipeline.dlq import H_REASON
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch, GatewayPushBatch
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 

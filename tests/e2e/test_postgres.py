@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from commands.traffic import group_chat, single_chat
-from embedded.expectations import expected, received
-from stores.postgres import PostgresInboxStore, PostgresMemberStore
+from resonance_task.commands.traffic import group_chat, single_chat
+from resonance_task.embedded.expectations import expected, received
+from resonance_task.stores.postgres import PostgresInboxStore, PostgresMemberStore
 from tests.harness import PipelineFactory, eventually
 
 

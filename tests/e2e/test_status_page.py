@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from commands.traffic import single_chat
-from pipeline.dlq import dlq_topic
+from resonance_task.commands.traffic import single_chat
+from resonance_task.pipeline.dlq import dlq_topic
 from tests.harness import PipelineFactory, eventually
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

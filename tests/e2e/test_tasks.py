@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import pytest
 import redis.asyncio as aioredis
 
-from embedded.broker import EmbeddedBroker
-from embedded.worker import ROOT, WorkerProcess
-from pipeline.dlq import dlq_topic
-from proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import ROOT, WorkerProcess
+from resonance_task.pipeline.dlq import dlq_topic
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow
@@ -149,11 +149,12 @@ async def _letters(p: Pipeline, keys: set[bytes]) -> list[Any]:
 
 
 async def _command(p: Pipeline, *args: str) -> dict[str, Any]:
-    """`faust -A app <args>` as an operator runs it; its last line of output, as JSON."""
+    """`faust -A resonance_task.app <args>` as an operator runs it; its last line of output,
+    as JSON."""
     env = {**os.environ, **p.env, "PYTHONPATH": str(ROOT)}
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "faust", "-A", "app", *args],
+        [sys.executable, "-m", "faust", "-A", "resonance_task.app", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -14,10 +14,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from commands.traffic import group_chat, single_chat
-from embedded.broker import free_port
-from embedded.providers import ProviderServer
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.commands.traffic import group_chat, single_chat
+from resonance_task.embedded.broker import free_port
+from resonance_task.embedded.providers import ProviderServer
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
 from tests.harness import PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 import redis.asyncio as aioredis
 
-from commands.traffic import single_chat
-from settings import Settings
+from resonance_task.commands.traffic import single_chat
+from resonance_task.settings import Settings
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 TOKEN = "s3cret-token-for-tests"

@@ -1,7 +1,7 @@
 """Several workers of one app: every push and every inbox entry, counted, however they start.
 
-What a new user tried first: `faust -A app worker` twice (same APP_ID, own data dirs and
-web ports), 4 partitions, two gateways heartbeating, 400 events to 200 users. With the
+What a new user tried first: `faust -A resonance_task.app worker` twice (same APP_ID, own
+data dirs and web ports), 4 partitions, two gateways heartbeating, 400 events to 200 users. With the
 gateways in a Faust GlobalTable one worker kept an empty table in 3 runs of 4 and sent
 ~1,700 online users to offline push. Here each count is exact.
 """
@@ -13,10 +13,10 @@ from collections import Counter
 
 import pytest
 
-from commands.traffic import mixed_traffic
-from embedded.expectations import Expected, expected, pushed_in_order, received
-from embedded.worker import WorkerProcess
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.commands.traffic import mixed_traffic
+from resonance_task.embedded.expectations import Expected, expected, pushed_in_order, received
+from resonance_task.embedded.worker import WorkerProcess
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 pytestmark = pytest.mark.slow

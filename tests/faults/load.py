@@ -13,10 +13,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from commands.traffic import single_chat
-from embedded.expectations import Expected, expected, received
-from embedded.worker import WorkerProcess
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.commands.traffic import single_chat
+from resonance_task.embedded.expectations import Expected, expected, received
+from resonance_task.embedded.worker import WorkerProcess
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from tests.harness import Pipeline, eventually
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from commands.traffic import single_chat
-from gateway.simulator import GatewaySimulator
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.commands.traffic import single_chat
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from tests.harness import Pipeline, PipelineFactory, eventually
 
 ACK_TIMEOUT = 2.0

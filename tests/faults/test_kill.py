@@ -7,8 +7,8 @@ import random
 import time
 from collections import Counter
 
-from embedded.worker import WorkerProcess
-from proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
+from resonance_task.embedded.worker import WorkerProcess
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
 from tests.faults.load import Load, users_online
 from tests.harness import Pipeline
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from commands.traffic import single_chat
+from resonance_task.commands.traffic import single_chat
 from tests.faults.load import Load, users_online
 from tests.harness import Pipeline, eventually
 

@@ -6,8 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from commands.traffic import group_chat
-from pipeline.dlq import H_REASON
+from resonance_task.commands.traffic import group_chat
+from resonance_task.pipeline.dlq import H_REASON
 from tests.faults.load import Load, users_online
 from tests.harness import Pipeline, PipelineFactory
 

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedded.broker import EmbeddedBroker
-from embedded.worker import WorkerProcess, pipeline_env
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.worker import WorkerProcess, pipeline_env
 
 TOKEN = "fuzz-" + uuid.uuid4().hex
 EXAMPLES = 600

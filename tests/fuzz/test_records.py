@@ -19,22 +19,22 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.fanout import Diffusion, Fanout, recipients
-from agents.presence import decode_sync
-from agents.storage import StorageConsumer
-from offline import records as offline_records
-from pipeline.dlq import H_REASON, DeadLetters, SourceRecord
-from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat, PushMessage
-from proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest, UserOnline
-from proto.resonance.mq.v1.push_event_pb2 import PushEvent
-from proto.resonance.pipeline.v1.pipeline_pb2 import (
+from resonance_task.agents.fanout import Diffusion, Fanout, recipients
+from resonance_task.agents.presence import decode_sync
+from resonance_task.agents.storage import StorageConsumer
+from resonance_task.offline import records as offline_records
+from resonance_task.pipeline.dlq import H_REASON, DeadLetters, SourceRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat, PushMessage
+from resonance_task.proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest, UserOnline
+from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
     Delivery,
     DeliveryBatch,
     GatewayPushBatch,
     LargeGroupJob,
 )
-from stores.inbox import WriteResult
-from tables.gateways import decode_heartbeat
+from resonance_task.stores.inbox import WriteResult
+from resonance_task.tables.gateways import decode_heartbeat
 from tests.agents.conftest import Sink, router
 from tests.agents.test_large_group import Harness
 from tests.fakes import MemoryMembers

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from embedded.broker import free_port
-from gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
-from gateway.simulator import GatewaySimulator
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.embedded.broker import free_port
+from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 
 FAST = SessionConfig(
     batch_linger=0.005,

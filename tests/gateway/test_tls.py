@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.client import GatewayPool, PushItem
-from gateway.simulator import GatewaySimulator
-from gateway.tls import channel_security
+from resonance_task.gateway.client import GatewayPool, PushItem
+from resonance_task.gateway.simulator import GatewaySimulator
+from resonance_task.gateway.tls import channel_security
 from tests.gateway.test_client import FAST, Outcomes, message
 from tests.pki import FLEET_NAME, Pki
 

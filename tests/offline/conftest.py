@@ -10,18 +10,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from embedded.providers import ProviderServer
-from offline.apns import ApnsProvider, http2_client
-from offline.fcm import FcmProvider, ServiceAccount
-from offline.processor import OfflinePusher
-from offline.provider import Notification
-from offline.ratelimit import TokenBucket
-from offline.records import encode as encode_offline
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
-from offline.webhook import WebhookProvider
-from pipeline.dlq import DeadLetters, SourceRecord
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
-from proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+from resonance_task.embedded.providers import ProviderServer
+from resonance_task.offline.apns import ApnsProvider, http2_client
+from resonance_task.offline.fcm import FcmProvider, ServiceAccount
+from resonance_task.offline.processor import OfflinePusher
+from resonance_task.offline.provider import Notification
+from resonance_task.offline.ratelimit import TokenBucket
+from resonance_task.offline.records import encode as encode_offline
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.offline.webhook import WebhookProvider
+from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 
 SECRET = "webhook-secret"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from embedded.providers import ProviderServer
-from offline.ratelimit import TokenBucket
-from offline.records import decode as decode_offline
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
-from pipeline.dlq import H_REASON, SourceRecord
+from resonance_task.embedded.providers import ProviderServer
+from resonance_task.offline.ratelimit import TokenBucket
+from resonance_task.offline.records import decode as decode_offline
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.pipeline.dlq import H_REASON, SourceRecord
 from tests.offline.conftest import DeadSink, Providers, make_providers, pusher, record
 
 

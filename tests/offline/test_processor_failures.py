@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import httpx
 
-from offline.fcm import FcmProvider, ServiceAccount, StaticToken
-from offline.processor import OfflinePusher
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
-from pipeline.dlq import H_ERROR, H_REASON, DeadLetters
+from resonance_task.offline.fcm import FcmProvider, ServiceAccount, StaticToken
+from resonance_task.offline.processor import OfflinePusher
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
 from tests.offline.conftest import DeadSink, Providers, note, pusher, record
 
 FCM_SEND = "/v1/projects/demo/messages:send"

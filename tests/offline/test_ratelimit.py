@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from offline.ratelimit import TokenBucket
+from resonance_task.offline.ratelimit import TokenBucket
 
 
 async def test_rate_after_the_burst() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from embedded.worker import ROOT
-from offline.setup import offline_stage
-from pipeline.dlq import DeadLetters
-from settings import Settings
+from resonance_task.embedded.worker import ROOT
+from resonance_task.offline.setup import offline_stage
+from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.settings import Settings
 
 APNS_MISSING_KEY = {
     "OFFLINE_APNS_TEAM_ID": "TEAM123456",
@@ -43,7 +43,7 @@ async def test_a_missing_key_file_fails_the_stage_at_its_start_not_its_construct
 def test_a_kafka_only_command_runs_with_the_apns_key_file_missing(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-m", "faust", "-A", "app", "dlq-list", "--help"],
+        [sys.executable, "-m", "faust", "-A", "resonance_task.app", "dlq-list", "--help"],
         cwd=ROOT,
         env={**env, **APNS_MISSING_KEY, "DATA_DIR": str(tmp_path)},
         capture_output=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from offline.tokens import DeviceToken, RedisDeviceTokenStore
+from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
 from tests.offline.conftest import DeadSink, Providers, pusher, record
 
 

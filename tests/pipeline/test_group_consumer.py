@@ -9,10 +9,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from embedded.broker import EmbeddedBroker
-from pipeline.dlq import H_ERROR, H_REASON, DeadLetters
-from pipeline.group_consumer import GroupConsumer, Offsets, Records
-from pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
+from resonance_task.pipeline.group_consumer import GroupConsumer, Offsets, Records
+from resonance_task.pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
 from tests.pipeline.test_topic_view import make_topic, produce, until
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from faust.auth import SASLCredentials, SSLCredentials
 
-from pipeline.kafka_security import aiokafka_auth, faust_credentials
-from settings import Settings
+from resonance_task.pipeline.kafka_security import aiokafka_auth, faust_credentials
+from resonance_task.settings import Settings
 from tests.pki import Pki
 
 

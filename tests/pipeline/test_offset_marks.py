@@ -9,8 +9,8 @@ import time
 import pytest
 from aiokafka import TopicPartition
 
-from embedded.broker import free_port
-from pipeline.offset_marks import OffsetMarks
+from resonance_task.embedded.broker import free_port
+from resonance_task.pipeline.offset_marks import OffsetMarks
 
 
 async def _until_loaded(
@@ -57,7 +57,7 @@ async def test_without_redis_marks_are_a_warning_and_close_still_ends(
     tag: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     marks = OffsetMarks(f"redis://127.0.0.1:{free_port()}/0", tag, timeout=0.2)
-    caplog.set_level(logging.WARNING, "pipeline.offset_marks")
+    caplog.set_level(logging.WARNING, "resonance_task.pipeline.offset_marks")
     marks.post("g", {TopicPartition(f"{tag}.t", 0): 5})
     await asyncio.sleep(0.3)
     started = time.monotonic()

@@ -10,8 +10,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from embedded.broker import EmbeddedBroker
-from pipeline.topic_view import TopicView
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.pipeline.topic_view import TopicView
 
 
 async def make_topic(broker: EmbeddedBroker, name: str, partitions: int = 4) -> None:

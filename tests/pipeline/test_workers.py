@@ -6,7 +6,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from pipeline.workers import WorkerDirectory
+from resonance_task.pipeline.workers import WorkerDirectory
 
 
 async def test_live_workers_are_listed_and_a_clobbered_index_is_survived(

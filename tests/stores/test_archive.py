@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.archive import ArchivedInboxStore, InboxArchive
-from stores.inbox import RedisInboxStore
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.archive import ArchivedInboxStore, InboxArchive
+from resonance_task.stores.inbox import RedisInboxStore
 
 BASE = 7_400_000_000_000_000_000
 HOUR_MS = 3_600_000

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 
-from proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from stores.inbox import InboxStore, RedisInboxStore
-from stores.postgres import PostgresInboxStore
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.inbox import InboxStore, RedisInboxStore
+from resonance_task.stores.postgres import PostgresInboxStore
 
 BASE = 7_300_000_000_000_000_000  # Snowflake-sized: beyond a double's exact range
 

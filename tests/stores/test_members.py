@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from stores.members import MemberStore, RedisMemberStore, UnpageableGroup
-from stores.postgres import MemberTableError, PostgresMemberStore
+from resonance_task.stores.members import MemberStore, RedisMemberStore, UnpageableGroup
+from resonance_task.stores.postgres import MemberTableError, PostgresMemberStore
 
 
 @pytest.fixture(params=["redis", "postgres"])

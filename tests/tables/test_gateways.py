@@ -6,10 +6,10 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from gateway.client import GatewayPool, SessionConfig
-from pipeline import metrics
-from proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
-from tables.gateways import (
+from resonance_task.gateway.client import GatewayPool, SessionConfig
+from resonance_task.pipeline import metrics
+from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import GatewayHeartbeat
+from resonance_task.tables.gateways import (
     LAG_ALLOWANCE,
     Gateways,
     clock,

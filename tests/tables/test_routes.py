@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
-from tables.routes import apply_change, decode, encode, online_gateways
+from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange
+from resonance_task.tables.routes import apply_change, decode, encode, online_gateways
 
 NOW = 1_800_000_000_000
 

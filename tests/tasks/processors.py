@@ -12,8 +12,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from proto.resonance.task.v1.task_pb2 import Task
-from tasks import Context, PermanentError, processor
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks import Context, PermanentError, processor
 
 _redis: aioredis.Redis | None = None
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.limits import Limits
-from proto.resonance.task.v1.task_pb2 import Priority, Task
-from tasks import envelope
+from resonance_task.pipeline.limits import Limits
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.tasks import envelope
 
 KNOWN = frozenset({"noop", "content_audit"})
 

@@ -10,11 +10,11 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
-from pipeline.dlq import DeadLetters
-from pipeline.limits import Limits
-from proto.resonance.task.v1.task_pb2 import Task
-from tasks.stages import Lanes, TaskIntake
-from tasks.status import Move, TaskStatuses
+from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.pipeline.limits import Limits
+from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks.stages import Lanes, TaskIntake
+from resonance_task.tasks.status import Move, TaskStatuses
 
 TOPIC = "resonance.task.v1"
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ResponseError
 
-from tasks.status import Move, Moves
+from resonance_task.tasks.status import Move, Moves
 
 
 class Answers:

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from commands.dlq import read_all
-from embedded.broker import EmbeddedBroker
-from pipeline.backlog import end_offsets
-from proto.resonance.task.v1.task_pb2 import Priority, Task
-from tasks.periodic import Periodic, PeriodicTasks
-from tasks.reports import ReportBusy, StatsReport, StatsTable, period_key
-from tasks.status import TaskStatuses
+from resonance_task.commands.dlq import read_all
+from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.pipeline.backlog import end_offsets
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.tasks.periodic import Periodic, PeriodicTasks
+from resonance_task.tasks.reports import ReportBusy, StatsReport, StatsTable, period_key
+from resonance_task.tasks.status import TaskStatuses
 
 
 async def test_a_period_task_is_submitted_once_and_named_after_its_period() -> None:
@@ -130,8 +130,8 @@ async def test_stats_report_counts_records_since_the_last_report(
 
 async def test_bad_payloads_fail_for_good_not_retried(redis_url: str) -> None:
     """A permanent error: the runner dead-letters the task at once (tests/e2e/test_tasks)."""
-    from tasks.builtins import InboxArchiveTask
-    from tasks.registry import PermanentError
+    from resonance_task.tasks.builtins import InboxArchiveTask
+    from resonance_task.tasks.registry import PermanentError
 
     statuses = TaskStatuses(redis_url, f"test-{uuid.uuid4().hex[:8]}")
 

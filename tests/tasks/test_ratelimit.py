@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 
-from tasks.ratelimit import RateLimits, parse
+from resonance_task.tasks.ratelimit import RateLimits, parse
 
 
 def test_the_setting_parses_or_says_what_is_wrong() -> None:

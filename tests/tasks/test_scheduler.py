@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from proto.resonance.task.v1.task_pb2 import Priority
-from tasks.scheduler import Scheduler
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority
+from resonance_task.tasks.scheduler import Scheduler
 
 HIGH, NORMAL, LOW = Priority.PRIORITY_HIGH, Priority.PRIORITY_NORMAL, Priority.PRIORITY_LOW
 

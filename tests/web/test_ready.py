@@ -6,8 +6,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline.retry import retrying
-from web.views import readiness
+from resonance_task.pipeline.retry import retrying
+from resonance_task.web.views import readiness
 
 
 def fake_app(*, recovered: bool = True, rebalancing: bool = False) -> Any:

@@ -8,7 +8,7 @@ unchanged through the unary call.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from proto.resonance.gateway.v1 import gateway_pb2 as _gateway_pb2
+from resonance_task.proto.resonance.gateway.v1 import gateway_pb2 as _gateway_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'proto/resonance/
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.resonance.logic.v1.presence_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'resonance_task.proto.resonance.logic.v1.presence_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SYNCSTATUSREQUEST']._serialized_start=64

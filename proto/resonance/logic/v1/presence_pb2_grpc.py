@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.resonance.logic.v1 import presence_pb2 as proto_dot_resonance_dot_logic_dot_v1_dot_presence__pb2
+from resonance_task.proto.resonance.logic.v1 import presence_pb2 as proto_dot_resonance_dot_logic_dot_v1_dot_presence__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

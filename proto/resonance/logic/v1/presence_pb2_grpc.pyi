@@ -5,7 +5,7 @@ Presence as gateways report it: Resonance IM's, plus conn_id/platform for multi-
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from proto.resonance.logic.v1 import presence_pb2 as _presence_pb2
+from resonance_task.proto.resonance.logic.v1 import presence_pb2 as _presence_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

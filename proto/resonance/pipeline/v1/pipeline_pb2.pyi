@@ -9,8 +9,8 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from proto.resonance.gateway.v1 import gateway_pb2 as _gateway_pb2
-from proto.resonance.mq.v1 import push_event_pb2 as _push_event_pb2
+from resonance_task.proto.resonance.gateway.v1 import gateway_pb2 as _gateway_pb2
+from resonance_task.proto.resonance.mq.v1 import push_event_pb2 as _push_event_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
