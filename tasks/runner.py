@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 
 LEASE_MARGIN_MS = 30_000
+# Started by the intake only if it ends (its timeout) within this, the default task
+# timeout: the records after it in the intake's partition wait for it to commit, as a
+# lane's do, and are held meanwhile.
+START_NOW_MAX_SECONDS = 300.0
 CANCEL_POLL_SECONDS = 0.25
 CANCEL_GRACE_SECONDS = 1.0
 PROGRESS_MIN_INTERVAL = 0.2  # seconds between two progress writes of one task
@@ -120,6 +124,7 @@ class TaskRunner:
         self._cancelling: set[asyncio.Task[None]] = set()
         self._rate_limits = rate_limits
         self._waiting_for_rate: dict[int, set[asyncio.Future[Any]]] = {}
+        self._stopping = False  # a lane began handing its tasks back: start nothing more
 
     @property
     def worker(self) -> str:
@@ -153,9 +158,11 @@ class TaskRunner:
         nobody), and the lanes running here (they watch for cancels and hand running
         tasks back at shutdown). What completes when it has ended; None: not now, it
         goes to its lane."""
-        if not self._lanes_running or not self._scheduler.idle_slot:
-            return None
+        if self._stopping or not self._lanes_running or not self._scheduler.idle_slot:
+            return None  # stopping: a lane that already handed its tasks back would not
         if task.not_before > time.time() * 1000:
+            return None
+        if self._timeout(task) > START_NOW_MAX_SECONDS:
             return None
         if self._rate_limits is not None and self._rate_limits.limited(task.task_type):
             return None
@@ -188,6 +195,7 @@ class TaskRunner:
         its running ones get until `deadline`, then are asked to stop and handed back
         (queued again), so the partition's next owner runs them without waiting for a
         lease to run out."""
+        self._stopping = True
         # What waits for a slot or a token stays queued: the partition's next owner runs it.
         self._scheduler.drop(priority)
         for future in self._waiting_for_rate.pop(priority, set()):

@@ -18,7 +18,7 @@ from resonance_task.tasks.periodic import Periodic, PeriodicTasks
 from resonance_task.tasks.ratelimit import RateLimits
 from resonance_task.tasks.registry import Registry, registry
 from resonance_task.tasks.reports import StatsReport
-from resonance_task.tasks.runner import RunnerConfig, TaskRunner
+from resonance_task.tasks.runner import START_NOW_MAX_SECONDS, RunnerConfig, TaskRunner
 from resonance_task.tasks.scheduler import Scheduler
 from resonance_task.tasks.stages import LANES, Lanes, TaskIntake, TaskLane, TaskRetry, submit
 from resonance_task.tasks.status import TaskStatuses
@@ -155,10 +155,10 @@ def task_side(
         runner=runner if settings.task_intake_starts else None,
         consumer_config=consumer_config(settings.topic_name("task-intake")),
         batch_max_records=settings.task_batch_max_records,
-        # Records whose lane send or (started here) task is not done yet; the next ones
-        # are fetched and submitted meanwhile.
+        # Records whose lane send or (started here, START_NOW_MAX_SECONDS at most) task is
+        # not done yet; the next ones are fetched and submitted meanwhile.
         max_pending_bytes=settings.task_lane_pending_bytes,
-        effect_timeout=TIMEOUT_MS_LIMIT / 1000 + 60,
+        effect_timeout=START_NOW_MAX_SECONDS + 60,
         **stage_options,
     )
     lane_stages = [

@@ -12,10 +12,12 @@ backlog of one priority never hides the tasks of another behind it. A new task t
 would start at once anyway (a slot idle, no task of any priority waiting for one, due,
 not rate-limited) is started by the intake itself: the lane's Kafka hop is most of a
 task's submit-to-start time and a good part of its cost, and it would order nothing.
-Its intake record is then done when the task has ended, as a lane record would be; the
-intake takes records one by one (per_record), so a long task holds back only its own
-offset, and a record redone after a crash whose task is still "running" is sent to its
-lane, where the run's lease decides whether it runs again. Each lane
+Its intake record is then done when the task has ended, as a lane record would be, so
+only tasks that end within START_NOW_MAX_SECONDS (their timeout) are started so: the
+records after one wait for it to commit. The intake takes records one by one
+(per_record), so fetching and starting go on meanwhile; a record redone after a crash
+whose task is still "running" is sent to its lane, where the run's lease decides whether
+it runs again. Each lane
 holds its own records in hand (bounded by bytes), so a low-priority backlog cannot stop
 high-priority records from being fetched; the scheduler then gives slots by weight.
 A retry topic per delay: its records come due in order, so the retry consumer (one for

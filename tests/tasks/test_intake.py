@@ -5,6 +5,7 @@ stand-ins that record what they were asked (the runs themselves are the e2e test
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -12,7 +13,10 @@ from aiokafka import ConsumerRecord
 
 from resonance_task.pipeline.dlq import DeadLetters
 from resonance_task.pipeline.limits import Limits
-from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.tasks.registry import Registry
+from resonance_task.tasks.runner import START_NOW_MAX_SECONDS, RunnerConfig, TaskRunner
+from resonance_task.tasks.scheduler import Scheduler
 from resonance_task.tasks.stages import Lanes, TaskIntake
 from resonance_task.tasks.status import Move, TaskStatuses
 
@@ -126,4 +130,33 @@ async def test_a_record_read_again_starts_nothing_twice(redis_url: str, tag: str
         assert runner.started == [] and sends.sent == ["q", "r"]
         assert effects[2] is None
     finally:
+        await statuses.close()
+
+
+async def test_the_runner_starts_nothing_at_once_that_could_outlive_the_rule(
+    redis_url: str, tag: str
+) -> None:
+    """Not while no lane runs here or one is stopping (nothing would hand it back), and
+    not a task that may run longer than START_NOW_MAX_SECONDS (the intake's records after
+    it would wait for it): those go to their lanes."""
+    statuses = TaskStatuses(redis_url, tag)
+    runner = TaskRunner(
+        registry=Registry(),
+        statuses=statuses,
+        scheduler=Scheduler(4),
+        retry_topics=[],
+        dead_letters=DeadLetters(_no_letters),
+        config=RunnerConfig(default_timeout=10.0, retry_delays=()),
+    )
+    try:
+        quick = Task(task_id="q", task_type="noop", timeout_ms=1_000)
+        long = Task(task_id="l", task_type="noop", timeout_ms=int(START_NOW_MAX_SECONDS * 2000))
+        assert runner.start_now(quick) is None  # no lane runs here
+        runner.watch_cancels()
+        later = Task(task_id="n", task_type="noop", not_before=int(time.time() * 1000) + 60_000)
+        assert runner.start_now(long) is None and runner.start_now(later) is None
+        await runner.stop(time.monotonic(), Priority.PRIORITY_NORMAL)
+        assert runner.start_now(quick) is None  # stopping
+    finally:
+        runner.stop_watching()
         await statuses.close()
