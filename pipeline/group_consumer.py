@@ -251,8 +251,8 @@ class GroupConsumer(Service):
         self._marked: dict[TopicPartition, Mark] = {}  # what was last posted to `marks`
         self._marks_scheduled = False
         self._resuming: dict[TopicPartition, _Resume] = {}
-        # Per partition taken over: ranges its mark says are done past where work resumes.
-        self._done_past: dict[TopicPartition, tuple[tuple[int, int], ...]] = {}
+        # Per partition taken over: what its mark says is done past where work resumes.
+        self._done_past: dict[TopicPartition, Mark] = {}
         self._replay_records = replay_records
         self._progress = False  # offsets committed since the last restart
         self._deferred: dict[TopicPartition, int] = {}
@@ -668,7 +668,7 @@ class GroupConsumer(Service):
                 if mark is not None and self.per_record:
                     past = tuple((s, e) for s, e in mark.beyond if e > resume.done_below)
                     if past:
-                        self._done_past[tp] = past
+                        self._done_past[tp] = Mark(resume.done_below, past)
                 wanted = max(0, resume.done_below - self._replay_records)
                 if wanted != start:
                     # Back for the records to replay, or on past what is done: the consumer
@@ -693,11 +693,10 @@ class GroupConsumer(Service):
         partition."""
         if mark is None:
             return None
-        end = mark.beyond[-1][1] if mark.beyond else mark.below
-        if end <= start:
+        if mark.end <= start:
             return None
         highwater = consumer.highwater(tp)
-        if highwater is None or end > highwater:
+        if highwater is None or mark.end > highwater:
             log.warning(
                 "%s: %s mark %s is past its end %s: ignored",
                 self.stage,
@@ -719,10 +718,10 @@ class GroupConsumer(Service):
         for record, segment in zip(records, segments, strict=True):
             tp = TopicPartition(record.topic, record.partition)
             past = self._done_past.get(tp)
-            if past is not None and record.offset >= past[-1][1]:
+            if past is not None and record.offset >= past.end:
                 del self._done_past[tp]  # fetched beyond them all
                 past = None
-            if past is not None and any(s <= record.offset < e for s, e in past):
+            if past is not None and past.covers(record.offset):
                 segment.done = True
                 skipped.setdefault(tp, []).append(record)
             else:

@@ -77,8 +77,17 @@ class Mark:
             floor = int(end)
         return cls(int(below), tuple(beyond))
 
+    @property
+    def end(self) -> int:
+        """Where what it says ends: everything from here on is not known to be done."""
+        return self.beyond[-1][1] if self.beyond else self.below
+
     def covers(self, offset: int) -> bool:
         return offset < self.below or any(s <= offset < e for s, e in self.beyond)
+
+
+def _as_mark(offset: int | Mark) -> Mark:
+    return Mark(offset) if isinstance(offset, int) else offset
 
 
 class OffsetMarks:
@@ -103,7 +112,7 @@ class OffsetMarks:
         """Save these marks soon, off the event loop; returns at once."""
         with self._lock:
             for tp, offset in offsets.items():
-                self._due[(group, tp)] = Mark(offset) if isinstance(offset, int) else offset
+                self._due[(group, tp)] = _as_mark(offset)
             if self._writer is None and not self._closing:
                 self._writer = threading.Thread(
                     target=self._write_loop, name="offset-marks", daemon=True
@@ -166,7 +175,7 @@ class OffsetMarks:
 
     async def save(self, group: str, offsets: Mapping[TopicPartition, int | Mark]) -> None:
         """Save these marks now (a test's or a tool's; stages post theirs)."""
-        due = {(group, tp): Mark(o) if isinstance(o, int) else o for tp, o in offsets.items()}
+        due = {(group, tp): _as_mark(o) for tp, o in offsets.items()}
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, fields in self._fields(due).items():
                 pipe.hset(key, mapping=fields)  # type: ignore[arg-type]

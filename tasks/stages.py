@@ -66,25 +66,56 @@ async def submit(
     """Record each (checked) task's status and queue the new ones; what `statuses.submit`
     said of each."""
     outcomes = await statuses.submit(tasks)
-    acks = await queue(tasks, outcomes, lanes, via)
+    acks = [ack for ack in await queue(tasks, outcomes, lanes, via) if ack is not None]
     if acks:
         await asyncio.gather(*acks)
     return outcomes
 
 
 async def queue(
-    tasks: Sequence[Task], outcomes: Sequence[tuple[str, str]], lanes: Lanes, via: str
-) -> list[Awaitable[object]]:
-    """Send to their lanes the tasks whose status was just written; the sends' acks. A
-    task whose status exists but is still queued is queued again: its first submit may
-    have died between the two steps, and a second record of a queued task runs once (the
-    first run's lease turns the other away)."""
-    acks = []
+    tasks: Sequence[Task],
+    outcomes: Sequence[tuple[str, str]],
+    lanes: Lanes,
+    via: str,
+    runner: TaskRunner | None = None,
+) -> list[Awaitable[object] | None]:
+    """Per task whose status was just written: started at once by `runner` (if given and
+    it may), else sent to its lane; what completes when it has ended or its lane has it,
+    or None (nothing to do). A task whose status exists but is still queued is queued
+    again: its first submit may have died between the two steps, and a second record of
+    a queued task runs once (the first run's lease turns the other away)."""
+    effects: list[Awaitable[object] | None] = []
     for task, (kind, state) in zip(tasks, outcomes, strict=True):
         metrics.TASKS_SUBMITTED.labels(task.task_type, via).inc()
-        if kind == "new" or (kind == "exists" and state == "queued"):
-            acks.append(await lanes.send(task))
-    return acks
+        started = runner.start_now(task) if runner is not None and kind == "new" else None
+        # "running" with a runner: perhaps started at once by a worker that died since;
+        # its lane runs it again once the run's lease has ended (and not if it ends).
+        laned = kind == "new" or (
+            kind == "exists" and (state == "queued" or (state == "running" and runner is not None))
+        )
+        if started is not None:
+            effects.append(started)
+        elif laned:
+            effects.append(await lanes.send(task))
+        else:
+            effects.append(None)
+    return effects
+
+
+async def _read_tasks(
+    records: Records, dead_letters: DeadLetters, read: Callable[[Any], Callable[[bytes], Task]]
+) -> tuple[list[Task], list[int]]:
+    """The records' tasks (`read(record)` decodes one) and where each was among them; what
+    does not decode is dead-lettered."""
+    tasks: list[Task] = []
+    at: list[int] = []
+    for i, record in enumerate(records):
+        task = await dead_letters.decoded(record, read(record))
+        if task is not None:
+            _stamp_origin(task, record)
+            tasks.append(task)
+            at.append(i)
+    return tasks, at
 
 
 async def run_again(
@@ -186,33 +217,17 @@ class TaskIntake(GroupConsumer):
     async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
         known = self._known_types()
         effects: list[Awaitable[object] | None] = [None] * len(records)
-        tasks: list[Task] = []
-        at: list[int] = []
-        for i, record in enumerate(records):
-            read = functools.partial(self._task_of, record, known)
-            task = await self._dead_letters.decoded(record, read)
-            if task is None:
-                continue
-            _stamp_origin(task, record)
-            tasks.append(task)
-            at.append(i)
+        tasks, at = await _read_tasks(
+            records, self._dead_letters, lambda r: functools.partial(self._task_of, r, known)
+        )
         if not tasks:
             return effects
         # Kafka is the buffer while Redis is away; a batch Redis refuses for good is
         # narrowed down to its record by the stage's isolation, and dead-lettered.
         outcomes = await retrying(lambda: self._statuses.submit(tasks), "task statuses")
-        runner = self._runner
-        for i, task, (kind, state) in zip(at, tasks, outcomes, strict=True):
-            metrics.TASKS_SUBMITTED.labels(task.task_type, "topic").inc()
-            started = runner.start_now(task) if runner is not None and kind == "new" else None
-            if started is not None:
-                effects[i] = started
-            elif kind == "new" or (kind == "exists" and state == "queued"):
-                effects[i] = await self._lanes.send(task)
-            elif kind == "exists" and state == "running" and runner is not None:
-                # Perhaps started here by a worker that died since: its lane runs it
-                # again once the run's lease has ended, not before (and not if it ends).
-                effects[i] = await self._lanes.send(task)
+        queued = await queue(tasks, outcomes, self._lanes, "topic", self._runner)
+        for i, effect in zip(at, queued, strict=True):
+            effects[i] = effect
         return effects
 
 
@@ -230,15 +245,9 @@ class TaskLane(GroupConsumer):
         super().__init__(stage=f"task_{LANES[priority]}", dead_letters=dead_letters, **kwargs)
 
     async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
-        tasks: list[Task] = []
-        at: list[int] = []
         effects: list[Awaitable[object] | None] = [None] * len(records)
-        for i, record in enumerate(records):
-            task = await self._dead_letters.decoded(record, Task.FromString)
-            if task is not None:
-                _stamp_origin(task, record)  # submitted through the API: straight to a lane
-                tasks.append(task)
-                at.append(i)
+        # Stamped with where it was read when submitted through the API (straight here).
+        tasks, at = await _read_tasks(records, self._dead_letters, lambda _: Task.FromString)
         for i, effect in zip(at, await self._runner.start(tasks), strict=True):
             effects[i] = effect
         return effects
