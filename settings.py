@@ -225,6 +225,9 @@ class Settings(BaseSettings):
     task_batch_max_records: int = Field(500, ge=1)
     # Each priority lane's records in hand (bytes) while their tasks wait or run.
     task_lane_pending_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    # ... and in number (the intake's too): what waits in hand beyond what keeps the slots
+    # busy costs memory and the collector's time, and orders nothing; Kafka holds it.
+    task_lane_pending_records: int = Field(1000, ge=1)
     # A new task that would start at once anyway (a slot idle, nothing waiting) is run by
     # the intake itself instead of going through its priority's lane topic first.
     task_intake_starts: bool = True

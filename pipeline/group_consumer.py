@@ -13,7 +13,7 @@ the stage fetches on meanwhile, up to `max_pending_batches`. A stage whose recor
 effect independently, some much later than others (pushes, each acknowledged by its own
 gateway), implements `handle_each` instead: one awaitable (or None) per record, so one
 slow record holds back neither the others' offsets nor the fetching, which then stops
-only at `max_pending_bytes` of records in hand.
+only at `max_pending_bytes` or `max_pending_records` of records in hand.
 Offsets are committed per partition only up to the first batch not yet done, every
 `commit_interval` and whenever the topic is idle, one commit at a time in the background:
 fetching goes on while the broker commits. What a SIGKILL makes the next owner do again
@@ -208,6 +208,7 @@ class GroupConsumer(Service):
         before_commit: Callable[[], Awaitable[None]] | None = None,
         max_pending_batches: int = 1,
         max_pending_bytes: int = 64 * 1024 * 1024,
+        max_pending_records: int | None = None,
         drain_seconds: float = 5.0,
         effect_timeout: float = 120.0,
         idle_fetch_wait_ms: int | None = None,
@@ -227,6 +228,7 @@ class GroupConsumer(Service):
         self.stage = stage
         self._max_pending = max(1, max_pending_batches)
         self._max_pending_bytes = max_pending_bytes
+        self._max_pending_records = max_pending_records
         self._pending_bytes = 0
         self._drain_seconds = drain_seconds
         self._effect_timeout = effect_timeout
@@ -236,6 +238,10 @@ class GroupConsumer(Service):
         self._offsets = Offsets()
         # Effects in flight, oldest first: what they are about, their size, their deadline.
         self._pending: dict[asyncio.Future[Any], _InFlight] = {}
+        # What a full stage waits on: done by the first effect that ends. Waiting on the
+        # effects themselves cost a callback added to and removed from each of them (a
+        # thousand in hand: most of a task lane's own time) every time one ended.
+        self._room: asyncio.Future[None] | None = None
         self._consume_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._stopping = False
@@ -437,18 +443,18 @@ class GroupConsumer(Service):
         assert self._consumer is not None
         self._check_overdue()
         fetched: dict[TopicPartition, Records] = {}
-        full = (
-            self._pending_bytes >= self._max_pending_bytes
-            if self.per_record
-            else len(self._pending) >= self._max_pending
-        )
-        if full:
+        if self._full():
             # Backpressure: Kafka is the buffer while the records in hand take effect.
-            await asyncio.wait(self._pending, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+            self._room = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._room], timeout=0.2)
+            self._room = None
         elif self._isolate and not self._pending:
             await self._step_isolated(self._consumer)
         else:
-            fetched = await self._fetch(self._consumer, self._batch_max)
+            most = self._batch_max
+            if self.per_record and self._max_pending_records is not None:
+                most = min(most, self._max_pending_records - len(self._pending))
+            fetched = await self._fetch(self._consumer, most)
             if self._fetch_wait is not None:
                 self._fetch_wait.observe(self._consumer, bool(fetched))
             if fetched and self.per_record:
@@ -484,6 +490,16 @@ class GroupConsumer(Service):
                 self._committing.result()  # a commit that failed fails the step: restart
             self._last_commit = time.monotonic()
             self._committing = asyncio.create_task(self._commit())
+
+    def _full(self) -> bool:
+        if not self.per_record:
+            return len(self._pending) >= self._max_pending
+        if self._pending_bytes >= self._max_pending_bytes:
+            return True
+        limit = self._max_pending_records
+        # Taken a quarter of the limit at a time: a record at a time would cost a fetch
+        # and a step for each.
+        return limit is not None and len(self._pending) > limit - max(1, limit // 4)
 
     async def _fetch(
         self, consumer: AIOKafkaConsumer, max_records: int
@@ -545,6 +561,8 @@ class GroupConsumer(Service):
                     done.exception()  # forgotten meanwhile: its outcome no longer matters
                 return
             self._pending_bytes -= size
+            if self._room is not None and not self._room.done() and not self._full():
+                self._room.set_result(None)
             if done.cancelled():
                 return
             if done.exception() is not None:

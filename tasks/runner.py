@@ -267,7 +267,9 @@ class TaskRunner:
         self._running[task.task_id] = running
         labels = (task.task_type,)
         try:
-            result = await asyncio.wait_for(inner, self._timeout(task))
+            # A deadline on this run, not wait_for's future, callback and timer per task.
+            async with asyncio.timeout(self._timeout(task)):
+                result = await inner
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if not ctx.cancelled or (current is not None and current.cancelling()):
@@ -451,6 +453,8 @@ def _after_slot(slot: asyncio.Future[Any]) -> asyncio.Future[Any]:
 
 
 def _jsonable(result: Any) -> Any:
+    if result is None or isinstance(result, (str, int, float, bool)):
+        return result  # most processors' results: no trial encoding
     try:
         json.dumps(result)
         return result

@@ -158,6 +158,7 @@ def task_side(
         # Records whose lane send or (started here, START_NOW_MAX_SECONDS at most) task is
         # not done yet; the next ones are fetched and submitted meanwhile.
         max_pending_bytes=settings.task_lane_pending_bytes,
+        max_pending_records=settings.task_lane_pending_records,
         effect_timeout=START_NOW_MAX_SECONDS + 60,
         **stage_options,
     )
@@ -170,6 +171,7 @@ def task_side(
             consumer_config=consumer_config(settings.topic_name(f"tasks-{LANES[p]}")),
             batch_max_records=settings.task_batch_max_records,
             max_pending_bytes=settings.task_lane_pending_bytes,
+            max_pending_records=settings.task_lane_pending_records,
             # The runner ends every task by its timeout; a record is given up (and redone)
             # only past the longest timeout a task may ask for.
             effect_timeout=TIMEOUT_MS_LIMIT / 1000 + 60,

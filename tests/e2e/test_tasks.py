@@ -234,6 +234,25 @@ async def test_exhausted_and_permanent_failures_are_dead_lettered_and_replayable
     await _state(worker, "refused-1", "dead")
 
 
+async def test_a_task_past_its_timeout_is_stopped_and_the_others_run_on(
+    shared: tuple[Pipeline, WorkerProcess],
+) -> None:
+    _, worker = shared
+    _submit(
+        worker,
+        task_id="hangs-1",
+        task_type="sleeps",
+        payload={"ms": 60_000},
+        timeout_ms=300,
+        max_attempts=1,
+    )
+    _submit(worker, task_id="beside-hangs-1", task_type="sleeps", payload={"ms": 1})
+    await _state(worker, "beside-hangs-1", "succeeded")
+    dead = await _state(worker, "hangs-1", "dead")
+    assert dead["error"] == "timed out after 0.3s", dead
+    assert dead["finished_at"] - dead["started_at"] < 10_000, dead
+
+
 async def test_cancel_a_queued_and_a_running_task(shared: tuple[Pipeline, WorkerProcess]) -> None:
     p, worker = shared
     _submit(worker, task_id="slow-1", task_type="slow", payload={"seconds": 30})

@@ -194,6 +194,60 @@ async def test_one_slow_record_holds_back_only_its_own_partition(
         await stage.stop()
 
 
+class HoldsAll(GroupConsumer):
+    """Per-record effects, each held until the test settles it."""
+
+    per_record = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.held: list[asyncio.Future[None]] = []
+        super().__init__(stage="test-holds", **kwargs)
+
+    async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
+        loop = asyncio.get_running_loop()
+        effects = [loop.create_future() for _ in records]
+        self.held += effects
+        return list(effects)
+
+    def settle(self, count: int) -> None:
+        for effect in [f for f in self.held if not f.done()][:count]:
+            effect.set_result(None)
+
+
+async def test_a_per_record_stage_holds_at_most_its_records_limit(
+    broker: EmbeddedBroker, tag: str
+) -> None:
+    topic, group = f"{tag}.holds", f"{tag}-holds"
+    await make_topic(broker, topic, 2)
+    await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
+    config = group_config(broker, group)
+    stage = HoldsAll(
+        topic=topic, consumer_config=config, batch_max_records=25, max_pending_records=40
+    )
+    await stage.start()
+    try:
+        await until(lambda: len(stage.held) == 40)  # fetches stop at the limit, not past it
+        await asyncio.sleep(0.5)
+        assert len(stage.held) == 40
+        # One ended is not room enough for a fetch (a record at a time would cost a fetch
+        # each); a quarter of the limit is.
+        stage.settle(1)
+        await asyncio.sleep(0.5)
+        assert len(stage.held) == 40
+        stage.settle(9)
+        await until(lambda: len(stage.held) == 50)
+        assert stage.pending_batches == 40
+        while len(stage.held) < 100:
+            stage.settle(40)
+            await asyncio.sleep(0.05)
+        stage.settle(40)
+        await asyncio.sleep(1.0)  # past a commit
+        p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+        assert await committed(broker, group, [p0, p1]) == 100
+    finally:
+        await stage.stop()
+
+
 class Poisoned(GroupConsumer):
     """Every batch fails: a poison record no restart gets past."""
 
