@@ -212,6 +212,18 @@ async def test_large_group_jobs_run_and_keep_their_cursors_on_the_owning_worker(
     workers = await start_workers(p, 2, "together")
     users, groups, online = await setup(p, group_count=8, spacing=15)
     await every_worker_sees(p, workers, len(online))
+    # Started together, the workers may first be given every partition in turn: the jobs
+    # go out once each owns some of the job topic (in CI, one was ready owning none).
+    jobs_topic = f"{p.env['APP_ID']}-large-group-jobs:"
+
+    async def both_own_jobs() -> bool:
+        for worker in workers:
+            _, stats = await asyncio.to_thread(worker.get, "/stats")
+            if not any(tp.startswith(jobs_topic) for tp in stats["assignment"]):
+                return False
+        return True
+
+    await eventually(both_own_jobs, 60, "large-group job partitions on both workers")
 
     events = list(mixed_traffic(users, groups, 200, group_ratio=0.3, seed=3))
     group_ids = {e.msg_id for e in events if e.session_id in groups}
