@@ -92,7 +92,7 @@ def faust_config(s: Settings) -> dict[str, Any]:
     if s.tansu:
         # DESIGN.md section 6: Tansu's group join waits half the session timeout; its
         # ListOffsets and fetch waits need a transport of our own (embedded/tansu.py).
-        tansu.register()
+        tansu.register(s.idle_fetch_max_wait_ms)
         config.update(
             broker=tansu.broker_url(s.kafka_broker_url),
             broker_session_timeout=2.0,

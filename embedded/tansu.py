@@ -2,7 +2,9 @@
 
 - Tansu does not answer a fetch early when records arrive: a fetch waits its whole
   `fetch_max_wait_ms` (measured: a median of ~390 ms a hop with Faust's hard-coded
-  1500 ms, ~9 ms with 50 ms). Kafka does answer early, so only this profile shortens it.
+  1500 ms, ~9 ms with 50 ms). Kafka does answer early, so only this profile shortens it;
+  and, as the own-group stages do (pipeline/fetch_wait.py), only while records flow: a
+  consumer at rest asks at the idle wait, not 50 times a second.
 - Tansu's ListOffsets(latest) answers the first offset of the last batch + 1, so a table
   recovering from a changelog written in multi-record batches stops short (DESIGN.md
   section 6). Changelog records therefore go through a second producer whose batches
@@ -18,9 +20,11 @@ from faust.transport import drivers
 from faust.transport.drivers import aiokafka as kafka_driver
 
 from resonance_task.pipeline import transport
+from resonance_task.pipeline.fetch_wait import FetchWait
 
 SCHEME = "tansu"
 FETCH_MAX_WAIT_MS = 20
+_idle_fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # register() sets the worker's
 CHANGELOG_SUFFIX = "-changelog"
 
 
@@ -29,7 +33,16 @@ class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         # aiokafka reads this when it builds its fetcher, in start().
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        self._fetch_wait = FetchWait(FETCH_MAX_WAIT_MS, _idle_fetch_max_wait_ms)
         return consumer
+
+    async def _fetch_records(self, consumer: Any, *args: Any, **kwargs: Any) -> Any:
+        # Faust's own consumer reads the presence, route and large-group topics and the
+        # tables' changelogs, at rest most of the time: in a task burst its fetches were
+        # most of the cost of this thread, taken from the event loop under the GIL.
+        records = await super()._fetch_records(consumer, *args, **kwargs)
+        self._fetch_wait.observe(consumer, any(records.values()) if records else False)
+        return records
 
 
 class Consumer(kafka_driver.Consumer):
@@ -97,8 +110,11 @@ class Transport(transport.Transport):
     Producer = Producer
 
 
-def register() -> None:
-    """Make `tansu://host:port` broker URLs use this transport."""
+def register(idle_fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
+    """Make `tansu://host:port` broker URLs use this transport; Faust's own consumer waits
+    `idle_fetch_max_wait_ms` on a fetch once its topics are at rest."""
+    global _idle_fetch_max_wait_ms
+    _idle_fetch_max_wait_ms = idle_fetch_max_wait_ms
     drivers.TRANSPORTS.aliases[SCHEME] = f"{__name__}:Transport"
 
 
