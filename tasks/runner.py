@@ -49,6 +49,10 @@ START_NOW_MAX_SECONDS = 300.0
 CANCEL_POLL_SECONDS = 0.25
 CANCEL_GRACE_SECONDS = 1.0
 PROGRESS_MIN_INTERVAL = 0.2  # seconds between two progress writes of one task
+# Runs past their timeout are looked for this often, by one timer for all of them: a
+# timer per run (wait_for, asyncio.timeout) was ~4% of a no-op task's cost. A run may
+# thus outlive its timeout by this much.
+SWEEP_SECONDS = 0.05
 
 
 @dataclass
@@ -94,7 +98,9 @@ class _Running:
     ctx: RunContext
     processor: Processor
     inner: asyncio.Future[Any]
+    deadline: float  # monotonic
     stop_asked: bool = field(default=False)
+    timed_out: bool = field(default=False)
 
 
 class TaskRunner:
@@ -125,6 +131,7 @@ class TaskRunner:
         self._rate_limits = rate_limits
         self._waiting_for_rate: dict[int, set[asyncio.Future[Any]]] = {}
         self._stopping = False  # a lane began handing its tasks back: start nothing more
+        self._sweeping: asyncio.TimerHandle | None = None  # the next look for overdue runs
 
     @property
     def worker(self) -> str:
@@ -263,17 +270,21 @@ class TaskRunner:
             return await self._dead(task, "unknown_task_type", f"no processor: {task.task_type}")
         ctx = RunContext(task, self._statuses)
         inner = asyncio.ensure_future(processor.run(task, ctx))
-        running = _Running(task, ctx, processor, inner)
+        running = _Running(task, ctx, processor, inner, started + self._timeout(task))
         self._running[task.task_id] = running
+        if self._sweeping is None:
+            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
         labels = (task.task_type,)
         try:
-            # A deadline on this run, not wait_for's future, callback and timer per task.
-            async with asyncio.timeout(self._timeout(task)):
-                result = await inner
+            result = await inner
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if not ctx.cancelled or (current is not None and current.cancelling()):
+            if current is not None and current.cancelling():
                 raise  # the worker is stopping: the task was handed back
+            if running.timed_out:
+                return await self._failed(task, TimeoutError())
+            if not ctx.cancelled:
+                raise
             metrics.TASKS_FINISHED.labels(*labels, "cancelled").inc()
             return await self._end(task, "cancelled", {"error": "cancelled while running"})
         except Exception as exc:
@@ -290,6 +301,17 @@ class TaskRunner:
         return _Then(
             self._moves.enqueue(Move(task.task_id, "succeeded", "running", _final(fields)))
         )
+
+    def _sweep(self) -> None:
+        """Stop the runs past their deadline; again in SWEEP_SECONDS while any run."""
+        self._sweeping = None
+        now = time.monotonic()
+        for running in self._running.values():
+            if not running.timed_out and now >= running.deadline:
+                running.timed_out = True
+                running.inner.cancel()
+        if self._running:
+            self._sweeping = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
     async def _failed(self, task: Task, exc: Exception) -> object:
         error = f"{type(exc).__name__}: {exc}"[:1000]
