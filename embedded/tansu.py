@@ -29,6 +29,8 @@ CHANGELOG_SUFFIX = "-changelog"
 
 
 class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
+    _fetch_wait: FetchWait | None = None  # a worker's consumer's (not a client-only app's)
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # aiokafka reads this when it builds its fetcher, in start().
@@ -41,7 +43,8 @@ class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
         # tables' changelogs, at rest most of the time: in a task burst its fetches were
         # most of the cost of this thread, taken from the event loop under the GIL.
         records = await super()._fetch_records(consumer, *args, **kwargs)
-        self._fetch_wait.observe(consumer, any(records.values()) if records else False)
+        if self._fetch_wait is not None:
+            self._fetch_wait.observe(consumer, any(records.values()) if records else False)
         return records
 
 

@@ -50,6 +50,7 @@ from resonance_task.pipeline.retry import is_transient
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.1  # seconds
+REFILL_SECONDS = 1.0  # a full per-record stage fetches at least this often if room
 # Open records looked through for done ranges past a partition's done prefix, per mark:
 # bounds the cost of a mark when many records are in hand.
 SCAN_SEGMENTS = 512
@@ -238,10 +239,11 @@ class GroupConsumer(Service):
         self._offsets = Offsets()
         # Effects in flight, oldest first: what they are about, their size, their deadline.
         self._pending: dict[asyncio.Future[Any], _InFlight] = {}
-        # What a full stage waits on: done by the first effect that ends. Waiting on the
-        # effects themselves cost a callback added to and removed from each of them (a
-        # thousand in hand: most of a task lane's own time) every time one ended.
+        # What a full stage waits on: done by the effect that ends its being full. Waiting
+        # on the effects themselves cost a callback added to and removed from each of them
+        # (a thousand in hand: most of a task lane's own time) every time one ended.
         self._room: asyncio.Future[None] | None = None
+        self._last_fetch = time.monotonic()
         self._consume_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._stopping = False
@@ -497,13 +499,22 @@ class GroupConsumer(Service):
         if self._pending_bytes >= self._max_pending_bytes:
             return True
         limit = self._max_pending_records
+        if limit is None:
+            return False
+        if len(self._pending) >= limit:
+            return True
         # Taken a quarter of the limit at a time: a record at a time would cost a fetch
-        # and a step for each.
-        return limit is not None and len(self._pending) > limit - max(1, limit // 4)
+        # and a step for each. Where records end slowly (long tasks in a lane given a
+        # tenth of the slots) a quarter may take minutes: then whatever is free, at most
+        # every REFILL_SECONDS, so that the consumer keeps polling (aiokafka leaves the
+        # group after max_poll_interval_ms without a fetch).
+        quarter = len(self._pending) > limit - max(1, limit // 4)
+        return quarter and time.monotonic() - self._last_fetch < REFILL_SECONDS
 
     async def _fetch(
         self, consumer: AIOKafkaConsumer, max_records: int
     ) -> dict[TopicPartition, Records]:
+        self._last_fetch = time.monotonic()
         batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
         fetched = {tp: rs for tp, rs in batch.items() if rs}
         return self._resume(consumer, fetched) if self._resuming else fetched
@@ -779,6 +790,8 @@ class GroupConsumer(Service):
             if set(held.tps) <= revoked:
                 del self._pending[future]
                 self._pending_bytes -= held.size
+        if self._room is not None and not self._room.done() and not self._full():
+            self._room.set_result(None)
 
     async def _commit(self) -> None:
         async with self._commit_lock:

@@ -281,10 +281,10 @@ class TaskRunner:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # the worker is stopping: the task was handed back
-            if running.timed_out:
+            if not ctx.cancelled:  # a cancel asked for wins over a deadline met meanwhile
+                if not running.timed_out:
+                    raise
                 return await self._failed(task, TimeoutError())
-            if not ctx.cancelled:
-                raise
             metrics.TASKS_FINISHED.labels(*labels, "cancelled").inc()
             return await self._end(task, "cancelled", {"error": "cancelled while running"})
         except Exception as exc:

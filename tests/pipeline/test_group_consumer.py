@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from resonance_task.embedded.broker import EmbeddedBroker
 from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
-from resonance_task.pipeline.group_consumer import GroupConsumer, Offsets, Records
+from resonance_task.pipeline.group_consumer import REFILL_SECONDS, GroupConsumer, Offsets, Records
 from resonance_task.pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
 from tests.pipeline.test_topic_view import make_topic, produce, until
 
@@ -227,15 +227,19 @@ async def test_a_per_record_stage_holds_at_most_its_records_limit(
     await stage.start()
     try:
         await until(lambda: len(stage.held) == 40)  # fetches stop at the limit, not past it
-        await asyncio.sleep(0.5)
-        assert len(stage.held) == 40
         # One ended is not room enough for a fetch (a record at a time would cost a fetch
-        # each); a quarter of the limit is.
+        # each), not soon after the last one; a quarter of the limit is.
         stage.settle(1)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.3)
         assert len(stage.held) == 40
         stage.settle(9)
         await until(lambda: len(stage.held) == 50)
+        assert stage.pending_batches == 40
+        # Records that end slowly: once REFILL_SECONDS passed, whatever is free is fetched.
+        stage.settle(1)
+        started = time.monotonic()
+        await until(lambda: len(stage.held) == 51)
+        assert time.monotonic() - started >= REFILL_SECONDS - 0.3
         assert stage.pending_batches == 40
         while len(stage.held) < 100:
             stage.settle(40)
