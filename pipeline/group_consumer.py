@@ -453,10 +453,7 @@ class GroupConsumer(Service):
         elif self._isolate and not self._pending:
             await self._step_isolated(self._consumer)
         else:
-            most = self._batch_max
-            if self.per_record and self._max_pending_records is not None:
-                most = min(most, self._max_pending_records - len(self._pending))
-            fetched = await self._fetch(self._consumer, most)
+            fetched = await self._fetch(self._consumer, self._fetch_size())
             if self._fetch_wait is not None:
                 self._fetch_wait.observe(self._consumer, bool(fetched))
             if fetched and self.per_record:
@@ -510,6 +507,17 @@ class GroupConsumer(Service):
         # group after max_poll_interval_ms without a fetch).
         quarter = len(self._pending) > limit - max(1, limit // 4)
         return quarter and time.monotonic() - self._last_fetch < REFILL_SECONDS
+
+    def _fetch_size(self) -> int:
+        """Records to take in the next fetch: a batch, or what the records limit leaves."""
+        if self.per_record and self._max_pending_records is not None:
+            return min(self._batch_max, self._max_pending_records - len(self._pending))
+        return self._batch_max
+
+    def _wake_if_room(self) -> None:
+        """A full stage waiting on `_room` fetches again once it is full no more."""
+        if self._room is not None and not self._room.done() and not self._full():
+            self._room.set_result(None)
 
     async def _fetch(
         self, consumer: AIOKafkaConsumer, max_records: int
@@ -572,8 +580,7 @@ class GroupConsumer(Service):
                     done.exception()  # forgotten meanwhile: its outcome no longer matters
                 return
             self._pending_bytes -= size
-            if self._room is not None and not self._room.done() and not self._full():
-                self._room.set_result(None)
+            self._wake_if_room()
             if done.cancelled():
                 return
             if done.exception() is not None:
@@ -790,8 +797,7 @@ class GroupConsumer(Service):
             if set(held.tps) <= revoked:
                 del self._pending[future]
                 self._pending_bytes -= held.size
-        if self._room is not None and not self._room.done() and not self._full():
-            self._room.set_result(None)
+        self._wake_if_room()
 
     async def _commit(self) -> None:
         async with self._commit_lock:

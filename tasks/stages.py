@@ -17,9 +17,9 @@ only tasks that end within START_NOW_MAX_SECONDS (their timeout) are started so:
 records after one wait for it to commit. The intake takes records one by one
 (per_record), so fetching and starting go on meanwhile; a record redone after a crash
 whose task is still "running" is sent to its lane, where the run's lease decides whether
-it runs again. Each lane
-holds its own records in hand (bounded in bytes and number), so a low-priority backlog cannot stop
-high-priority records from being fetched; the scheduler then gives slots by weight.
+it runs again. Each lane holds its own records in hand (bounded in bytes and number), so
+a low-priority backlog cannot stop high-priority records from being fetched; the
+scheduler then gives slots by weight.
 A retry topic per delay: its records come due in order, so the retry consumer (one for
 all of them) pauses a partition until its first record is due (never sleeping in the
 loop) and then forwards it to its lane.
