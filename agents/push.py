@@ -29,7 +29,7 @@ from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import Span
 
-from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome
+from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome, position
 from resonance_task.offline import records as offline_records
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.dlq import DeadLetters
@@ -141,13 +141,18 @@ class Offered:
         gateway_id = pushes.gateway_id
         self.add([((gateway_id, p.message.msg_id), list(p.users)) for p in pushes.pushes])
 
-    def drop_repeats(self, pushes: GatewayPushBatch) -> int:
-        """Strip the users already offered the same message; remember the rest. Stripped."""
+    def drop_repeats(self, pushes: GatewayPushBatch) -> tuple[int, list[int]]:
+        """Strip the users already offered the same message; remember the rest.
+
+        Returns how many users were stripped, and the index in the record as read of each
+        push left (its position, which must not change when the record is read again).
+        """
         gateway_id = pushes.gateway_id
         kept: list[GatewayPush] = []
+        indexes: list[int] = []
         record: list[tuple[tuple[str, int], list[str]]] = []
         repeated = 0
-        for push in pushes.pushes:
+        for index, push in enumerate(pushes.pushes):
             msg_id = push.message.msg_id
             fresh = self.fresh(gateway_id, msg_id, push.users)
             if len(fresh) < len(push.users):
@@ -157,12 +162,13 @@ class Offered:
                 del push.users[:]
                 push.users.extend(fresh)
             kept.append(push)
+            indexes.append(index)
             record.append(((gateway_id, msg_id), fresh))
         if repeated:
             del pushes.pushes[:]
             pushes.pushes.extend(kept)
         self.add(record)
-        return repeated
+        return repeated, indexes
 
     def add(self, record: list[tuple[tuple[str, int], list[str]]]) -> None:
         for key, users in record:
@@ -241,16 +247,28 @@ class PushConsumer(GroupConsumer):
             if pushes is None:
                 effects.append(None)
                 continue
+            indexes: Iterable[int] = range(len(pushes.pushes))
             if self._dedupe_records:
                 tp = TopicPartition(record.topic, record.partition)
-                metrics.PUSH_REPEATS_DROPPED.inc(self._offered_on(tp).drop_repeats(pushes))
+                repeated, indexes = self._offered_on(tp).drop_repeats(pushes)
+                metrics.PUSH_REPEATS_DROPPED.inc(repeated)
+            # Where each push is, so a gateway that already has it (the ack was in flight
+            # when a worker died) answers for it instead of getting it again.
+            source = f"{record.topic}/{record.partition}"
+            positions = [position(record.offset, index) for index in indexes]
             settlement = _Settlement()
-            await self._offer(pushes, settlement)
+            await self._offer(pushes, settlement, source, positions)
             settlement.settled()
             effects.append(settlement.future)
         return effects
 
-    async def _offer(self, pushes: GatewayPushBatch, batch: _Settlement) -> None:
+    async def _offer(
+        self,
+        pushes: GatewayPushBatch,
+        batch: _Settlement,
+        source: str,
+        positions: list[int | None],
+    ) -> None:
         if not pushes.pushes:
             return
         gateway_id = pushes.gateway_id
@@ -258,7 +276,8 @@ class PushConsumer(GroupConsumer):
         offline = self._offline
         enqueued = 0
         now_ms = time.time() * 1000
-        for push in pushes.pushes:
+        for i, push in enumerate(pushes.pushes):
+            at = positions[i]
             if push.message.timestamp:
                 metrics.PUSH_AGE.observe(max(0.0, now_ms - push.message.timestamp) / 1000)
 
@@ -297,6 +316,7 @@ class PushConsumer(GroupConsumer):
                 users=list(push.users),
                 on_done=settle,
                 metadata=grpc_metadata(push.trace_headers),
+                position=(source, at) if at is not None else None,
             )
             batch.add()
             if session.offer(item):

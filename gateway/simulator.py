@@ -4,9 +4,14 @@ It reports its users' presence to the presence topic (batched: 50 events or 100 
 Resonance IM gateways do), heartbeats to the heartbeat topic, and records every delivery
 it receives with its latency (receipt time minus the message's logic timestamp).
 
+It keeps the positions of the last `RESUME_POSITIONS` pushes it received, and whom of
+those messages it failed, and answers a stream's opening with them (gateway.proto), so a
+worker taking over after another died does not push them again.
+
 Knobs for fault tests: `delay` (seconds before acking each batch), `fail_users` (users it
 reports in failed_usernames), `ack` (False: receive and never ack), `stream` (False: the
-PushStream call is UNIMPLEMENTED, as on a Resonance IM gateway).
+PushStream call is UNIMPLEMENTED, as on a Resonance IM gateway), `resume` (False: it
+keeps nothing, and answers the opening with an empty ack).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +30,7 @@ from aiokafka import AIOKafkaProducer
 
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import (
     GatewayHeartbeat,
+    Positions,
     PushBatch,
     PushBatchAck,
     PushRequest,
@@ -41,6 +48,9 @@ from resonance_task.proto.resonance.logic.v1.presence_pb2 import (
 
 PRESENCE_BATCH_EVENTS = 50
 PRESENCE_BATCH_SECONDS = 0.1
+# Enough for what a worker had in flight and unmarked when it died (a few batches) with a
+# wide margin; the opening's answer stays well under gRPC's 4 MB message limit.
+RESUME_POSITIONS = 50_000
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Recorder:
     calls: list[list[int]] = field(default_factory=list)  # msg_ids of each batch or unary call
     unary_calls: int = 0
     failed_reported: int = 0
+    openings: int = 0  # streams opened (batch_id 0)
 
     def per_user(self) -> dict[str, list[Received]]:
         out: dict[str, list[Received]] = {}
@@ -92,6 +103,13 @@ class _PushService(PushServiceServicer):
         if not self._sim.stream:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PushStream not implemented")
         async for batch in request_iterator:
+            if batch.batch_id == 0 and not batch.items:
+                self._sim.recorder.openings += 1
+                await self._sim._pause()
+                if self._sim.ack:
+                    yield self._sim._opening_answer()
+                continue
+            self._sim._remember(batch)
             self._sim.recorder.batches += 1
             self._sim.recorder.calls.append([item.message.msg_id for item in batch.items])
             results = [self._sim._answer(item) for item in batch.items]
@@ -114,6 +132,7 @@ class GatewaySimulator:
         fail_users: Iterable[str] = (),
         ack: bool = True,
         stream: bool = True,
+        resume: bool = True,
         tls: grpc.ServerCredentials | None = None,
         bind_host: str = "127.0.0.1",
         advertise_host: str | None = None,
@@ -134,7 +153,10 @@ class GatewaySimulator:
         self.fail_users = set(fail_users)
         self.ack = ack
         self.stream = stream
+        self.resume = resume
         self.tls = tls
+        self._received: deque[tuple[str, int]] = deque(maxlen=RESUME_POSITIONS)
+        self._failed: deque[tuple[int, str]] = deque(maxlen=RESUME_POSITIONS)
         self.recorder = Recorder()
         self.online: set[str] = set()
         self.draining = False
@@ -250,6 +272,25 @@ class GatewaySimulator:
         if self.delay:
             await asyncio.sleep(self.delay)
 
+    def _remember(self, batch: PushBatch) -> None:
+        if self.resume:
+            for sent in batch.sent:
+                self._received.extend((sent.source, p) for p in sent.positions)
+
+    def _opening_answer(self) -> PushBatchAck:
+        ack = PushBatchAck(batch_id=0)
+        if not self.resume:
+            return ack
+        by_source: dict[str, list[int]] = {}
+        for source, position in self._received:
+            by_source.setdefault(source, []).append(position)
+        ack.received.extend(Positions(source=s, positions=p) for s, p in by_source.items())
+        by_msg: dict[int, list[str]] = {}
+        for msg_id, user in self._failed:
+            by_msg.setdefault(msg_id, []).append(user)
+        ack.failed.extend(PushResponse(msg_id=m, failed_usernames=u) for m, u in by_msg.items())
+        return ack
+
     def _answer(self, request: PushRequest, metadata: Iterable[Any] = ()) -> PushResponse:
         now_ms = time.time() * 1000
         traceparent = request.trace_headers.get("traceparent") or next(
@@ -271,4 +312,6 @@ class GatewaySimulator:
                     )
                 )
         self.recorder.failed_reported += len(failed)
+        if self.resume:
+            self._failed.extend((message.msg_id, user) for user in failed)
         return PushResponse(msg_id=message.msg_id, failed_usernames=failed)

@@ -52,6 +52,11 @@ PUSH_REPEATS_DROPPED = Counter(
     "resonance_push_repeats_dropped_total",
     "Users not pushed again: their partition had offered them the same message (a redone fanout)",
 )
+PUSHES_ALREADY_RECEIVED = Counter(
+    "resonance_push_already_received_total",
+    "Pushes settled from their gateway's answer to a stream's opening instead of being sent:"
+    " it had them from a worker that died (or a stream that broke) before reading the ack",
+)
 OFFLINE_USERS = Counter("resonance_offline_users_total", "Users sent to offline push", ["reason"])
 DEAD_LETTERS = Counter(
     "resonance_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"]

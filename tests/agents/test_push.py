@@ -9,7 +9,13 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
 from resonance_task.agents.push import Offered, OfflineSink, PushConsumer
-from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
+from resonance_task.gateway.client import (
+    GatewayPool,
+    PushItem,
+    PushOutcome,
+    SessionConfig,
+    position,
+)
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
 from tests.agents.conftest import Sink
@@ -75,9 +81,11 @@ class Accepting:
 
     def __init__(self) -> None:
         self.users: list[tuple[int, str]] = []
+        self.positions: list[tuple[str, int] | None] = []
 
     def offer(self, item: PushItem) -> bool:
         self.users += [(item.message.msg_id, u) for u in item.users]
+        self.positions.append(item.position)
         outcome = PushOutcome(delivered=item.users, failed=[], reason="")
         # Answered in a later loop turn, as a gateway's ack is.
         asyncio.get_running_loop().call_soon(item.on_done, outcome)
@@ -144,6 +152,21 @@ async def test_what_was_offered_before_a_restart_or_a_revoke_is_offered_again() 
     stage.released({TopicPartition("pushes", 0)})
     await asyncio.gather(*filter(None, await stage.handle_each([push_record(0, {1: ["a"]})])))
     assert gateway.users == [(1, "a"), (1, "a")]
+
+
+async def test_a_push_keeps_its_position_in_the_record_as_read_when_others_are_dropped() -> None:
+    # A gateway answers a stream's opening with the positions it has: a record read again
+    # must give each push the position it had the first time, whatever was stripped.
+    gateway = Accepting()
+    stage = deduping(gateway)
+    stage.replayed(TopicPartition("pushes", 0), [push_record(5, {1: ["a"]})])
+    (effect,) = await stage.handle_each([push_record(6, {1: ["a"], 2: ["b"], 3: ["c"]})])
+    assert effect is not None
+    await effect
+    assert gateway.users == [(2, "b"), (3, "c")]
+    assert gateway.positions == [("pushes/0", position(6, 1)), ("pushes/0", position(6, 2))]
+    assert position(6, 1) == 6 << 20 | 1
+    assert position(6, 1 << 20) is None  # past the index bits: sent, never taken as had
 
 
 def test_the_memory_keeps_the_last_records_only() -> None:

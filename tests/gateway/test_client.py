@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from resonance_task.embedded.broker import free_port
-from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome, SessionConfig
+from resonance_task.gateway.client import (
+    GatewayPool,
+    PushItem,
+    PushOutcome,
+    SessionConfig,
+    position,
+)
 from resonance_task.gateway.simulator import GatewaySimulator
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 
@@ -142,7 +148,8 @@ async def test_a_silent_gateway_costs_one_ack_timeout_then_gets_only_a_probe() -
     # Given up after one ack timeout, not resent: offline push takes them.
     assert {o.reason for _, o in outcomes.items} == {"gateway_timeout"}
     assert waited < config.ack_timeout * 2, waited
-    assert sim.recorder.batches == 1 and not session.healthy
+    # It never answered the stream's opening, so nothing was sent to it.
+    assert sim.recorder.openings == 1 and sim.recorder.batches == 0 and not session.healthy
 
     # Unhealthy: a few items go to it as a probe, the rest is refused at once.
     accepted = [
@@ -239,3 +246,59 @@ async def test_a_gateway_on_a_new_address_takes_over_what_the_old_one_left(
     await pool.drain(1)
     assert sorted(u for _, o in outcomes.items for u in o.delivered) == ["u1", "u2", "u3"]
     assert all(not o.failed for _, o in outcomes.items)
+
+
+def at(offset: int, index: int) -> tuple[str, int]:
+    """A push's (source, position), as the push stage gives it."""
+    where = position(offset, index)
+    assert where is not None
+    return ("pushes/0", where)
+
+
+async def test_a_worker_taking_over_gets_what_the_gateway_already_has_from_its_answer(
+    gateway: GatewaySimulator,
+) -> None:
+    # One worker pushed these and died before it read the acks (or marked them done): the
+    # next owner of the partition offers them again, at the same positions, and the
+    # gateway's answer to its stream's opening settles them, failures included.
+    gateway.fail_users = {"u2"}
+    first, first_outcomes = GatewayPool(FAST), Outcomes()
+    session = first.session(gateway.gateway_id, gateway.address)
+    for i in range(1, 6):
+        item = PushItem(message(i, f"s{i}"), ["u1", "u2"], first_outcomes.handler(i))
+        item.position = at(100, i)
+        assert session.offer(item)
+    await first_outcomes.wait(5)
+    await first.drain(1)
+    assert gateway.recorder.bodies == 5
+
+    after, outcomes = GatewayPool(FAST), Outcomes()
+    session = after.session(gateway.gateway_id, gateway.address)
+    for i in range(1, 8):  # the five again, and two it never had
+        item = PushItem(message(i, f"s{i}"), ["u1", "u2"], outcomes.handler(i))
+        item.position = at(100, i)
+        assert session.offer(item)
+    await outcomes.wait(7)
+    await after.drain(1)
+    assert gateway.recorder.bodies == 7, "the gateway was sent what it had"
+    assert gateway.recorder.openings == 2
+    assert sorted((i, o.delivered, o.failed) for i, o in outcomes.items) == [
+        (i, ["u1"], ["u2"]) for i in range(1, 8)
+    ]
+    delivered = [(r.msg_id, r.user) for r in gateway.recorder.deliveries]
+    assert sorted(delivered) == [(i, "u1") for i in range(1, 8)]
+
+
+async def test_a_gateway_that_keeps_nothing_gets_them_again() -> None:
+    sim = await GatewaySimulator("gw-plain", bootstrap_servers=None, resume=False).start()
+    await sim.connect(["u1"])
+    for _ in range(2):
+        pool, outcomes = GatewayPool(FAST), Outcomes()
+        item = PushItem(message(1), ["u1"], outcomes.handler(1))
+        item.position = at(7, 0)
+        assert pool.session(sim.gateway_id, sim.address).offer(item)
+        await outcomes.wait(1)
+        await pool.drain(1)
+        assert outcomes.items[0][1].delivered == ["u1"]
+    await sim.stop()
+    assert [(r.msg_id, r.user) for r in sim.recorder.deliveries] == [(1, "u1"), (1, "u1")]

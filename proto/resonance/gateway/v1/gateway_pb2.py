@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(proto/resonance/gateway/v1/gateway.proto\x12\x14resonance.gateway.v1\"\xd8\x01\n\x0bPushRequest\x12\x14\n\x0cto_usernames\x18\x01 \x03(\t\x12\x32\n\x07message\x18\x02 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12J\n\rtrace_headers\x18\x03 \x03(\x0b\x32\x33.resonance.gateway.v1.PushRequest.TraceHeadersEntry\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x0cPushResponse\x12\x0e\n\x06msg_id\x18\x01 \x01(\x03\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x18\n\x10\x66\x61iled_usernames\x18\x03 \x03(\t\"\xd8\x01\n\x0bPushMessage\x12\x0e\n\x06msg_id\x18\x01 \x01(\x03\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x15\n\rfrom_username\x18\x04 \x01(\t\x12\x13\n\x0bto_username\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x06 \x01(\t\x12\x0c\n\x04type\x18\x07 \x01(\t\x12\x11\n\ttimestamp\x18\x08 \x01(\x03\x12\x37\n\x0csession_meta\x18\n \x01(\x0b\x32!.resonance.gateway.v1.SessionMeta\")\n\x0bSessionMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\x05\"O\n\tPushBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x30\n\x05items\x18\x02 \x03(\x0b\x32!.resonance.gateway.v1.PushRequest\"U\n\x0cPushBatchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x33\n\x07results\x18\x02 \x03(\x0b\x32\".resonance.gateway.v1.PushResponse\"q\n\x10GatewayHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onnections\x18\x04 \x01(\x05\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x32\xb3\x01\n\x0bPushService\x12M\n\x04Push\x12!.resonance.gateway.v1.PushRequest\x1a\".resonance.gateway.v1.PushResponse\x12U\n\nPushStream\x12\x1f.resonance.gateway.v1.PushBatch\x1a\".resonance.gateway.v1.PushBatchAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(proto/resonance/gateway/v1/gateway.proto\x12\x14resonance.gateway.v1\"\xd8\x01\n\x0bPushRequest\x12\x14\n\x0cto_usernames\x18\x01 \x03(\t\x12\x32\n\x07message\x18\x02 \x01(\x0b\x32!.resonance.gateway.v1.PushMessage\x12J\n\rtrace_headers\x18\x03 \x03(\x0b\x32\x33.resonance.gateway.v1.PushRequest.TraceHeadersEntry\x1a\x33\n\x11TraceHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"G\n\x0cPushResponse\x12\x0e\n\x06msg_id\x18\x01 \x01(\x03\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x18\n\x10\x66\x61iled_usernames\x18\x03 \x03(\t\"\xd8\x01\n\x0bPushMessage\x12\x0e\n\x06msg_id\x18\x01 \x01(\x03\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x15\n\rfrom_username\x18\x04 \x01(\t\x12\x13\n\x0bto_username\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x06 \x01(\t\x12\x0c\n\x04type\x18\x07 \x01(\t\x12\x11\n\ttimestamp\x18\x08 \x01(\x03\x12\x37\n\x0csession_meta\x18\n \x01(\x0b\x32!.resonance.gateway.v1.SessionMeta\")\n\x0bSessionMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\x05\"~\n\tPushBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x30\n\x05items\x18\x02 \x03(\x0b\x32!.resonance.gateway.v1.PushRequest\x12-\n\x04sent\x18\x03 \x03(\x0b\x32\x1f.resonance.gateway.v1.Positions\".\n\tPositions\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x11\n\tpositions\x18\x02 \x03(\x04\"\xbc\x01\n\x0cPushBatchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x33\n\x07results\x18\x02 \x03(\x0b\x32\".resonance.gateway.v1.PushResponse\x12\x31\n\x08received\x18\x03 \x03(\x0b\x32\x1f.resonance.gateway.v1.Positions\x12\x32\n\x06\x66\x61iled\x18\x04 \x03(\x0b\x32\".resonance.gateway.v1.PushResponse\"q\n\x10GatewayHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onnections\x18\x04 \x01(\x05\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x32\xb3\x01\n\x0bPushService\x12M\n\x04Push\x12!.resonance.gateway.v1.PushRequest\x1a\".resonance.gateway.v1.PushResponse\x12U\n\nPushStream\x12\x1f.resonance.gateway.v1.PushBatch\x1a\".resonance.gateway.v1.PushBatchAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONMETA']._serialized_start=577
   _globals['_SESSIONMETA']._serialized_end=618
   _globals['_PUSHBATCH']._serialized_start=620
-  _globals['_PUSHBATCH']._serialized_end=699
-  _globals['_PUSHBATCHACK']._serialized_start=701
-  _globals['_PUSHBATCHACK']._serialized_end=786
-  _globals['_GATEWAYHEARTBEAT']._serialized_start=788
-  _globals['_GATEWAYHEARTBEAT']._serialized_end=901
-  _globals['_PUSHSERVICE']._serialized_start=904
-  _globals['_PUSHSERVICE']._serialized_end=1083
+  _globals['_PUSHBATCH']._serialized_end=746
+  _globals['_POSITIONS']._serialized_start=748
+  _globals['_POSITIONS']._serialized_end=794
+  _globals['_PUSHBATCHACK']._serialized_start=797
+  _globals['_PUSHBATCHACK']._serialized_end=985
+  _globals['_GATEWAYHEARTBEAT']._serialized_start=987
+  _globals['_GATEWAYHEARTBEAT']._serialized_end=1100
+  _globals['_PUSHSERVICE']._serialized_start=1103
+  _globals['_PUSHSERVICE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

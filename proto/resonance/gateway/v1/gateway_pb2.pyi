@@ -167,26 +167,66 @@ Global___SessionMeta: _TypeAlias = SessionMeta  # noqa: Y015
 
 @_typing.final
 class PushBatch(_message.Message):
+    """A stream opens with a PushBatch of batch_id 0 and no items; the gateway answers it
+    before anything else (see PushBatchAck.received). A gateway that does not keep what it
+    received answers it like any batch: an empty ack.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PushRequest]: ...
+    @_builtins.property
+    def sent(self) -> _containers.RepeatedCompositeFieldContainer[Global___Positions]:
+        """Which pushes the items are, per source: a worker that takes over a source after
+        another died asks the gateway (the opening's ack) instead of pushing them again.
+        """
+
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         items: _abc.Iterable[Global___PushRequest] | None = ...,
+        sent: _abc.Iterable[Global___Positions] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "items", b"items", "sent", b"sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushBatch: _TypeAlias = PushBatch  # noqa: Y015
+
+@_typing.final
+class Positions(_message.Message):
+    """Pushes of one source (a partition of the worker's gateway-pushes topic,
+    "<topic>/<partition>"), each one (record offset << 20 | index in the record).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        positions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Positions: _TypeAlias = Positions  # noqa: Y015
 
 @_typing.final
 class PushBatchAck(_message.Message):
@@ -196,18 +236,32 @@ class PushBatchAck(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PushResponse]: ...
+    @_builtins.property
+    def received(self) -> _containers.RepeatedCompositeFieldContainer[Global___Positions]:
+        """Only in the answer to the opening (batch_id 0): the positions this gateway received
+        lately, on any stream (it keeps the last tens of thousands), and which users of those
+        messages it failed. The worker settles those pushes from here instead of sending them:
+        a worker killed while acks were in flight left them unmarked.
+        """
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PushResponse]: ...
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         results: _abc.Iterable[Global___PushResponse] | None = ...,
+        received: _abc.Iterable[Global___Positions] | None = ...,
+        failed: _abc.Iterable[Global___PushResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "failed", b"failed", "received", b"received", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
