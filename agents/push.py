@@ -219,6 +219,12 @@ class PushConsumer(GroupConsumer):
         for tp in tps or ():
             self._offered.pop(tp, None)
 
+    def given(self, tps: set[TopicPartition]) -> None:
+        # Another worker may have pushed records of these partitions and died with acks
+        # in flight; a stream opened before then knows nothing of it.
+        if tps:
+            self._pool.reopen()
+
     def replayed(self, tp: TopicPartition, records: Records) -> None:
         # Settled before this worker took the partition: what they carried counts as offered.
         offered = self._offered_on(tp)

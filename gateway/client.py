@@ -12,11 +12,12 @@ that answers UNIMPLEMENTED to PushStream (Resonance IM's own) gets unary Push ca
 instead, in order within each session.
 
 Every stream opens with an empty batch (batch_id 0), and the gateway's answer lists the
-positions (gateway-pushes partition, offset, index) it received lately and whom of those
-it failed. Items it already has are settled from that answer, not sent: what a gateway
-got while the ack was in flight to a worker then SIGKILLed (or on a stream that broke)
-would otherwise be pushed again by the next owner, a whole batch of it (measured: 0-1.75%
-of the pushes of a run with three kills). A gateway that keeps nothing answers an empty
+pushes (gateway-pushes partition, offset, index; msg_id) it answered lately and whom of
+those it failed; a session whose worker was given partitions opens a new stream to ask
+again. Items it already has are settled from that answer, not sent: what a gateway got
+while the ack was in flight to a worker then SIGKILLed (or on a stream that broke) would
+otherwise be pushed again by the next owner, a whole batch of it (measured: 0-1.75% of
+the pushes of a run with three kills). A gateway that keeps nothing answers an empty
 ack, and gets those pushes again, as before.
 """
 
@@ -116,6 +117,15 @@ class _Unimplemented(Exception):
     pass
 
 
+class _Reopen(Exception):
+    """Partitions changed hands: ask the gateway again, on a new stream, what it has."""
+
+
+# A gateway's answer to batch 0 lists tens of thousands of pushes: above gRPC's 4 MB
+# default when user ids are long.
+MAX_RECEIVE_BYTES = 32 * 1024 * 1024
+
+
 def _is_ack_timeout(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # a unary Push's timeout
@@ -140,8 +150,9 @@ class GatewaySession:
         self._closing = False
         # From the gateway's answer to this stream's opening: per source, the sorted
         # positions it already has, and per msg_id the users of those it failed.
-        self._received: dict[str, array[int]] = {}
+        self._received: dict[str, tuple[array[int], array[int]]] = {}  # positions, msg_ids
         self._received_failed: dict[int, set[str]] = {}
+        self._reopen = False
         self.connected = False
         # False from a missed ack (connected, yet silent) until the gateway acks again.
         # A broken or refused connection alone does not count: a restarting gateway, or
@@ -209,11 +220,22 @@ class GatewaySession:
         self._queue.clear()
         return [item for item in left if not item.finished]
 
+    def reopen(self) -> None:
+        """This worker was given partitions: before pushing more, ask the gateway again
+        what it has (another worker may have pushed them and died since this stream
+        opened)."""
+        if self.connected and not self._unary:
+            self._reopen = True
+            self._wakeup.set()
+
     def _channel(self) -> grpc.aio.Channel:
+        options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
         security = self._config.security
         if security is None:
-            return grpc.aio.insecure_channel(self.address)
-        return grpc.aio.secure_channel(self.address, security.credentials, security.options())
+            return grpc.aio.insecure_channel(self.address, options=options)
+        return grpc.aio.secure_channel(
+            self.address, security.credentials, [*security.options(), *options]
+        )
 
     async def _run(self) -> None:
         failures = 0
@@ -230,6 +252,9 @@ class GatewaySession:
             except _Unimplemented:
                 log.info("gateway %s has no PushStream: using unary Push", self.gateway_id)
                 self._unary = True
+                self._requeue_inflight(count_attempt=False)
+                continue
+            except _Reopen:
                 self._requeue_inflight(count_attempt=False)
                 continue
             except Exception as exc:  # whatever broke this connection, the session lives on
@@ -326,6 +351,8 @@ class GatewaySession:
             while not self._retry and not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if self._reopen and not self._unary:
+                await self._reopen_when_acked()
             if len(self._queue) + len(self._retry) < self._config.batch_max_items:
                 await asyncio.sleep(self._config.batch_linger)
             items: list[PushItem] = []
@@ -337,23 +364,35 @@ class GatewaySession:
             if items:
                 return items
 
+    async def _reopen_when_acked(self) -> None:
+        """End this stream once what it carries is acknowledged (the watchdog bounds the
+        wait): a batch cut off in flight might reach the gateway after it answered the
+        next stream's question, and be pushed twice."""
+        while self._inflight:
+            self._settled.clear()
+            await self._settled.wait()
+        self._reopen = False
+        raise _Reopen()
+
     def _not_received(self, items: list[PushItem]) -> list[PushItem]:
-        """Settle the items the gateway already has, by its opening answer; the rest."""
+        """Settle the items the gateway already has, by its answer to batch 0; the rest."""
         send: list[PushItem] = []
         known: list[tuple[PushItem, PushOutcome]] = []
         for item in items:
             where = item.position
-            positions = self._received.get(where[0]) if where is not None else None
-            if where is None or positions is None:
+            had = self._received.get(where[0]) if where is not None else None
+            if where is None or had is None:
                 send.append(item)
                 continue
+            positions, msg_ids = had
             i = bisect_left(positions, where[1])
             if i == len(positions):
-                # Past everything it had: so is all that follows from this source (items
-                # are taken in order), and the answer has served.
+                # Past everything it had: so is, as a rule, what follows from this source
+                # (taken in order), and the answer has served. An exception (a retired
+                # session's leftovers) is only sent again.
                 del self._received[where[0]]
                 send.append(item)
-            elif positions[i] != where[1]:
+            elif positions[i] != where[1] or msg_ids[i] != item.message.msg_id:
                 send.append(item)
             else:
                 failed_users = self._received_failed.get(item.message.msg_id, set())
@@ -368,17 +407,15 @@ class GatewaySession:
         return send
 
     async def _open(self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> None:
-        """Send the opening and read the gateway's answer: what it already has."""
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            # A call that already ended (UNIMPLEMENTED, say) says why on the read.
-            await call.write(PushBatch(batch_id=0))
+        """Ask what the gateway already has (batch 0), and keep its answer."""
         try:
             async with asyncio.timeout(self._config.ack_timeout):
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    # A call that already ended (UNIMPLEMENTED, say) says why on the read.
+                    await call.write(PushBatch(batch_id=0))
                 ack = await call.read()
         except TimeoutError:
-            raise _AckTimeout(
-                f"no answer to the opening within {self._config.ack_timeout}s"
-            ) from None
+            raise _AckTimeout(f"no answer to batch 0 within {self._config.ack_timeout}s") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 raise _Unimplemented() from exc
@@ -386,10 +423,17 @@ class GatewaySession:
         if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
             raise _StreamBroken("gateway closed the push stream")
         assert isinstance(ack, PushBatchAck)
-        self.healthy = True
-        self._received = {
-            p.source: array("Q", sorted(p.positions)) for p in ack.received if p.positions
-        }
+        # Not `healthy` yet: answering this costs a gateway nothing; only an ack of pushes
+        # shows it works.
+        received: dict[str, tuple[array[int], array[int]]] = {}
+        for had in ack.received:
+            pairs = sorted(zip(had.positions, had.msg_ids, strict=False))
+            if pairs:
+                received[had.source] = (
+                    array("Q", (p for p, _ in pairs)),
+                    array("q", (m for _, m in pairs)),
+                )
+        self._received = received
         self._received_failed = {}
         for response in ack.failed:
             self._received_failed.setdefault(response.msg_id, set()).update(
@@ -411,6 +455,8 @@ class GatewaySession:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if watchdog.done():
                 watchdog.result()
+            if writer.done() and not writer.cancelled() and isinstance(writer.exception(), _Reopen):
+                writer.result()
             # The call's status says why it ended: a write to a finished call only says
             # "already finished", and may come first (a gateway without PushStream ends
             # the call at once, UNIMPLEMENTED).
@@ -580,12 +626,14 @@ def _pack(batch_id: int, items: list[PushItem]) -> tuple[PushBatch, list[int]]:
 
 
 def _add_positions(batch: PushBatch, items: list[PushItem]) -> None:
-    by_source: dict[str, list[int]] = {}
+    by_source: dict[str, tuple[list[int], list[int]]] = {}
     for item in items:
         if item.position is not None:
-            by_source.setdefault(item.position[0], []).append(item.position[1])
-    for source, positions in by_source.items():
-        batch.sent.add(source=source, positions=positions)
+            positions, msg_ids = by_source.setdefault(item.position[0], ([], []))
+            positions.append(item.position[1])
+            msg_ids.append(item.message.msg_id)
+    for source, (positions, msg_ids) in by_source.items():
+        batch.sent.add(source=source, positions=positions, msg_ids=msg_ids)
 
 
 def _unpack(placed: list[int], results: Sequence[PushResponse]) -> list[PushResponse]:
@@ -626,6 +674,12 @@ class GatewayPool:
                 outcome = PushOutcome(delivered=[], failed=item.users, reason="gateway_overloaded")
                 overflow.append((item, outcome))
         new._finish_all(overflow)
+
+    def reopen(self) -> None:
+        """Partitions changed hands: every open stream asks its gateway again what it has
+        before it pushes more."""
+        for session in self._sessions.values():
+            session.reopen()
 
     def forget(self, gateway_id: str) -> None:
         """Close the session of a gateway gone for good, unless it still holds work.

@@ -4,9 +4,9 @@ It reports its users' presence to the presence topic (batched: 50 events or 100 
 Resonance IM gateways do), heartbeats to the heartbeat topic, and records every delivery
 it receives with its latency (receipt time minus the message's logic timestamp).
 
-It keeps the positions of the last `RESUME_POSITIONS` pushes it received, and whom of
-those messages it failed, and answers a stream's opening with them (gateway.proto), so a
-worker taking over after another died does not push them again.
+It keeps the positions of the last `RESUME_POSITIONS` pushes it answered, with whom of
+them it failed, and answers batch 0 with them (gateway.proto), so a worker taking over
+after another died does not push them again.
 
 Knobs for fault tests: `delay` (seconds before acking each batch), `fail_users` (users it
 reports in failed_usernames), `ack` (False: receive and never ack), `stream` (False: the
@@ -109,10 +109,10 @@ class _PushService(PushServiceServicer):
                 if self._sim.ack:
                     yield self._sim._opening_answer()
                 continue
-            self._sim._remember(batch)
             self._sim.recorder.batches += 1
             self._sim.recorder.calls.append([item.message.msg_id for item in batch.items])
             results = [self._sim._answer(item) for item in batch.items]
+            self._sim._remember(batch, results)
             await self._sim._pause()
             if self._sim.ack:
                 yield PushBatchAck(batch_id=batch.batch_id, results=results)
@@ -155,8 +155,10 @@ class GatewaySimulator:
         self.stream = stream
         self.resume = resume
         self.tls = tls
-        self._received: deque[tuple[str, int]] = deque(maxlen=RESUME_POSITIONS)
-        self._failed: deque[tuple[int, str]] = deque(maxlen=RESUME_POSITIONS)
+        # Per answered batch: its pushes (source, position, msg_id) and its failures
+        # (msg_id, user), forgotten together, oldest first, past RESUME_POSITIONS pushes.
+        self._answered: deque[tuple[list[tuple[str, int, int]], list[tuple[int, str]]]] = deque()
+        self._answered_pushes = 0
         self.recorder = Recorder()
         self.online: set[str] = set()
         self.draining = False
@@ -272,22 +274,36 @@ class GatewaySimulator:
         if self.delay:
             await asyncio.sleep(self.delay)
 
-    def _remember(self, batch: PushBatch) -> None:
-        if self.resume:
-            for sent in batch.sent:
-                self._received.extend((sent.source, p) for p in sent.positions)
+    def _remember(self, batch: PushBatch, results: list[PushResponse]) -> None:
+        if not self.resume:
+            return
+        pushes = [
+            (sent.source, position, msg_id)
+            for sent in batch.sent
+            for position, msg_id in zip(sent.positions, sent.msg_ids, strict=False)
+        ]
+        failed = [(r.msg_id, user) for r in results for user in r.failed_usernames]
+        self._answered.append((pushes, failed))
+        self._answered_pushes += len(pushes)
+        while self._answered_pushes > RESUME_POSITIONS:
+            self._answered_pushes -= len(self._answered.popleft()[0])
 
     def _opening_answer(self) -> PushBatchAck:
         ack = PushBatchAck(batch_id=0)
         if not self.resume:
             return ack
-        by_source: dict[str, list[int]] = {}
-        for source, position in self._received:
-            by_source.setdefault(source, []).append(position)
-        ack.received.extend(Positions(source=s, positions=p) for s, p in by_source.items())
+        by_source: dict[str, Positions] = {}
         by_msg: dict[int, list[str]] = {}
-        for msg_id, user in self._failed:
-            by_msg.setdefault(msg_id, []).append(user)
+        for pushes, failed in self._answered:
+            for source, position, msg_id in pushes:
+                had = by_source.get(source)
+                if had is None:
+                    had = by_source[source] = Positions(source=source)
+                had.positions.append(position)
+                had.msg_ids.append(msg_id)
+            for msg_id, user in failed:
+                by_msg.setdefault(msg_id, []).append(user)
+        ack.received.extend(by_source.values())
         ack.failed.extend(PushResponse(msg_id=m, failed_usernames=u) for m, u in by_msg.items())
         return ack
 
@@ -312,6 +328,4 @@ class GatewaySimulator:
                     )
                 )
         self.recorder.failed_reported += len(failed)
-        if self.resume:
-            self._failed.extend((message.msg_id, user) for user in failed)
         return PushResponse(msg_id=message.msg_id, failed_usernames=failed)

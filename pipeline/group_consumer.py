@@ -660,6 +660,9 @@ class GroupConsumer(Service):
     def released(self, tps: set[TopicPartition] | None) -> None:
         """These partitions (None: all) are no longer handled here from where they were."""
 
+    def given(self, tps: set[TopicPartition]) -> None:
+        """These partitions are handled here now: the whole assignment, at every rebalance."""
+
     async def _on_assigned(self, assigned: set[TopicPartition], consumer: AIOKafkaConsumer) -> None:
         """Load the marks of what we were given; each applies at its partition's first fetch.
 
@@ -670,6 +673,7 @@ class GroupConsumer(Service):
         on both brokers.
         """
         metrics.STAGE_REBALANCES.labels(self.stage).inc()
+        self.given(assigned)
         marks: dict[TopicPartition, Mark] = {}
         if self._marks is not None and assigned:
             try:

@@ -35,6 +35,40 @@ async def test_a_second_worker_joins_and_leaves_mid_load(pipeline: Pipeline) -> 
     assert len(stats["stages"]["fanout"]["assigned"]) == 4  # all of them, back again
 
 
+async def test_a_second_worker_sigkilled_mid_load_leaves_its_work_to_the_first(
+    pipeline: Pipeline,
+) -> None:
+    # The first worker had streams open to every gateway before the second took some of
+    # its partitions; given them back, it must ask the gateways again what they got from
+    # the one that died, on a new stream (gateway/client.py), not push it twice. Gateways
+    # that take 200 ms to ack keep about a hundred pushes each answered but unacked by
+    # the worker at any time: what the SIGKILL leaves behind.
+    p = pipeline
+    first = await p.start_worker("worker-1")
+    users, online = await users_online(p, first, 120, online=90, gateways=3)
+    for sim in p.sims:
+        sim.delay = 0.2
+
+    load = Load(p, users, online, 20_000, rate=2_000).start()
+    await load.until_published(0.2)
+    second = await p.start_worker("worker-2")
+    await p.wait_online(second, online)
+    _, stats = await asyncio.to_thread(second.get, "/stats")
+    assert stats["stages"]["push"]["assigned"], "the second worker took no push partitions"
+    await load.until_published(0.6)
+    await asyncio.to_thread(second.kill)
+
+    outcome = await load.check()
+    _, metrics = await asyncio.to_thread(first.get, "/metrics")
+    settled = [
+        line for line in metrics.splitlines() if line.startswith("resonance_push_already_received")
+    ]
+    print(f"a second worker SIGKILLed mid-load: {outcome}; the first's {settled}")
+    assert outcome.duplicate_ratio <= 0.01, outcome
+    _, stats = await asyncio.to_thread(first.get, "/stats")
+    assert len(stats["stages"]["push"]["assigned"]) == 4  # all of them, back again
+
+
 async def test_sigterm_mid_load_after_a_poisoned_record_exits_in_time_and_loses_nothing(
     pipeline_factory: PipelineFactory, redis_client: Any
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from resonance_task.embedded.broker import free_port
+from resonance_task.gateway import simulator
 from resonance_task.gateway.client import (
     GatewayPool,
     PushItem,
@@ -278,15 +279,20 @@ async def test_a_worker_taking_over_gets_what_the_gateway_already_has_from_its_a
         item = PushItem(message(i, f"s{i}"), ["u1", "u2"], outcomes.handler(i))
         item.position = at(100, i)
         assert session.offer(item)
-    await outcomes.wait(7)
+    # The same position of another message (the topic was recreated): not the same push.
+    item = PushItem(message(50, "s50"), ["u1"], outcomes.handler(50))
+    item.position = at(100, 1)
+    assert session.offer(item)
+    await outcomes.wait(8)
     await after.drain(1)
-    assert gateway.recorder.bodies == 7, "the gateway was sent what it had"
+    assert gateway.recorder.bodies == 8, "the gateway was sent what it had"
     assert gateway.recorder.openings == 2
     assert sorted((i, o.delivered, o.failed) for i, o in outcomes.items) == [
-        (i, ["u1"], ["u2"]) for i in range(1, 8)
+        *[(i, ["u1"], ["u2"]) for i in range(1, 8)],
+        (50, ["u1"], []),
     ]
     delivered = [(r.msg_id, r.user) for r in gateway.recorder.deliveries]
-    assert sorted(delivered) == [(i, "u1") for i in range(1, 8)]
+    assert sorted(delivered) == [*[(i, "u1") for i in range(1, 8)], (50, "u1")]
 
 
 async def test_a_gateway_that_keeps_nothing_gets_them_again() -> None:
@@ -302,3 +308,64 @@ async def test_a_gateway_that_keeps_nothing_gets_them_again() -> None:
         assert outcomes.items[0][1].delivered == ["u1"]
     await sim.stop()
     assert [(r.msg_id, r.user) for r in sim.recorder.deliveries] == [(1, "u1"), (1, "u1")]
+
+
+async def test_a_worker_given_partitions_asks_again_on_a_stream_it_had_open(
+    gateway: GatewaySimulator,
+) -> None:
+    # A surviving worker takes the partitions of one that died: its own stream to the
+    # gateway opened before the other pushed, so its answer then knows nothing of it.
+    survivor, outcomes = GatewayPool(FAST), Outcomes()
+    session = survivor.session(gateway.gateway_id, gateway.address)
+    item = PushItem(message(1), ["u1"], outcomes.handler(1))
+    item.position = at(10, 0)
+    assert session.offer(item)
+    await outcomes.wait(1)
+
+    died, died_outcomes = GatewayPool(FAST), Outcomes()
+    other = died.session(gateway.gateway_id, gateway.address)
+    for i in range(2, 6):
+        item = PushItem(message(i, f"s{i}"), ["u1"], died_outcomes.handler(i))
+        item.position = at(20, i)
+        assert other.offer(item)
+    await died_outcomes.wait(4)
+    await died.drain(1)
+
+    survivor.reopen()  # the push stage, given the partitions
+    for i in range(2, 7):
+        item = PushItem(message(i, f"s{i}"), ["u1"], outcomes.handler(i))
+        item.position = at(20, i)
+        assert session.offer(item)
+    await outcomes.wait(6)
+    await survivor.drain(1)
+    assert gateway.recorder.openings == 3
+    assert [(r.msg_id, r.user) for r in gateway.recorder.deliveries] == [
+        (i, "u1") for i in range(1, 7)
+    ]
+    assert session.failures == 0, "asking again is not a failure"
+
+
+async def test_the_gateway_forgets_failures_with_their_pushes_not_before(
+    monkeypatch: pytest.MonkeyPatch, gateway: GatewaySimulator
+) -> None:
+    monkeypatch.setattr(simulator, "RESUME_POSITIONS", 2)
+    gateway.fail_users = {f"f{i}" for i in range(6)}
+    pool, outcomes = GatewayPool(FAST), Outcomes()
+    session = pool.session(gateway.gateway_id, gateway.address)
+
+    async def push(msg_id: int, users: list[str], offset: int) -> None:
+        item = PushItem(message(msg_id, f"s{msg_id}"), users, outcomes.handler(msg_id))
+        item.position = at(offset, 0)
+        assert session.offer(item)
+        await outcomes.wait(len(outcomes.items) + 1)
+
+    await push(1, ["u0", *sorted(gateway.fail_users)], 1)  # six failures, one push
+    await push(2, ["u0"], 2)
+    answer = gateway._opening_answer()
+    assert [list(r.positions) for r in answer.received] == [[at(1, 0)[1], at(2, 0)[1]]]
+    assert {r.msg_id: len(r.failed_usernames) for r in answer.failed} == {1: 6}
+    await push(3, ["u0"], 3)  # the first push goes, and its failures with it
+    answer = gateway._opening_answer()
+    assert [list(r.msg_ids) for r in answer.received] == [[2, 3]]
+    assert list(answer.failed) == []
+    await pool.drain(1)

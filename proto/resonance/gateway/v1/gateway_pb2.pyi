@@ -167,9 +167,11 @@ Global___SessionMeta: _TypeAlias = SessionMeta  # noqa: Y015
 
 @_typing.final
 class PushBatch(_message.Message):
-    """A stream opens with a PushBatch of batch_id 0 and no items; the gateway answers it
-    before anything else (see PushBatchAck.received). A gateway that does not keep what it
-    received answers it like any batch: an empty ack.
+    """A PushBatch of batch_id 0 and no items asks the gateway what it already has: a worker
+    sends it first on every stream, and again before pushing for partitions it was just
+    given. The gateway answers it before it answers any later batch of that stream, within
+    the ack timeout (else it counts as silent), with PushBatchAck.received and .failed. A
+    gateway that keeps nothing answers it like any batch: an empty ack.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -183,7 +185,7 @@ class PushBatch(_message.Message):
     @_builtins.property
     def sent(self) -> _containers.RepeatedCompositeFieldContainer[Global___Positions]:
         """Which pushes the items are, per source: a worker that takes over a source after
-        another died asks the gateway (the opening's ack) instead of pushing them again.
+        another died asks the gateway instead of pushing them again.
         """
 
     def __init__(
@@ -204,25 +206,30 @@ Global___PushBatch: _TypeAlias = PushBatch  # noqa: Y015
 @_typing.final
 class Positions(_message.Message):
     """Pushes of one source (a partition of the worker's gateway-pushes topic,
-    "<topic>/<partition>"), each one (record offset << 20 | index in the record).
+    "<topic>/<partition>"), each one (record offset << 20 | index in the record), and
+    msg_ids[i], the message of positions[i] (a topic recreated reuses positions, never ids).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
     POSITIONS_FIELD_NUMBER: _builtins.int
+    MSG_IDS_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     @_builtins.property
     def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def msg_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         positions: _abc.Iterable[_builtins.int] | None = ...,
+        msg_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["msg_ids", b"msg_ids", "positions", b"positions", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,10 +250,12 @@ class PushBatchAck(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PushResponse]: ...
     @_builtins.property
     def received(self) -> _containers.RepeatedCompositeFieldContainer[Global___Positions]:
-        """Only in the answer to the opening (batch_id 0): the positions this gateway received
-        lately, on any stream (it keeps the last tens of thousands), and which users of those
-        messages it failed. The worker settles those pushes from here instead of sending them:
-        a worker killed while acks were in flight left them unmarked.
+        """Only in the answer to batch 0: the pushes this gateway has answered lately, on any
+        stream (the simulator keeps the last 50,000), and for those, per msg_id, the users it
+        failed (all of a request's users when it failed the whole request). A push is listed
+        once its outcome is final, and its failures are kept as long as it is. The worker
+        settles those pushes from here instead of sending them: a worker killed while their
+        acks were in flight had not marked them done.
         """
 
     @_builtins.property
