@@ -413,16 +413,9 @@ class GatewaySession:
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     # A call that already ended (UNIMPLEMENTED, say) says why on the read.
                     await call.write(PushBatch(batch_id=0))
-                ack = await call.read()
+                ack = await _read_ack(call)
         except TimeoutError:
             raise _AckTimeout(f"no answer to batch 0 within {self._config.ack_timeout}s") from None
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                raise _Unimplemented() from exc
-            raise
-        if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
-            raise _StreamBroken("gateway closed the push stream")
-        assert isinstance(ack, PushBatchAck)
         # Not `healthy` yet: answering this costs a gateway nothing; only an ack of pushes
         # shows it works.
         received: dict[str, tuple[array[int], array[int]]] = {}
@@ -494,15 +487,7 @@ class GatewaySession:
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> None:
         while True:
-            try:
-                ack = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    raise _Unimplemented() from exc
-                raise
-            if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
-                raise _StreamBroken("gateway closed the push stream")
-            assert isinstance(ack, PushBatchAck)
+            ack = await _read_ack(call)
             entry = self._inflight.pop(ack.batch_id, None)
             if entry is None:
                 continue  # an ack for a batch already given up on and resent
@@ -592,6 +577,20 @@ class GatewaySession:
                 # on_done owns its failures (push.py fails the record's effect); this
                 # only keeps one item's handler from skipping the next ones.
                 log.exception("push outcome handler failed for msg %s", item.message.msg_id)
+
+
+async def _read_ack(call: grpc.aio.StreamStreamCall[PushBatch, PushBatchAck]) -> PushBatchAck:
+    """The stream's next ack; why it ended, if it did."""
+    try:
+        ack = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise _Unimplemented() from exc
+        raise
+    if ack is grpc.aio.EOF:  # type: ignore[attr-defined]
+        raise _StreamBroken("gateway closed the push stream")
+    assert isinstance(ack, PushBatchAck)
+    return ack
 
 
 def _aio_stub(channel: grpc.aio.Channel) -> Any:

@@ -256,6 +256,15 @@ def at(offset: int, index: int) -> tuple[str, int]:
     return ("pushes/0", where)
 
 
+def offer_at(
+    session: Any, outcomes: Outcomes, msg_id: int, users: list[str], offset: int, index: int = 0
+) -> None:
+    """Offer msg_id to users as the push at (offset, index) of partition 0."""
+    item = PushItem(message(msg_id, f"s{msg_id}"), users, outcomes.handler(msg_id))
+    item.position = at(offset, index)
+    assert session.offer(item)
+
+
 async def test_a_worker_taking_over_gets_what_the_gateway_already_has_from_its_answer(
     gateway: GatewaySimulator,
 ) -> None:
@@ -266,9 +275,7 @@ async def test_a_worker_taking_over_gets_what_the_gateway_already_has_from_its_a
     first, first_outcomes = GatewayPool(FAST), Outcomes()
     session = first.session(gateway.gateway_id, gateway.address)
     for i in range(1, 6):
-        item = PushItem(message(i, f"s{i}"), ["u1", "u2"], first_outcomes.handler(i))
-        item.position = at(100, i)
-        assert session.offer(item)
+        offer_at(session, first_outcomes, i, ["u1", "u2"], 100, i)
     await first_outcomes.wait(5)
     await first.drain(1)
     assert gateway.recorder.bodies == 5
@@ -276,13 +283,9 @@ async def test_a_worker_taking_over_gets_what_the_gateway_already_has_from_its_a
     after, outcomes = GatewayPool(FAST), Outcomes()
     session = after.session(gateway.gateway_id, gateway.address)
     for i in range(1, 8):  # the five again, and two it never had
-        item = PushItem(message(i, f"s{i}"), ["u1", "u2"], outcomes.handler(i))
-        item.position = at(100, i)
-        assert session.offer(item)
+        offer_at(session, outcomes, i, ["u1", "u2"], 100, i)
     # The same position of another message (the topic was recreated): not the same push.
-    item = PushItem(message(50, "s50"), ["u1"], outcomes.handler(50))
-    item.position = at(100, 1)
-    assert session.offer(item)
+    offer_at(session, outcomes, 50, ["u1"], 100, 1)
     await outcomes.wait(8)
     await after.drain(1)
     assert gateway.recorder.bodies == 8, "the gateway was sent what it had"
@@ -300,9 +303,7 @@ async def test_a_gateway_that_keeps_nothing_gets_them_again() -> None:
     await sim.connect(["u1"])
     for _ in range(2):
         pool, outcomes = GatewayPool(FAST), Outcomes()
-        item = PushItem(message(1), ["u1"], outcomes.handler(1))
-        item.position = at(7, 0)
-        assert pool.session(sim.gateway_id, sim.address).offer(item)
+        offer_at(pool.session(sim.gateway_id, sim.address), outcomes, 1, ["u1"], 7)
         await outcomes.wait(1)
         await pool.drain(1)
         assert outcomes.items[0][1].delivered == ["u1"]
@@ -317,25 +318,19 @@ async def test_a_worker_given_partitions_asks_again_on_a_stream_it_had_open(
     # gateway opened before the other pushed, so its answer then knows nothing of it.
     survivor, outcomes = GatewayPool(FAST), Outcomes()
     session = survivor.session(gateway.gateway_id, gateway.address)
-    item = PushItem(message(1), ["u1"], outcomes.handler(1))
-    item.position = at(10, 0)
-    assert session.offer(item)
+    offer_at(session, outcomes, 1, ["u1"], 10)
     await outcomes.wait(1)
 
     died, died_outcomes = GatewayPool(FAST), Outcomes()
     other = died.session(gateway.gateway_id, gateway.address)
     for i in range(2, 6):
-        item = PushItem(message(i, f"s{i}"), ["u1"], died_outcomes.handler(i))
-        item.position = at(20, i)
-        assert other.offer(item)
+        offer_at(other, died_outcomes, i, ["u1"], 20, i)
     await died_outcomes.wait(4)
     await died.drain(1)
 
     survivor.reopen()  # the push stage, given the partitions
     for i in range(2, 7):
-        item = PushItem(message(i, f"s{i}"), ["u1"], outcomes.handler(i))
-        item.position = at(20, i)
-        assert session.offer(item)
+        offer_at(session, outcomes, i, ["u1"], 20, i)
     await outcomes.wait(6)
     await survivor.drain(1)
     assert gateway.recorder.openings == 3
@@ -354,9 +349,7 @@ async def test_the_gateway_forgets_failures_with_their_pushes_not_before(
     session = pool.session(gateway.gateway_id, gateway.address)
 
     async def push(msg_id: int, users: list[str], offset: int) -> None:
-        item = PushItem(message(msg_id, f"s{msg_id}"), users, outcomes.handler(msg_id))
-        item.position = at(offset, 0)
-        assert session.offer(item)
+        offer_at(session, outcomes, msg_id, users, offset)
         await outcomes.wait(len(outcomes.items) + 1)
 
     await push(1, ["u0", *sorted(gateway.fail_users)], 1)  # six failures, one push
