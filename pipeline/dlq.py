@@ -85,6 +85,10 @@ class DeadLetters:
         if self._unacked:
             await asyncio.gather(*self._unacked)
 
+    def unacked(self) -> list[asyncio.Future[Any]]:
+        """The letters sent so far that the broker has not acknowledged yet."""
+        return list(self._unacked)
+
     async def put(
         self,
         record: Record,

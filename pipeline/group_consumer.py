@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -198,6 +199,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stage.joined = True
 
 
+def _later(mark: Mark, than: Mark | None) -> bool:
+    return than is None or (mark.below, mark.end) > (than.below, than.end)
+
+
 class GroupConsumer(Service):
     def __init__(
         self,
@@ -216,6 +221,7 @@ class GroupConsumer(Service):
         commit_interval: float = COMMIT_INTERVAL,
         marks: OffsetMarks | None = None,
         dead_letters: DeadLetters | None = None,
+        letters: DeadLetters | None = None,
         wait_before_consuming: Callable[[], Awaitable[object]] | None = None,
         replay_records: int = 0,
         **kwargs: Any,
@@ -255,8 +261,14 @@ class GroupConsumer(Service):
         self._committing: asyncio.Task[None] | None = None
         self._marks = marks
         self._isolation_letters = dead_letters
+        # Where handling sends what it cannot use: marks wait for those letters, as commits
+        # do (before_commit), or a successor starting from a mark would never send them.
+        self._letters = letters or dead_letters
         self._isolate = 0  # records still to take one at a time
         self._marked: dict[TopicPartition, Mark] = {}  # what was last posted to `marks`
+        # Bumped whenever partitions are given up: marks that waited for dead letters since
+        # may no longer be ours to write (the next owner's would be overwritten).
+        self._marks_given_up = 0
         self._marks_scheduled = False
         self._resuming: dict[TopicPartition, _Resume] = {}
         # Per partition taken over: what its mark says is done past where work resumes.
@@ -385,6 +397,7 @@ class GroupConsumer(Service):
             # their next owner's (the committed offsets cover what is dropped here).
             self._marks.forget(self._group)
         self._marked.clear()
+        self._marks_given_up += 1
         self.released(None)
         if consumer is not None:
             with contextlib.suppress(Exception):
@@ -644,9 +657,43 @@ class GroupConsumer(Service):
         ends = {
             tp: mark for tp, mark in current.items() if tp in owned and self._marked.get(tp) != mark
         }
-        if ends:
-            self._marks.post(self._group, ends)
-            self._marked.update(ends)
+        if not ends:
+            return
+        letters = self._letters.unacked() if self._letters is not None else []
+        if letters:
+            waiting = asyncio.gather(*letters)
+            waiting.add_done_callback(
+                functools.partial(self._post_lettered, consumer, ends, self._marks_given_up)
+            )
+            return
+        self._marks.post(self._group, ends)
+        self._marked.update(ends)
+
+    def _post_lettered(
+        self,
+        consumer: AIOKafkaConsumer,
+        ends: dict[TopicPartition, Mark],
+        given_up: int,
+        letters: asyncio.Future[list[Any]],
+    ) -> None:
+        """Post marks that waited for dead letters, now acknowledged; not if a letter
+        failed (the commit fails too, and the stage restarts), nor over a newer mark."""
+        if letters.cancelled() or letters.exception() is not None:
+            return
+        current = self._consumer
+        if self._marks is None or current is None or current is not consumer:
+            return
+        if given_up != self._marks_given_up:
+            return
+        owned = current.assignment()
+        newer = {
+            tp: mark
+            for tp, mark in ends.items()
+            if tp in owned and _later(mark, self._marked.get(tp))
+        }
+        if newer:
+            self._marks.post(self._group, newer)
+            self._marked.update(newer)
 
     def replayed(self, tp: TopicPartition, records: Records) -> None:
         """Records before where this stage resumes a partition: done already, not to redo.
@@ -790,6 +837,7 @@ class GroupConsumer(Service):
         self._offsets.forget(revoked)
         if self._marks is not None:
             self._marks.forget(self._group, revoked)
+        self._marks_given_up += 1
         for tp in revoked:
             self._resuming.pop(tp, None)
             self._done_past.pop(tp, None)

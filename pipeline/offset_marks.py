@@ -8,7 +8,8 @@ moves; a worker that takes a partition starts from the later of the two.
 
 A mark only ever says "everything before this offset took effect" and, for a stage whose
 records take effect out of order (pushes, each acknowledged by its own gateway), "and so
-did these ranges past it", so starting from it skips nothing undone. It is a hint:
+did these ranges past it", so starting from it skips nothing undone (a stage posts a
+mark once the broker has the dead letters of the records it names). It is a hint:
 without Redis the stage runs on Kafka's offsets alone, and a mark beyond the partition's
 end (the topic was recreated) is ignored.
 
