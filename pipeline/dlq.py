@@ -7,10 +7,11 @@ so the offset advances and an operator can list and replay it later.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -79,6 +80,10 @@ class DeadLetters:
     def __init__(self, send: SendRaw) -> None:
         self._send = send
         self._unacked: set[asyncio.Future[Any]] = set()
+        # Per source topic, a letter the broker refused since the topic's stage last
+        # restarted: that stage must neither commit nor mark past it (the record is redone
+        # from its committed offset, and its letter sent again).
+        self._failed: dict[str, BaseException] = {}
 
     async def acked(self) -> None:
         """Until every letter sent so far is acknowledged by the broker."""
@@ -88,6 +93,23 @@ class DeadLetters:
     def unacked(self) -> list[asyncio.Future[Any]]:
         """The letters sent so far that the broker has not acknowledged yet."""
         return list(self._unacked)
+
+    def failure(self, topics: Iterable[str]) -> BaseException | None:
+        """Why a letter for a record of these topics was not written, if one was not
+        since `clear`."""
+        return next((self._failed[t] for t in topics if t in self._failed), None)
+
+    def clear(self, topics: Iterable[str]) -> None:
+        """These topics' stage restarts from its committed offsets: it sends again."""
+        for topic in topics:
+            self._failed.pop(topic, None)
+
+    def _settled(self, topic: str, future: asyncio.Future[Any]) -> None:
+        self._unacked.discard(future)
+        exc = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if exc is not None:
+            self._failed.setdefault(topic, exc)
+            log.error("a dead letter for a record of %s was not written: %r", topic, exc)
 
     async def put(
         self,
@@ -115,7 +137,7 @@ class DeadLetters:
         if inspect.isawaitable(ack):
             future = asyncio.ensure_future(ack)
             self._unacked.add(future)
-            future.add_done_callback(self._unacked.discard)
+            future.add_done_callback(functools.partial(self._settled, record.topic))
         metrics.DEAD_LETTERS.labels(dlq.removesuffix(DLQ_SUFFIX), reason).inc()
         log.warning(
             "dead-lettered %s[%d]@%d: %s: %s",

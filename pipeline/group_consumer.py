@@ -269,6 +269,7 @@ class GroupConsumer(Service):
         # Bumped whenever partitions are given up: marks that waited for dead letters since
         # may no longer be ours to write (the next owner's would be overwritten).
         self._marks_given_up = 0
+        self._marks_waiting = False  # for dead letters: one wait at a time
         self._marks_scheduled = False
         self._resuming: dict[TopicPartition, _Resume] = {}
         # Per partition taken over: what its mark says is done past where work resumes.
@@ -373,6 +374,9 @@ class GroupConsumer(Service):
                 await consumer.stop()
             raise
         self._consumer = consumer
+        if self._letters is not None:
+            # From the committed offsets: whatever letter was not written is sent again.
+            self._letters.clear(self.topics)
         busy = self._consumer_config.get("fetch_max_wait_ms")
         if busy is not None and self._idle_fetch_wait_ms is not None:
             self._fetch_wait = FetchWait(busy, self._idle_fetch_wait_ms)
@@ -657,15 +661,20 @@ class GroupConsumer(Service):
         ends = {
             tp: mark for tp, mark in current.items() if tp in owned and self._marked.get(tp) != mark
         }
-        if not ends:
-            return
-        letters = self._letters.unacked() if self._letters is not None else []
-        if letters:
-            waiting = asyncio.gather(*letters)
-            waiting.add_done_callback(
-                functools.partial(self._post_lettered, consumer, ends, self._marks_given_up)
-            )
-            return
+        if not ends or self._marks_waiting:
+            return  # a wait for dead letters under way flushes again when it ends
+        letters = self._letters
+        if letters is not None:
+            if letters.failure(self.topics) is not None:
+                return  # a letter not written: nothing past it is done (the commit fails)
+            unacked = letters.unacked()
+            if unacked:
+                self._marks_waiting = True
+                waiting = asyncio.gather(*unacked)
+                waiting.add_done_callback(
+                    functools.partial(self._post_lettered, consumer, ends, self._marks_given_up)
+                )
+                return
         self._marks.post(self._group, ends)
         self._marked.update(ends)
 
@@ -677,12 +686,15 @@ class GroupConsumer(Service):
         letters: asyncio.Future[list[Any]],
     ) -> None:
         """Post marks that waited for dead letters, now acknowledged; not if a letter
-        failed (the commit fails too, and the stage restarts), nor over a newer mark."""
+        failed (the commit fails too, and the stage restarts), nor over a newer mark.
+        Then flush what moved meanwhile."""
+        self._marks_waiting = False
         if letters.cancelled() or letters.exception() is not None:
-            return
+            return  # DeadLetters keeps the failure: no mark until the stage restarts
         current = self._consumer
         if self._marks is None or current is None or current is not consumer:
             return
+        self._post_marks()
         if given_up != self._marks_given_up:
             return
         owned = current.assignment()
@@ -869,6 +881,10 @@ class GroupConsumer(Service):
         if self._before_commit is not None:
             # What handling sent elsewhere (dead letters) is out before the offsets say done.
             await self._before_commit()
+        failed = self._letters.failure(self.topics) if self._letters is not None else None
+        if failed is not None:
+            # Refused before this commit awaited it: the record is not done.
+            raise RuntimeError(f"{self.stage}: a dead letter was not written: {failed!r}")
         flushed = time.monotonic()
         try:
             await consumer.commit(offsets)

@@ -767,3 +767,44 @@ async def test_a_mark_waits_for_the_dead_letters_of_what_it_says_is_done(
         stage.commits_open.set()
         await stage.stop()
         await marks.close()
+
+
+async def test_a_letter_the_broker_refused_holds_back_commits_and_marks_until_sent_again(
+    broker: EmbeddedBroker, tag: str, redis_url: str
+) -> None:
+    # Refused before any commit awaited it: neither the commit nor a mark may go past the
+    # record; the stage restarts from its committed offset and sends the letter again.
+    topic, group = f"{tag}.refused", f"{tag}-group"
+    await make_topic(broker, topic, 1)
+    await produce(broker, topic, [(0, b"ok"), (0, b"bad"), (0, b"ok")])
+    tp = TopicPartition(topic, 0)
+    tries: list[bytes | None] = []
+
+    async def send(topic: str, key: bytes | None, value: bytes | None, headers: Any) -> Any:
+        tries.append(value)
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if len(tries) == 1:
+            ack.set_exception(ConnectionError("the broker refused the letter"))
+        else:
+            ack.set_result(None)
+        return ack
+
+    marks = OffsetMarks(redis_url, tag)
+    stage = DeadLettersBad(
+        DeadLetters(send),
+        topic=topic,
+        consumer_config=group_config(broker, group),
+        batch_max_records=10,
+        marks=marks,
+    )
+    stage.commits_open.set()
+    await stage.start()
+    try:
+        await until(lambda: len(tries) == 2)
+        await until_async(lambda: _marked(marks, group, [tp], 3))
+        assert stage.restarts >= 1
+        assert stage.seen.count(b"bad") == 2  # redone from the committed offset
+    finally:
+        await stage.stop()
+        await marks.close()
+    assert await committed(broker, group, [tp]) == 3
