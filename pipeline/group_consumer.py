@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.1  # seconds
 REFILL_SECONDS = 1.0  # a full per-record stage fetches at least this often if room
+# A stage with no room at all polls (taking nothing) at least this often: aiokafka leaves
+# the group after max_poll_interval_ms (300 s by default) without a poll.
+KEEPALIVE_SECONDS = 10.0
 # Open records looked through for done ranges past a partition's done prefix, per mark:
 # bounds the cost of a mark when many records are in hand.
 SCAN_SEGMENTS = 512
@@ -250,6 +253,7 @@ class GroupConsumer(Service):
         # (a thousand in hand: most of a task lane's own time) every time one ended.
         self._room: asyncio.Future[None] | None = None
         self._last_fetch = time.monotonic()
+        self._last_poll = self._last_fetch
         self._consume_task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
         self._stopping = False
@@ -464,6 +468,8 @@ class GroupConsumer(Service):
         fetched: dict[TopicPartition, Records] = {}
         if self._full():
             # Backpressure: Kafka is the buffer while the records in hand take effect.
+            if time.monotonic() - self._last_poll >= KEEPALIVE_SECONDS:
+                await self._poll_paused(self._consumer)
             self._room = asyncio.get_running_loop().create_future()
             await asyncio.wait([self._room], timeout=0.2)
             self._room = None
@@ -536,10 +542,26 @@ class GroupConsumer(Service):
         if self._room is not None and not self._room.done() and not self._full():
             self._room.set_result(None)
 
+    async def _poll_paused(self, consumer: AIOKafkaConsumer) -> None:
+        """Poll with every partition paused: it takes nothing, and tells aiokafka this
+        member is alive (a stage full for minutes, long tasks in every slot, would be
+        dropped from its group after max_poll_interval_ms and its partitions moved away
+        from the records in hand)."""
+        self._last_poll = time.monotonic()
+        mine = consumer.assignment() - consumer.paused()
+        consumer.pause(*mine)
+        try:
+            got = await consumer.getmany(timeout_ms=0)
+        finally:
+            consumer.resume(*(mine & consumer.assignment()))
+        for tp, records in got.items():
+            if records:
+                consumer.seek(tp, records[0].offset)  # not taken: fetched again later
+
     async def _fetch(
         self, consumer: AIOKafkaConsumer, max_records: int
     ) -> dict[TopicPartition, Records]:
-        self._last_fetch = time.monotonic()
+        self._last_fetch = self._last_poll = time.monotonic()
         batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
         fetched = {tp: rs for tp, rs in batch.items() if rs}
         return self._resume(consumer, fetched) if self._resuming else fetched

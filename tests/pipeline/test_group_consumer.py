@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.pipeline import group_consumer
 from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
 from resonance_task.pipeline.group_consumer import REFILL_SECONDS, GroupConsumer, Offsets, Records
 from resonance_task.pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
@@ -808,3 +809,42 @@ async def test_a_letter_the_broker_refused_holds_back_commits_and_marks_until_se
         await stage.stop()
         await marks.close()
     assert await committed(broker, group, [tp]) == 3
+
+
+class CountsAssignments(HoldsAll):
+    def __init__(self, **kwargs: Any) -> None:
+        self.assignments = 0
+        super().__init__(**kwargs)
+
+    def given(self, tps: set[TopicPartition]) -> None:
+        self.assignments += 1
+
+
+async def test_a_stage_full_for_longer_than_the_poll_interval_keeps_its_partitions(
+    broker: EmbeddedBroker, tag: str, monkeypatch: Any
+) -> None:
+    # Every slot taken by a task that runs for minutes: the stage fetches nothing, yet it
+    # must poll, or aiokafka leaves the group after max_poll_interval_ms and the
+    # partitions move away from the records in hand.
+    monkeypatch.setattr(group_consumer, "KEEPALIVE_SECONDS", 0.3)
+    topic, group = f"{tag}.full", f"{tag}-full"
+    await make_topic(broker, topic, 1)
+    await produce(broker, topic, [(0, f"r{i}".encode()) for i in range(6)])
+    config = {**group_config(broker, group), "max_poll_interval_ms": 1500}
+    stage = CountsAssignments(
+        topic=topic, consumer_config=config, batch_max_records=2, max_pending_records=2
+    )
+    await stage.start()
+    try:
+        await until(lambda: len(stage.held) == 2)
+        await asyncio.sleep(4)  # well past the poll interval, full all along
+        assert len(stage.held) == 2, "a full stage fetched"
+        while len(stage.held) < 6:
+            stage.settle(2)
+            await asyncio.sleep(0.05)
+        stage.settle(2)
+        await asyncio.sleep(1.0)  # past a commit
+        assert await committed(broker, group, [TopicPartition(topic, 0)]) == 6
+        assert stage.assignments == 1, "the stage left its group and joined again"
+    finally:
+        await stage.stop()
