@@ -9,6 +9,7 @@ gateways in a Faust GlobalTable one worker kept an empty table in 3 runs of 4 an
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -213,17 +214,23 @@ async def test_large_group_jobs_run_and_keep_their_cursors_on_the_owning_worker(
     users, groups, online = await setup(p, group_count=8, spacing=15)
     await every_worker_sees(p, workers, len(online))
     # Started together, the workers may first be given every partition in turn: the jobs
-    # go out once each owns some of the job topic (in CI, one was ready owning none).
+    # go out once each owns some of the job topic, and has for two seconds (in CI, one
+    # was ready owning none; another time one owned some when looked at, and none by the
+    # time the jobs came: a rebalance in waves).
     jobs_topic = f"{p.env['APP_ID']}-large-group-jobs:"
+    seen: list[tuple[float, list[frozenset[str]]]] = []
 
-    async def both_own_jobs() -> bool:
+    async def both_own_jobs_for_a_while() -> bool:
+        owned = []
         for worker in workers:
             _, stats = await asyncio.to_thread(worker.get, "/stats")
-            if not any(tp.startswith(jobs_topic) for tp in stats["assignment"]):
-                return False
-        return True
+            owned.append(frozenset(tp for tp in stats["assignment"] if tp.startswith(jobs_topic)))
+        if not all(owned) or (seen and seen[-1][1] != owned):
+            seen.clear()
+        seen.append((time.monotonic(), owned))
+        return all(owned) and seen[-1][0] - seen[0][0] >= 2.0
 
-    await eventually(both_own_jobs, 60, "large-group job partitions on both workers")
+    await eventually(both_own_jobs_for_a_while, 60, "large-group job partitions on both workers")
 
     events = list(mixed_traffic(users, groups, 200, group_ratio=0.3, seed=3))
     group_ids = {e.msg_id for e in events if e.session_id in groups}
