@@ -172,17 +172,25 @@ class Offered:
 
     def add(self, record: list[tuple[tuple[str, int], list[str]]]) -> None:
         for key, users in record:
-            self._users.setdefault(key, set()).update(users)
-            self._count += len(users)
+            seen = self._users.setdefault(key, set())
+            before = len(seen)
+            seen.update(users)
+            self._count += len(seen) - before
         self._records.append(record)
         while self._records and (
             len(self._records) > self._max_records or self._count > self._max_users
         ):
             for key, users in self._records.popleft():
-                seen = self._users[key]
-                seen.difference_update(users)
-                self._count -= len(users)
-                if not seen:
+                # A user may stand in two records (a replayed record remembers what it
+                # carried, repeats and all): the first to go takes it, the second finds
+                # it gone. Forgotten a little early at worst: pushed again, never lost.
+                kept = self._users.get(key)
+                if kept is None:
+                    continue
+                before = len(kept)
+                kept.difference_update(users)
+                self._count -= before - len(kept)
+                if not kept:
                     del self._users[key]
 
 

@@ -182,3 +182,20 @@ def test_the_memory_keeps_the_last_records_only() -> None:
     few_users.add([(("gw", 2), ["c", "d"])])  # four users: the oldest record goes
     assert few_users.fresh("gw", 1, ["a", "b"]) == ["a", "b"]
     assert few_users.fresh("gw", 2, ["c", "d"]) == []
+
+
+def test_a_user_in_two_remembered_records_is_forgotten_once_without_failing() -> None:
+    # A replayed record is remembered as it was, repeats and all; the same user may then
+    # stand in two records, and forgetting the second must not fail (it once raised
+    # KeyError and failed the push stage, whose record was then dead-lettered).
+    offered = Offered(max_records=2)
+    offered.add([(("gw", 1), ["a", "b"])])
+    offered.add([(("gw", 1), ["a"])])
+    offered.add([(("gw", 2), ["c"])])  # the first record goes, and "a", "b" with it
+    offered.add([(("gw", 3), ["d"])])  # the second goes: "a" is already gone
+    assert offered.fresh("gw", 1, ["a", "b"]) == ["a", "b"]
+    assert offered.fresh("gw", 3, ["d"]) == []
+    same_twice = Offered(max_records=1)
+    same_twice.add([(("gw", 1), ["a"]), (("gw", 1), ["a"])])  # one record, a user twice
+    same_twice.add([(("gw", 2), ["b"])])
+    assert same_twice.fresh("gw", 1, ["a"]) == ["a"]
