@@ -320,11 +320,10 @@ offset_marks = (
     else None
 )
 # What every own-group stage shares: how long an idle fetch waits, how often it commits,
-# and that its dead letters are acknowledged before offsets (and marks) past them are.
+# and where its dead letters go (acknowledged before offsets and marks past them are).
 stage_options: dict[str, Any] = {
     "idle_fetch_wait_ms": settings.idle_fetch_max_wait_ms,
     "commit_interval": settings.commit_interval_ms / 1000,
-    "before_commit": dead_letters.acked,
     "letters": dead_letters,
 }
 fanout_consumer = fanout.FanoutConsumer(

@@ -269,9 +269,12 @@ class PushConsumer(GroupConsumer):
             # Where each push is, so a gateway that already has it (the ack was in flight
             # when a worker died) answers for it instead of getting it again.
             source = f"{record.topic}/{record.partition}"
-            positions = [position(record.offset, index) for index in indexes]
+            positions = [
+                None if (at := position(record.offset, index)) is None else (source, at)
+                for index in indexes
+            ]
             settlement = _Settlement()
-            await self._offer(pushes, settlement, source, positions)
+            await self._offer(pushes, settlement, positions)
             settlement.settled()
             effects.append(settlement.future)
         return effects
@@ -280,8 +283,7 @@ class PushConsumer(GroupConsumer):
         self,
         pushes: GatewayPushBatch,
         batch: _Settlement,
-        source: str,
-        positions: list[int | None],
+        positions: list[tuple[str, int] | None],
     ) -> None:
         if not pushes.pushes:
             return
@@ -290,8 +292,7 @@ class PushConsumer(GroupConsumer):
         offline = self._offline
         enqueued = 0
         now_ms = time.time() * 1000
-        for i, push in enumerate(pushes.pushes):
-            at = positions[i]
+        for push, at in zip(pushes.pushes, positions, strict=True):
             if push.message.timestamp:
                 metrics.PUSH_AGE.observe(max(0.0, now_ms - push.message.timestamp) / 1000)
 
@@ -330,7 +331,7 @@ class PushConsumer(GroupConsumer):
                 users=list(push.users),
                 on_done=settle,
                 metadata=grpc_metadata(push.trace_headers),
-                position=(source, at) if at is not None else None,
+                position=at,
             )
             batch.add()
             if session.offer(item):

@@ -249,12 +249,11 @@ class GatewaySession:
                     await self._run_unary(_aio_stub(channel))
                 else:
                     await self._run_stream(_aio_stub(channel))
-            except _Unimplemented:
-                log.info("gateway %s has no PushStream: using unary Push", self.gateway_id)
-                self._unary = True
-                self._requeue_inflight(count_attempt=False)
-                continue
-            except _Reopen:
+            except (_Unimplemented, _Reopen) as exc:
+                # Not a failure: unacknowledged work goes first on the next call, unchanged.
+                if isinstance(exc, _Unimplemented):
+                    log.info("gateway %s has no PushStream: using unary Push", self.gateway_id)
+                    self._unary = True
                 self._requeue_inflight(count_attempt=False)
                 continue
             except Exception as exc:  # whatever broke this connection, the session lives on

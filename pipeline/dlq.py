@@ -85,10 +85,14 @@ class DeadLetters:
         # from its committed offset, and its letter sent again).
         self._failed: dict[str, BaseException] = {}
 
-    async def acked(self) -> None:
-        """Until every letter sent so far is acknowledged by the broker."""
+    async def acked(self, topics: Iterable[str] = ()) -> None:
+        """Until every letter sent so far is acknowledged by the broker; raises if one
+        for a record of `topics` was refused since `clear` (before this was called)."""
         if self._unacked:
             await asyncio.gather(*self._unacked)
+        failed = self.failure(topics)
+        if failed is not None:
+            raise RuntimeError(f"a dead letter was not written: {failed!r}") from failed
 
     def unacked(self) -> list[asyncio.Future[Any]]:
         """The letters sent so far that the broker has not acknowledged yet."""

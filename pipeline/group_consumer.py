@@ -202,10 +202,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stage.joined = True
 
 
-def _later(mark: Mark, than: Mark | None) -> bool:
-    return than is None or (mark.below, mark.end) > (than.below, than.end)
-
-
 class GroupConsumer(Service):
     def __init__(
         self,
@@ -265,13 +261,14 @@ class GroupConsumer(Service):
         self._committing: asyncio.Task[None] | None = None
         self._marks = marks
         self._isolation_letters = dead_letters
-        # Where handling sends what it cannot use: marks wait for those letters, as commits
-        # do (before_commit), or a successor starting from a mark would never send them.
+        # Where handling sends what it cannot use: commits and marks wait for those
+        # letters, or a successor starting past them would never send them.
         self._letters = letters or dead_letters
         self._isolate = 0  # records still to take one at a time
         self._marked: dict[TopicPartition, Mark] = {}  # what was last posted to `marks`
-        # Bumped whenever partitions are given up: marks that waited for dead letters since
-        # may no longer be ours to write (the next owner's would be overwritten).
+        # Bumped whenever partitions are given up or the consumer is stopped: marks that
+        # waited for dead letters since may no longer be ours to write (the next owner's
+        # would be overwritten).
         self._marks_given_up = 0
         self._marks_waiting = False  # for dead letters: one wait at a time
         self._marks_scheduled = False
@@ -694,7 +691,7 @@ class GroupConsumer(Service):
                 self._marks_waiting = True
                 waiting = asyncio.gather(*unacked)
                 waiting.add_done_callback(
-                    functools.partial(self._post_lettered, consumer, ends, self._marks_given_up)
+                    functools.partial(self._post_lettered, ends, self._marks_given_up)
                 )
                 return
         self._marks.post(self._group, ends)
@@ -702,32 +699,22 @@ class GroupConsumer(Service):
 
     def _post_lettered(
         self,
-        consumer: AIOKafkaConsumer,
         ends: dict[TopicPartition, Mark],
         given_up: int,
         letters: asyncio.Future[list[Any]],
     ) -> None:
-        """Post marks that waited for dead letters, now acknowledged; not if a letter
-        failed (the commit fails too, and the stage restarts), nor over a newer mark.
-        Then flush what moved meanwhile."""
+        """Post marks that waited for dead letters, now acknowledged, then flush what
+        moved meanwhile (no mark was posted while they waited: these are the newest).
+        Not if a letter failed (the commit fails too, and the stage restarts), nor once
+        partitions were given up or the consumer replaced since."""
         self._marks_waiting = False
         if letters.cancelled() or letters.exception() is not None:
             return  # DeadLetters keeps the failure: no mark until the stage restarts
-        current = self._consumer
-        if self._marks is None or current is None or current is not consumer:
+        if self._marks is None or given_up != self._marks_given_up:
             return
+        self._marks.post(self._group, ends)
+        self._marked.update(ends)
         self._post_marks()
-        if given_up != self._marks_given_up:
-            return
-        owned = current.assignment()
-        newer = {
-            tp: mark
-            for tp, mark in ends.items()
-            if tp in owned and _later(mark, self._marked.get(tp))
-        }
-        if newer:
-            self._marks.post(self._group, newer)
-            self._marked.update(newer)
 
     def replayed(self, tp: TopicPartition, records: Records) -> None:
         """Records before where this stage resumes a partition: done already, not to redo.
@@ -901,12 +888,11 @@ class GroupConsumer(Service):
             return
         started = time.monotonic()
         if self._before_commit is not None:
-            # What handling sent elsewhere (dead letters) is out before the offsets say done.
             await self._before_commit()
-        failed = self._letters.failure(self.topics) if self._letters is not None else None
-        if failed is not None:
-            # Refused before this commit awaited it: the record is not done.
-            raise RuntimeError(f"{self.stage}: a dead letter was not written: {failed!r}")
+        if self._letters is not None:
+            # What handling dead-lettered is out before the offsets say done; a letter the
+            # broker refused fails the commit (the stage restarts and sends it again).
+            await self._letters.acked(self.topics)
         flushed = time.monotonic()
         try:
             await consumer.commit(offsets)

@@ -735,20 +735,13 @@ class DeadLettersBad(Done):
         return await super().handle(records)
 
 
-async def test_a_mark_waits_for_the_dead_letters_of_what_it_says_is_done(
-    broker: EmbeddedBroker, tag: str, redis_url: str
-) -> None:
-    # A successor starting from a mark never reads what lies before it again: a letter
-    # the broker did not have yet would be lost with a SIGKILL.
-    topic, group = f"{tag}.lettered", f"{tag}-group"
+async def _lettering(
+    broker: EmbeddedBroker, tag: str, redis_url: str, name: str, send: Any
+) -> tuple[DeadLettersBad, OffsetMarks, str, TopicPartition]:
+    """A stage (not started) over ok, bad, ok, whose letters go to `send`, with marks."""
+    topic, group = f"{tag}.{name}", f"{tag}-group"
     await make_topic(broker, topic, 1)
     await produce(broker, topic, [(0, b"ok"), (0, b"bad"), (0, b"ok")])
-    tp = TopicPartition(topic, 0)
-    broker_ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def send(topic: str, key: bytes | None, value: bytes | None, headers: Any) -> Any:
-        return broker_ack  # queued; acknowledged when the test says
-
     marks = OffsetMarks(redis_url, tag)
     stage = DeadLettersBad(
         DeadLetters(send),
@@ -757,6 +750,20 @@ async def test_a_mark_waits_for_the_dead_letters_of_what_it_says_is_done(
         batch_max_records=10,
         marks=marks,
     )
+    return stage, marks, group, TopicPartition(topic, 0)
+
+
+async def test_a_mark_waits_for_the_dead_letters_of_what_it_says_is_done(
+    broker: EmbeddedBroker, tag: str, redis_url: str
+) -> None:
+    # A successor starting from a mark never reads what lies before it again: a letter
+    # the broker did not have yet would be lost with a SIGKILL.
+    broker_ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def send(topic: str, key: bytes | None, value: bytes | None, headers: Any) -> Any:
+        return broker_ack  # queued; acknowledged when the test says
+
+    stage, marks, group, tp = await _lettering(broker, tag, redis_url, "lettered", send)
     await stage.start()
     try:
         await until(lambda: len(stage.seen) == 3)
@@ -775,10 +782,6 @@ async def test_a_letter_the_broker_refused_holds_back_commits_and_marks_until_se
 ) -> None:
     # Refused before any commit awaited it: neither the commit nor a mark may go past the
     # record; the stage restarts from its committed offset and sends the letter again.
-    topic, group = f"{tag}.refused", f"{tag}-group"
-    await make_topic(broker, topic, 1)
-    await produce(broker, topic, [(0, b"ok"), (0, b"bad"), (0, b"ok")])
-    tp = TopicPartition(topic, 0)
     tries: list[bytes | None] = []
 
     async def send(topic: str, key: bytes | None, value: bytes | None, headers: Any) -> Any:
@@ -790,14 +793,7 @@ async def test_a_letter_the_broker_refused_holds_back_commits_and_marks_until_se
             ack.set_result(None)
         return ack
 
-    marks = OffsetMarks(redis_url, tag)
-    stage = DeadLettersBad(
-        DeadLetters(send),
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=10,
-        marks=marks,
-    )
+    stage, marks, group, tp = await _lettering(broker, tag, redis_url, "refused", send)
     stage.commits_open.set()
     await stage.start()
     try:
