@@ -7,16 +7,16 @@
         |                             +------------------- offline-pushes
         +--> large-group-jobs --[large_group]--> deliveries, gateway-pushes, offline-pushes
                (cursor table; read diffusion: group timelines)
-    presence --[presence]--> presence-by-user --[routes]--> routes table
-    routes changelog -------> online routes view   (every worker: fanout routes with it)
+    presence --[presence]--> presence-by-user --[routes]--> routes changelog (compacted)
+    routes changelog -------> routes view          (every worker: fanout routes with it)
     gateway-heartbeats -----> gateways view        (every worker; [registry] dead-letters)
     task topic --[task intake]--> lanes high|normal|low --[task lanes]--> processors
                                     ^                              | failed: retry topics,
                                     +---------[task retry k]-------+ then the task DLQ
 
-fanout, push, storage and the task stages read their topics in consumer groups of their
-own, a fetched batch at a time (pipeline/group_consumer.py); presence, routes and
-large_group are Faust agents, with the tables they write. Run it with
+fanout, push, storage, presence, routes and the task stages read their topics in consumer
+groups of their own, a fetched batch at a time (pipeline/group_consumer.py); large_group
+and registry are Faust agents, large_group with the cursor table it writes. Run it with
 `faust -A resonance_task.app worker`; scale it with workers and Kafka partitions.
 """
 
@@ -38,7 +38,9 @@ from resonance_task.gateway import tls as gateway_tls
 from resonance_task.gateway.client import GatewayPool, SessionConfig
 from resonance_task.offline.setup import offline_stage
 from resonance_task.pipeline import kafka_security, metrics, transport
+from resonance_task.pipeline.backlog import OffsetProbe
 from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
+from resonance_task.pipeline.fence import Fence, Hop
 from resonance_task.pipeline.offset_marks import OffsetMarks
 from resonance_task.pipeline.topic_view import TopicView
 from resonance_task.pipeline.trace import setup_tracing
@@ -101,6 +103,18 @@ def faust_config(s: Settings) -> dict[str, Any]:
     return config
 
 
+def kafka_producer_config(s: Settings) -> dict[str, Any]:
+    """An aiokafka producer's settings, for a stage that sends record batches itself."""
+    return {
+        "bootstrap_servers": s.bootstrap_servers,
+        "acks": "all",
+        "linger_ms": s.producer_linger_ms,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": s.kafka_max_request_bytes,
+        **kafka_security.aiokafka_auth(s),
+    }
+
+
 def kafka_consumer_config(s: Settings, group: str | None, *, hot: bool = False) -> dict[str, Any]:
     """An aiokafka consumer's settings: `hot` for the stages on a message's way to a gateway."""
     config: dict[str, Any] = {
@@ -158,11 +172,16 @@ dead_letter_topics = [_topic(dlq_topic(t.get_topic_name())) for t in sources]
 _table_schema: faust.Schema[str, Any] = faust.Schema(
     key_type=str, key_serializer="raw", value_serializer="json"
 )
-routes = app.Table(
-    route_rules.TABLE_NAME,
+# The routes table: written by the routes stage, compacted, co-partitioned by user.
+routes_changelog = app.topic(
+    route_rules.changelog_topic(settings.app_id),
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
     partitions=settings.topic_partitions,
-    # Compact JSON bytes, encoded by tables/routes.py: a worker may hold a million.
-    schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="raw"),
+    compacting=True,
+    internal=True,
 )
 # Co-partitioned with large-group-jobs: a job's cursor is on the worker running the job.
 large_group_cursors = app.Table(
@@ -170,12 +189,13 @@ large_group_cursors = app.Table(
 )
 
 # Every worker's own views of whole topics (not Faust GlobalTables: faust-streaming #283).
-online_routes = route_rules.OnlineRoutes()
+online_routes = route_rules.RoutesView()
 routes_view = TopicView(
-    topic=routes.changelog_topic.get_topic_name(),
+    topic=routes_changelog.get_topic_name(),
     apply=online_routes.apply,
     consumer_config=kafka_consumer_config(settings, None, hot=True),
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
+    delay=metrics.VIEW_DELAY.labels("routes"),
 )
 
 
@@ -196,13 +216,27 @@ gateways_view = TopicView(
     consumer_config=kafka_consumer_config(settings, None),
     lookback_seconds=settings.gateway_view_lookback_seconds,
     idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
+    delay=metrics.VIEW_DELAY.labels("gateways"),
+)
+offsets_probe = OffsetProbe(kafka_consumer_config(settings, None))
+presence_group = f"{settings.app_id}-presence"
+routes_group = f"{settings.app_id}-routes"
+presence_fence = Fence(
+    hops=[
+        Hop(presence_updates.get_topic_name(), presence_group),
+        Hop(presence_by_user.get_topic_name(), routes_group),
+    ],
+    view=routes_view,
+    probe=offsets_probe,
+    timeout=settings.presence_fence_seconds,
 )
 
 
 async def views_caught_up() -> None:
-    """Until both views hold what their topics held at start, routing would send online
-    users to offline push: fanout and large_group wait for this before their first record."""
-    await asyncio.gather(gateways_view.wait_caught_up(), routes_view.wait_caught_up())
+    """Until the gateways view holds what its topic held at start, and the routes view
+    what the presence topic held (pipeline/fence.py), routing would send online users to
+    offline push: fanout and large_group wait for this before routing."""
+    await asyncio.gather(gateways_view.wait_caught_up(), presence_fence.wait_covered())
 
 
 members = stores.member_store(settings)
@@ -251,7 +285,13 @@ outputs = fanout.Outputs(
     offline_pushes=_producer_for(offline_pushes),
     large_group_jobs=_producer_for(large_group_jobs),
 )
-to_presence_by_user = _producer_for(presence_by_user)
+
+
+async def _to_presence_by_user(value: bytes, partition: int, stamp_ms: int) -> Awaitable[object]:
+    name = presence_by_user.get_topic_name()
+    return await app.producer.send(name, None, value, partition, stamp_ms / 1000, None)
+
+
 dead_letters = DeadLetters(_send_raw)
 router = route.Router(
     routes=online_routes,
@@ -296,17 +336,6 @@ app.agent(large_group_jobs, name="large_group")(
         )
     )
 )
-app.agent(presence_updates, name="presence")(
-    presence.split_agent(
-        lambda partition, key, value: to_presence_by_user(key, value, partition),
-        dead_letters,
-        settings.topic_partitions,
-        max_skew_ms=settings.clock_skew_ms,
-    )
-)
-app.agent(presence_by_user, name="routes")(
-    presence.apply_agent(routes, dead_letters, settings.route_offline_keep_seconds)
-)
 app.agent(gateway_heartbeats, name="registry")(registry.agent(dead_letters))
 
 # Where each stage's done work ends, in Redis between Kafka commits (pipeline/offset_marks.py).
@@ -348,6 +377,33 @@ fanout_consumer = fanout.FanoutConsumer(
     marks=offset_marks,
     dead_letters=dead_letters,
     wait_before_consuming=views_caught_up,
+    fence=presence_fence,
+    **stage_options,
+)
+presence_stage = presence.PresenceStage(
+    send=_to_presence_by_user,
+    dead_letters=dead_letters,
+    partitions=settings.topic_partitions,
+    record_max_bytes=settings.record_max_bytes,
+    max_skew_ms=settings.clock_skew_ms,
+    topic=presence_updates.get_topic_name(),
+    consumer_config=kafka_consumer_config(settings, presence_group, hot=True),
+    batch_max_records=settings.presence_batch_max_records,
+    max_pending_batches=4,
+    **stage_options,
+)
+routes_stage = presence.RoutesStage(
+    changelog=routes_changelog.get_topic_name(),
+    view=online_routes,
+    changelog_view=routes_view,
+    probe=offsets_probe,
+    producer_config=kafka_producer_config(settings),
+    dead_letters=dead_letters,
+    keep_offline_seconds=settings.route_offline_keep_seconds,
+    topic=presence_by_user.get_topic_name(),
+    consumer_config=kafka_consumer_config(settings, routes_group, hot=True),
+    batch_max_records=settings.presence_batch_max_records,
+    max_pending_batches=4,
     **stage_options,
 )
 push_consumer = push.PushConsumer(
@@ -425,6 +481,8 @@ own_group_stages = [
         storage_consumer,
         fanout_consumer,
         push_consumer,
+        presence_stage,
+        routes_stage,
         offline_consumer,
         *(task_side.stages if task_side else ()),
     )
@@ -464,12 +522,28 @@ async def _start_own_groups() -> None:
     # Spans only in the worker: commands import this module too (pipeline/trace.py).
     setup_tracing(settings.otel_traces_exporter, settings.otel_service_name)
     # Topics only our own consumers read are not declared by Faust: create them first.
-    for topic in (*sources, *dead_letter_topics, *(task_side.topics if task_side else ())):
+    for topic in (
+        *sources,
+        routes_changelog,
+        *dead_letter_topics,
+        *(task_side.topics if task_side else ()),
+    ):
         await topic.maybe_declare()
     # Children of the app, stopped with it; started together, because a consumer's start
     # waits for its group join. At shutdown children stop in reverse order: fanout stops
     # feeding push before push drains its gateways, and the views it routes with go last.
-    services = [gateways_view, routes_view, storage_consumer, push_consumer, fanout_consumer]
+    # The routes stage and the fence ask the probe; the fence and fanout wait on the views.
+    services = [
+        offsets_probe,
+        gateways_view,
+        routes_view,
+        presence_fence,
+        routes_stage,
+        presence_stage,
+        storage_consumer,
+        push_consumer,
+        fanout_consumer,
+    ]
     if offline_consumer is not None:
         services.append(offline_consumer)
     services += [*(task_side.stages if task_side else ()), worker_directory]
@@ -485,8 +559,9 @@ async def _start_own_groups() -> None:
 
 topology = views.Topology(
     settings=settings,
-    routes=routes,
+    routes_stage=routes_stage,
     online_routes=online_routes,
+    fence=presence_fence,
     gateways=gateways,
     topic_views=(gateways_view, routes_view),
     inbox=inbox,

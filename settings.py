@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     # How far ahead of this worker's clock a heartbeat or presence timestamp may be.
     clock_skew_seconds: float = Field(5.0, gt=0)
     route_offline_keep_seconds: float = Field(300.0, ge=0)
+    # Presence records (a gateway's batch each) the presence stage takes a fetch, and
+    # presence-by-user records the routes stage takes.
+    presence_batch_max_records: int = Field(500, ge=1)
+    # After a rebalance, how long fan-out waits for its routes view to cover the presence
+    # already in Kafka before routing on regardless (counted, logged). The first cover,
+    # at start, is waited for however long it takes: the worker is not ready before.
+    presence_fence_seconds: float = Field(30.0, gt=0)
 
     # Push to gateways.
     push_batch_max_items: int = Field(128, ge=1)

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import Span
 
@@ -31,6 +32,7 @@ from resonance_task.agents.route import Router
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.deliveries import DeliveryRecords
 from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
+from resonance_task.pipeline.fence import Fence
 from resonance_task.pipeline.group_consumer import GroupConsumer, Records
 from resonance_task.pipeline.limits import Limits
 from resonance_task.pipeline.pacing import Pacer
@@ -383,12 +385,23 @@ async def refuse_ids(
 
 
 class FanoutConsumer(GroupConsumer):
-    """The fanout stage: push-events in its own consumer group, a fetched batch at a time."""
+    """The fanout stage: push-events in its own consumer group, a fetched batch at a time.
 
-    def __init__(self, *, fanout: Fanout, **kwargs: Any) -> None:
+    With a `fence`, it routes nothing before its routes view covers the presence already
+    in Kafka: at start, and again whenever its partitions move (pipeline/fence.py).
+    """
+
+    def __init__(self, *, fanout: Fanout, fence: Fence | None = None, **kwargs: Any) -> None:
         self._fanout = fanout
+        self._fence = fence
         super().__init__(stage="fanout", **kwargs)
 
+    def given(self, tps: set[TopicPartition]) -> None:
+        if self._fence is not None:
+            self._fence.hold()
+
     async def handle(self, records: Records) -> Awaitable[object] | None:
+        if self._fence is not None:
+            await self._fence.wait_covered()
         acks = await self._fanout.handle(records)
         return asyncio.gather(*acks) if acks else None

@@ -62,7 +62,9 @@ DEAD_LETTERS = Counter(
     "resonance_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"]
 )
 PRESENCE_CHANGES = Counter(
-    "resonance_presence_changes_total", "Presence changes applied to routes", ["result"]
+    "resonance_presence_changes_total",
+    "Presence changes applied to routes (applied), or older than the connection's last (stale)",
+    ["result"],
 )
 GATEWAY_HEARTBEATS_REFUSED = Counter(
     "resonance_gateway_heartbeats_refused_total",
@@ -182,3 +184,22 @@ def forget_gateway(gateway_id: str) -> None:
     """Drop a gone gateway's labelled series: gateway ids come and go with deployments."""
     for metric in (PUSH_ENQUEUE, PUSH_ENQUEUE_FAILED, GATEWAY_QUEUE_DEPTH):
         metric.remove_by_labels({"gateway": gateway_id})
+
+
+VIEW_DELAY = Histogram(
+    "resonance_view_delay_seconds",
+    "A record's age (now minus its timestamp) when this worker's view applies it; for the"
+    " routes view the record carries its presence report's timestamp: published -> routable",
+    ["view"],
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30),
+)
+FENCE_SECONDS = Histogram(
+    "resonance_presence_fence_seconds",
+    "How long fan-out waited for its routes view to cover the presence already in Kafka"
+    " (at start and after each rebalance)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FENCE_TIMEOUTS = Counter(
+    "resonance_presence_fence_timeouts_total",
+    "Fan-out routed on after PRESENCE_FENCE_SECONDS without its view covering presence upstream",
+)

@@ -7,7 +7,8 @@ its topic, reads from the start (or from a lookback time, for topics whose old r
 no longer matter), and hands each record to `apply`. Every worker builds the same view.
 It says when it has caught up with what the topic held when it started, judged by the
 high watermark of the broker's own fetch responses (Tansu's ListOffsets is wrong, DESIGN.md
-section 6): until then the worker is not ready.
+section 6): until then the worker is not ready. `wait_positions` waits for it to reach
+given offsets (what the routes stage and the presence fence ask, pipeline/fence.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -39,9 +40,13 @@ class TopicView(Service):
         consumer_config: dict[str, Any],
         lookback_seconds: float | None = None,
         idle_fetch_wait_ms: int | None = None,
+        delay: Any = None,
         **kwargs: Any,
     ) -> None:
         self.topic = topic
+        # A histogram's child: now minus each record's timestamp as it is applied, once
+        # caught up (before, it would only measure how old the topic's history is).
+        self._delay = delay
         self._apply = apply
         self._consumer_config = {k: v for k, v in consumer_config.items() if k != "group_id"}
         self._lookback = lookback_seconds
@@ -58,6 +63,8 @@ class TopicView(Service):
         self._target: dict[TopicPartition, int] = {}
         self._position: dict[TopicPartition, int] = {}
         self._caught_up = asyncio.Event()
+        # (partition -> offset, done when the view has read up to them), checked per fetch.
+        self._waiters: list[tuple[dict[int, int], asyncio.Future[None]]] = []
         self.records = 0
         self.errors = 0
         self.restarts = 0
@@ -69,6 +76,33 @@ class TopicView(Service):
 
     async def wait_caught_up(self) -> None:
         await self._caught_up.wait()
+
+    def position(self, partition: int) -> int | None:
+        """The next offset this view reads of `partition` (None: not assigned yet)."""
+        return self._position.get(TopicPartition(self.topic, partition))
+
+    async def wait_positions(self, offsets: Mapping[int, int]) -> None:
+        """Until this view has applied every record below `offsets` (partition -> offset)."""
+        wanted = dict(offsets)
+        if self._reached(wanted):
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((wanted, future))
+        await future  # cancelled with its waiter: then dropped at the next check
+
+    def _reached(self, offsets: dict[int, int]) -> bool:
+        return all((self.position(p) or 0) >= offset for p, offset in offsets.items())
+
+    def _wake_waiters(self) -> None:
+        waiting = []
+        for wanted, future in self._waiters:
+            if future.done():
+                continue
+            if self._reached(wanted):
+                future.set_result(None)
+            else:
+                waiting.append((wanted, future))
+        self._waiters = waiting
 
     @property
     def alive(self) -> bool:
@@ -175,6 +209,8 @@ class TopicView(Service):
         if self._fetch_wait is not None:
             self._fetch_wait.observe(consumer, fetched)
         since = 0 if self.caught_up else self._since_ms
+        delay = self._delay if self.caught_up else None
+        now = time.time() * 1000
         applied = 0
         for tp, records in batch.items():
             for record in records:
@@ -184,6 +220,8 @@ class TopicView(Service):
                     await asyncio.sleep(0)
                 if record.timestamp < since:
                     continue
+                if delay is not None:
+                    delay.observe(max(0.0, now - record.timestamp) / 1000)
                 try:
                     self._apply(record)
                 except Exception:
@@ -195,6 +233,8 @@ class TopicView(Service):
                 self._position[tp] = records[-1].offset + 1
         if not self.caught_up:
             self._check_caught_up(consumer, tps)
+        if self._waiters and fetched:
+            self._wake_waiters()
         return fetched
 
     def _check_caught_up(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:

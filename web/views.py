@@ -1,8 +1,8 @@
 """The worker's HTTP views (Faust web server), JSON out.
 
-/health, /ready, /metrics, /routes/{user} (answered by the worker owning the user's
-routes partition), /gateways, /large-groups, /inbox/{user}?after=N&limit=M[&timelines=s1:N1,s2:N2],
-/stats.
+/health, /ready, /metrics, /routes/{user} (from this worker's copy of the routes
+changelog: every worker holds every route), /gateways, /large-groups,
+/inbox/{user}?after=N&limit=M[&timelines=s1:N1,s2:N2], /stats.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from faust.types import TP
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from yarl import URL
 
+from resonance_task.agents.presence import RoutesStage
 from resonance_task.agents.storage import StorageConsumer
 from resonance_task.gateway.client import GatewayPool
 from resonance_task.pipeline import metrics as pipeline_metrics
 from resonance_task.pipeline import retry
+from resonance_task.pipeline.fence import Fence
 from resonance_task.pipeline.group_consumer import GroupConsumer
 from resonance_task.pipeline.partitioning import partition_for
 from resonance_task.pipeline.topic_view import TopicView
@@ -32,7 +32,7 @@ from resonance_task.stores.timeline import TimelineStore
 from resonance_task.tables import gateways as gateway_rules
 from resonance_task.tables import routes as route_rules
 from resonance_task.tables.gateways import GatewayInfo
-from resonance_task.tables.routes import OnlineRoutes
+from resonance_task.tables.routes import RoutesView
 
 INBOX_LIMIT_MAX = 1000
 
@@ -109,13 +109,6 @@ def _int_arg(request: Any, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _owner_of(metadata: dict[str, dict[str, list[int]]], topic: str, partition: int) -> str | None:
-    for host, topics in metadata.items():
-        if partition in topics.get(topic, ()):
-            return host
-    return None
-
-
 def readiness(app: Any, topology: Topology) -> tuple[bool, dict[str, Any]]:
     """Ready = every consumer group joined, tables recovered, the whole-topic views current,
     no store retried for longer than READY_STALL_SECONDS.
@@ -132,6 +125,8 @@ def readiness(app: Any, topology: Topology) -> tuple[bool, dict[str, Any]]:
         **{f"{stage.stage}_alive": stage.alive for stage in topology.stages},
         **{f"view_caught_up:{view.topic}": view.caught_up for view in topology.topic_views},
         **{f"view_alive:{view.topic}": view.alive for view in topology.topic_views},
+        # The routes view covers the presence already in Kafka (pipeline/fence.py).
+        "presence_fence_covered": topology.fence.fresh,
         # A store retried for longer than this: the stage holds its partitions back.
         **{
             f"not_stalled:{what}": seconds <= topology.settings.ready_stall_seconds
@@ -146,8 +141,9 @@ class Topology:
     """What the views read: handed over by app.py, which builds it."""
 
     settings: Settings
-    routes: Any
-    online_routes: OnlineRoutes
+    routes_stage: RoutesStage
+    online_routes: RoutesView
+    fence: Fence
     gateways: Mapping[str, GatewayInfo]
     topic_views: Sequence[TopicView]
     inbox: InboxStore
@@ -206,38 +202,21 @@ def register(app: Any, topology: Topology) -> None:
     async def metrics(self: Any, request: Any) -> Any:
         return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
-    changelog = topology.routes.changelog_topic.get_topic_name()
-
     @app.page("/routes/{user}")
     async def user_route(self: Any, request: Any, user: str) -> Any:
-        # Our own key routing, by the same partitioner that placed the user's records
-        # (Faust's table_route asks its producer, which may not have the changelog's
-        # metadata yet).
-        # What fan-out on the worker asked routes with: its own view of the changelog.
-        view = list(topology.online_routes.get(user))
+        # Every worker reads the whole changelog: no hop to the partition's owner. The
+        # owner's own copy is ahead of this by the view delay at most.
+        route = topology.online_routes.route(user)
         partition = partition_for(user, topology.settings.topic_partitions)
-        if not app.assignor.is_active(TP(changelog, partition)):
-            owner = _owner_of(app.assignor.table_metadata(changelog), changelog, partition)
-            if owner is None or request.query.get("routed"):
-                return self.json({"error": "no worker owns this user's routes now"}, status=503)
-            url = URL(owner).with_path(request.path).with_query({"routed": "1"})
-            # The owner asks for the same token this worker was given.
-            forwarded = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-            async with app.http_client.get(url, headers=forwarded) as response:
-                if response.status != 200:
-                    return self.bytes(
-                        await response.read(),
-                        content_type="application/json",
-                        status=response.status,
-                    )
-                return self.json({**await response.json(), "view_gateways": view})
-        route = route_rules.decode(topology.routes.get(user))
         return self.json(
             {
                 "user": user,
                 "online_gateways": sorted(route_rules.online_gateways(route)),
                 "connections": route_rules.as_json(route),
-                "view_gateways": view,
+                # What fan-out on this worker asks: the live gateways it was told of.
+                "view_gateways": list(topology.online_routes.get(user)),
+                "partition": partition,
+                "owned_here": topology.routes_stage.owns(partition),
             }
         )
 
@@ -281,8 +260,10 @@ def register(app: Any, topology: Topology) -> None:
             {
                 "app_id": topology.settings.app_id,
                 "assignment": assignment,
-                "routes_local": len(topology.routes),
+                "routes_owned": topology.routes_stage.owned_routes,
+                "routes_known": topology.online_routes.known,
                 "online_users": len(topology.online_routes),
+                "presence_fence": topology.fence.stats(),
                 "gateways_known": len(topology.gateways),
                 "views": [view.stats() for view in topology.topic_views],
                 "stages": {stage.stage: stage.stats() for stage in topology.stages},

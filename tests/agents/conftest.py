@@ -21,21 +21,25 @@ from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
     OfflinePush,
 )
 from resonance_task.tables.gateways import Gateways
-from resonance_task.tables.routes import OnlineRoutes
+from resonance_task.tables.routes import RoutesView
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def online(routes: dict[str, list[str]]) -> OnlineRoutes:
+def online(routes: dict[str, list[str]]) -> RoutesView:
     """The routes view as a worker builds it from the changelog: user -> live gateways."""
-    view = OnlineRoutes()
+    view = RoutesView()
     for user, gateway_ids in routes.items():
         route = {
             f"c{i}": {"gw": g, "ts": 1, "on": True, "pf": ""} for i, g in enumerate(gateway_ids)
         }
-        view.apply(SimpleNamespace(key=json.dumps(user).encode(), value=json.dumps(route).encode()))
+        view.apply(
+            SimpleNamespace(
+                key=json.dumps(user).encode(), value=json.dumps(route).encode(), partition=0
+            )
+        )
     return view
 
 

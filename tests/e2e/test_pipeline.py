@@ -246,5 +246,7 @@ async def _scrape_finds_every_documented_metric(
     assert all(v >= 0 for _, v in samples.get("resonance_consumer_lag", []))
     rebalanced = {labels["stage"] for labels, v in samples["resonance_stage_rebalances_total"] if v}
     assert {"fanout", "storage", "push"} <= rebalanced, rebalanced
-    assert total("resonance_faust_messages_received_total") > 0  # presence, into routes
+    assert total("resonance_faust_messages_received_total") > 0  # heartbeats, into registry
+    assert total("resonance_presence_changes_total", result="applied") > 0
+    assert total("resonance_view_delay_seconds_count", view="routes") > 0
     assert total("resonance_message_age_seconds_count", stage="gateway_ack") > 0

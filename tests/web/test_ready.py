@@ -25,6 +25,7 @@ def topology(
     routes: bool = True,
     stage_alive: bool = True,
     view_alive: bool = True,
+    fence: bool = True,
 ) -> Any:
     stages = [
         SimpleNamespace(stage=name, joined=joined, alive=stage_alive) for name in ("fanout", "push")
@@ -34,7 +35,9 @@ def topology(
         SimpleNamespace(topic="routes-changelog", caught_up=routes, alive=True),
     ]
     settings = SimpleNamespace(ready_stall_seconds=1.0)
-    return SimpleNamespace(stages=stages, topic_views=views, settings=settings)
+    return SimpleNamespace(
+        stages=stages, topic_views=views, settings=settings, fence=SimpleNamespace(fresh=fence)
+    )
 
 
 def test_ready_when_everything_is_in_place() -> None:
@@ -53,6 +56,11 @@ def test_not_ready_before_the_routes_view_caught_up_or_groups_joined() -> None:
     assert not readiness(fake_app(), topology(joined=False))[0]
     assert not readiness(fake_app(recovered=False), topology())[0]
     assert not readiness(fake_app(rebalancing=True), topology())[0]
+
+
+def test_not_ready_before_the_routes_view_covers_the_presence_upstream() -> None:
+    ok, checks = readiness(fake_app(), topology(fence=False))
+    assert not ok and checks["presence_fence_covered"] is False
 
 
 def test_not_ready_when_a_stage_or_a_view_stopped_running() -> None:

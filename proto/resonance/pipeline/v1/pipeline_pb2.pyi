@@ -384,3 +384,29 @@ class PresenceChange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PresenceChange: _TypeAlias = PresenceChange  # noqa: Y015
+
+@_typing.final
+class PresenceChanges(_message.Message):
+    """The presence-by-user record: the changes of one fetched batch of presence records whose
+    users share a partition, in the order the gateways reported them. Field 16, not 1: a
+    record of the single PresenceChange earlier versions wrote parses as a batch of none
+    (its fields are unknown here), so the routes stage tells the two apart.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PresenceChange]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___PresenceChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresenceChanges: _TypeAlias = PresenceChanges  # noqa: Y015
