@@ -58,14 +58,14 @@ class Settings(BaseSettings):
     inbox_redis_cluster: bool = False
     # Faust's local state directory, where the rocksdb table store keeps its files.
     data_dir: str = "resonance-task-data"
-    # Where Faust tables (routes, large-group cursors) live on a worker: "memory" (a dict,
+    # Where Faust's table (large-group cursors) lives on a worker: "memory" (a dict,
     # rebuilt from the changelog at every start) or "rocksdb" (on disk in DATA_DIR, off
     # the Python heap; a restart on the same DATA_DIR reads only the changelog's tail).
     table_store: Literal["memory", "rocksdb"] = "memory"
 
     # Every web view but /health, /ready and /metrics asks for this bearer token.
     web_auth_token: SecretStr | None = None
-    # Faust's own /router and /table views (table contents: everyone's routes).
+    # Faust's own /router and /table views (table contents: large-group cursors).
     web_faust_views: bool = False
 
     topic_push_events: str = "resonance.push.event.v1"
