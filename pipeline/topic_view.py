@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 Apply = Callable[[ConsumerRecord[Any, Any]], None]
 _YIELD_EVERY = 1000
+# One record in this many (by offset) is timed: an observation per record was 7% of the
+# routes view's cost in a presence burst, and a sample keeps the quantiles.
+DELAY_SAMPLE = 8
 
 
 class TopicView(Service):
@@ -44,8 +47,8 @@ class TopicView(Service):
         **kwargs: Any,
     ) -> None:
         self.topic = topic
-        # A histogram's child: now minus each record's timestamp as it is applied, once
-        # caught up (before, it would only measure how old the topic's history is).
+        # A histogram's child: now minus a record's timestamp as it is applied (a sample,
+        # once caught up: before, it would only measure how old the topic's history is).
         self._delay = delay
         self._apply = apply
         self._consumer_config = {k: v for k, v in consumer_config.items() if k != "group_id"}
@@ -220,7 +223,7 @@ class TopicView(Service):
                     await asyncio.sleep(0)
                 if record.timestamp < since:
                     continue
-                if delay is not None:
+                if delay is not None and not record.offset % DELAY_SAMPLE:
                     delay.observe(max(0.0, now - record.timestamp) / 1000)
                 try:
                     self._apply(record)
