@@ -112,6 +112,7 @@ def task_side(
         end_offsets=end_offsets,
         statuses=statuses,
         publish=producer_for(stats_topic),
+        interval_seconds=settings.stats_report_interval_seconds,
     )
     processors = load_processors(
         settings,
@@ -194,7 +195,9 @@ def task_side(
     )
     periodic = [Periodic("stats_report", settings.stats_report_interval_seconds)]
     if inbox_archive is not None:
-        periodic.append(Periodic("inbox_archive", settings.inbox_archive_interval_seconds))
+        periodic.append(
+            Periodic("inbox_archive", settings.inbox_archive_interval_seconds, names_period=False)
+        )
     topics = [
         submitted,
         stats_topic,
