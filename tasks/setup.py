@@ -148,10 +148,11 @@ def task_side(
     intake = TaskIntake(
         statuses=statuses,
         lanes=lanes,
-        known_types=processors.types,
+        registry=processors,
         limits=settings.limits,
         dead_letters=dead_letters,
         topic=submitted.get_topic_name(),
+        dead_letter_topic=dead_letter_topic,
         routes=settings.task_routes,
         runner=runner if settings.task_intake_starts else None,
         consumer_config=consumer_config(settings.topic_name("task-intake")),

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 
+from resonance_task.pipeline.limits import Limits
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
-from resonance_task.tasks import PayloadInvalid, PayloadType, builtins, payload_of
+from resonance_task.tasks import PayloadInvalid, PayloadType, builtins, envelope, payload_of
 from resonance_task.tasks.periodic import Periodic, last_period
 from resonance_task.tasks.registry import Registry
 from resonance_task.tasks.reports import StatsReportPayload
@@ -199,6 +200,18 @@ def test_what_passes_is_stored_normalized() -> None:
     batch = OfflinePushBatch(pushes=[push]).SerializeToString()
     task = registry.normalize(Task(task_id="t", task_type="offline_push", payload=batch))
     assert task.payload == batch and list(registry.load(task)[0].users) == ["u1"]
+
+
+def test_the_envelope_check_answers_a_payload_refusal_as_a_task_error() -> None:
+    registry = _registry()
+    task = envelope.from_json(
+        {"task_type": "stats_report", "payload": {"period_start": 9, "period_end": 1}}
+    )
+    with pytest.raises(envelope.TaskError) as refused:
+        envelope.check_payload(task, registry, Limits())
+    assert refused.value.reason == "invalid_payload"
+    assert refused.value.field == "payload.period_end"
+    assert str(refused.value) == "payload.period_end: must be after period_start (9)"
 
 
 def test_a_processor_gets_the_checked_model() -> None:
