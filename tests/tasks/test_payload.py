@@ -1,5 +1,5 @@
 """A processor's declared payload: how it is declared, what it refuses and names, what it
-fills in."""
+fills in, and the OpenAPI document built from the same declarations."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import time
 from typing import Any
 
 import pytest
+from openapi_core import OpenAPI
+from openapi_core.testing import MockRequest
+from openapi_core.validation.request.exceptions import InvalidRequestBody
 from pydantic import BaseModel, ConfigDict
 
 from resonance_task.pipeline.limits import Limits
@@ -18,6 +21,7 @@ from resonance_task.tasks import PayloadInvalid, PayloadType, builtins, envelope
 from resonance_task.tasks.periodic import Periodic, last_period
 from resonance_task.tasks.registry import Registry
 from resonance_task.tasks.reports import StatsReportPayload
+from resonance_task.web.openapi import document
 
 HOUR_MS = 3_600_000
 
@@ -245,3 +249,55 @@ def test_a_payload_type_of_its_own_is_taken_as_it_is() -> None:
     assert registry.load(Task(task_type="even", payload=b"4")) == 4
     with pytest.raises(PayloadInvalid, match="payload: an even number"):
         registry.normalize(Task(task_type="even", payload=b"3"))
+
+
+def _request(body: Any) -> MockRequest:
+    return MockRequest(
+        "http://worker",
+        "post",
+        "/api/v1/tasks",
+        data=json.dumps(body).encode(),
+        content_type="application/json",
+    )
+
+
+def test_the_openapi_document_shows_each_task_types_payload() -> None:
+    registry = _registry()
+    doc = document(registry)
+    spec = OpenAPI.from_dict(doc)  # the document itself is valid
+    schemas = doc["components"]["schemas"]
+    assert schemas["Payload.stats_report"]["properties"].keys() == {"period_start", "period_end"}
+    assert "required" not in schemas["Payload.stats_report"]  # both have a default
+    assert schemas["Payload.content_audit"]["required"] == ["content_id", "content"]
+    assert schemas["Payload.counted"] == COUNTED
+    assert schemas["Payload.offline_push"]["required"] == ["users"]
+    # A nested model's $defs become components of their own, referenced from there.
+    assert schemas["Payload.shape"]["properties"]["points"]["items"] == {
+        "$ref": "#/components/schemas/Payload.shape.Point"
+    }
+    assert "x" in schemas["Payload.shape.Point"]["properties"]
+    mapping = schemas["TaskSubmit"]["discriminator"]["mapping"]
+    assert mapping["stats_report"] == "#/components/schemas/TaskSubmit.stats_report"
+    assert mapping["noop"] == mapping["free"] == "#/components/schemas/TaskSubmit.any"
+    assert set(mapping) == registry.types()
+
+    # The document refuses what submit refuses, and takes what it takes.
+    for good in (
+        {"task_type": "stats_report", "payload": {}},
+        {"task_type": "shape", "payload": {"name": "s", "points": [{"x": 1}]}},
+        {"task_type": "noop", "payload": [1, "anything"]},
+    ):
+        spec.validate_request(_request(good))
+    for bad in (
+        {"task_type": "stats_report", "payload": {"period_end": "yesterday"}},
+        {"task_type": "shape", "payload": {"name": "s", "points": [{"y": 1}]}},
+        {"task_type": "content_audit", "payload": {"content_id": "c"}},
+        {"task_type": "no_such_type"},
+    ):
+        with pytest.raises(InvalidRequestBody):
+            spec.validate_request(_request(bad))
+
+
+def test_without_tasks_the_document_has_the_plain_submit_schema() -> None:
+    OpenAPI.from_dict(document(None))
+    assert "discriminator" not in document(None)["components"]["schemas"]["TaskSubmit"]
