@@ -580,5 +580,5 @@ stats.register(app, task_side, worker_directory, stats_table)
 status_page.register(
     app, topology, worker_directory, task_side, [t.get_topic_name() for t in dead_letter_topics]
 )
-openapi.register(app)
+openapi.register(app, task_side.registry if task_side is not None else None)
 commands.register(app, settings)

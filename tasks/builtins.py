@@ -11,9 +11,9 @@ content and publishes its verdict to TOPIC_AUDIT_VERDICTS, keyed by the content'
     answer    200 JSON {"verdict": "pass" | "block" | "review" | ..., ...}
     verdict   {"task_id", "content_id", "verdict", "checked_at", "detail": answer}
 
-A payload without content, or a 4xx from the service (it refuses the request as it is),
-fails for good; a 5xx, 408, 429, a timeout or a refused connection is retried with the
-task's backoff.
+A payload without content_id or content is refused at submit; a 4xx from the service (it
+refuses the request as it is) fails for good; a 5xx, 408, 429, a timeout or a refused
+connection is retried with the task's backoff.
 
 `offline_push` (when an offline provider is configured) is the offline push stage's work
 as a task: its payload is an `OfflinePush` in proto3 JSON, or the protobuf bytes of an
@@ -25,21 +25,32 @@ notifies again those that had succeeded).
 `inbox_archive` (when INBOX_ARCHIVE_* is set) moves the oldest entries of Redis inboxes
 to PostgreSQL (stores/archive.py); `stats_report` publishes a period's counts
 (tasks/reports.py). The leader submits both once a period (tasks/periodic.py).
+
+Each declares its payload (tasks/payload.py): a task whose payload cannot work is refused
+at submit, naming the field, and a processor here gets its payload checked.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 from google.protobuf.json_format import Parse, ParseError
 from google.protobuf.message import DecodeError
+from pydantic import BaseModel, ConfigDict, Field
 
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush, OfflinePushBatch
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
+from resonance_task.tasks.payload import (
+    PayloadInvalid,
+    PayloadType,
+    payload_of,
+    proto_json_field,
+    proto_json_schema,
+)
 from resonance_task.tasks.registry import Context, PermanentError, Registry
 
 if TYPE_CHECKING:
@@ -56,20 +67,28 @@ async def noop(task: Task, ctx: Context) -> dict[str, Any]:
     return {"ok": True}
 
 
+class AuditPayload(BaseModel):
+    """content_audit's payload; anything else in it reaches the moderation service too."""
+
+    model_config = ConfigDict(extra="allow", strict=True, title="ContentAuditPayload")
+
+    content_id: str = Field(min_length=1, description="the content's id: the verdict's key")
+    content: str = Field(description="what the moderation service judges")
+
+
 class ContentAudit:
+    payload = AuditPayload
+
     def __init__(self, url: str, send_verdict: SendRecord, timeout: float) -> None:
         self._url = url
         self._send = send_verdict
         self._client = httpx.AsyncClient(timeout=timeout)
 
     async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
-        payload = _json_object(task)
-        content_id, content = payload.get("content_id"), payload.get("content")
-        if not isinstance(content_id, str) or not content_id:
-            raise PermanentError("payload.content_id: a non-empty string")
-        if not isinstance(content, str):
-            raise PermanentError("payload.content: a string")
-        response = await self._client.post(self._url, json={"task_id": task.task_id, **payload})
+        payload = payload_of(task, ctx, AuditPayload)
+        content_id = payload.content_id
+        body = {"task_id": task.task_id, **payload.model_dump()}
+        response = await self._client.post(self._url, json=body)
         if response.status_code >= 500 or response.status_code in _RETRYABLE:
             response.raise_for_status()  # the task's retries ask again later
         if response.status_code != 200:
@@ -97,14 +116,53 @@ class ContentAudit:
         return {"content_id": content_id, "verdict": verdict}
 
 
+class OfflinePushPayload(PayloadType):
+    """An OfflinePush in proto3 JSON, or an OfflinePushBatch's protobuf bytes (as the
+    offline-pushes topic has them, given as payload_b64); kept as given. The processor
+    gets the pushes."""
+
+    def load(self, raw: bytes) -> list[OfflinePush]:
+        if not raw.strip():
+            raise PayloadInvalid(["users"], "required")  # as the JSON form's schema says
+        if raw.lstrip().startswith(b"{"):
+            push = OfflinePush()
+            try:
+                Parse(raw, push)
+            except ParseError as exc:
+                field = proto_json_field(str(exc))
+                raise PayloadInvalid([field] if field else [], str(exc)) from None
+            if not push.users:
+                raise PayloadInvalid(["users"], "at least one user")
+            return [push]
+        try:
+            pushes = list(OfflinePushBatch.FromString(raw).pushes)
+        except DecodeError as exc:
+            why = f"neither an OfflinePush (JSON) nor an OfflinePushBatch: {exc}"
+            raise PayloadInvalid([], why) from None
+        if not any(push.users for push in pushes):
+            raise PayloadInvalid(["pushes"], "an OfflinePushBatch with users")
+        return pushes
+
+    def json_schema(self) -> dict[str, Any]:
+        schema = proto_json_schema(OfflinePush.DESCRIPTOR)
+        schema["properties"]["users"]["minItems"] = 1
+        return {
+            **schema,
+            "title": "OfflinePushPayload",
+            "description": "An OfflinePush in proto3 JSON (lowerCamelCase names too), with "
+            "users; or, as payload_b64, an OfflinePushBatch's protobuf bytes",
+            "required": ["users"],
+        }
+
+
 class OfflinePushTask:
+    payload = OfflinePushPayload()
+
     def __init__(self, pusher: Any) -> None:
         self._pusher = pusher  # offline.processor.OfflinePusher (imported only if configured)
 
     async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
-        pushes = _offline_pushes(task.payload)
-        if not pushes or not any(push.users for push in pushes):
-            raise PermanentError("payload: an OfflinePush with users")
+        pushes = ctx.payload if isinstance(ctx.payload, list) else self.payload.load(task.payload)
         errors = await self._pusher.notify(pushes)
         if errors:
             reasons = [reason for found in errors.values() for reason in found]
@@ -114,45 +172,29 @@ class OfflinePushTask:
         return {"pushes": len(pushes), "users": sum(len(push.users) for push in pushes)}
 
 
+class ArchivePayload(BaseModel):
+    """inbox_archive's payload."""
+
+    # Nothing else allowed: a misspelt `users` would otherwise mean every inbox.
+    model_config = ConfigDict(extra="forbid", strict=True, title="InboxArchivePayload")
+
+    users: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="only these users' inboxes; every inbox when missing or null"
+    )
+
+
 class InboxArchiveTask:
-    """One archive pass (stores/archive.py); payload {"users": [...]} limits it to those
-    inboxes, anything else (the leader's periodic payload) means every inbox."""
+    """One archive pass (stores/archive.py), over every inbox or the payload's users'."""
+
+    payload = ArchivePayload
 
     def __init__(self, archive: InboxArchive) -> None:
         self._archive = archive
 
     async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
-        users = _json_object(task).get("users")
-        if users is not None and not (
-            isinstance(users, list) and all(isinstance(u, str) and u for u in users)
-        ):
-            raise PermanentError("payload.users: a list of user ids")
+        users = payload_of(task, ctx, ArchivePayload).users
         run = await self._archive.run(users, progress=ctx.progress, cancelled=lambda: ctx.cancelled)
         return run.as_dict()
-
-
-def _offline_pushes(payload: bytes) -> list[OfflinePush]:
-    if payload.lstrip().startswith(b"{"):
-        push = OfflinePush()
-        try:
-            Parse(payload, push)
-        except ParseError as exc:
-            raise PermanentError(f"payload: not an OfflinePush: {exc}") from None
-        return [push]
-    try:
-        return list(OfflinePushBatch.FromString(payload).pushes)
-    except DecodeError as exc:
-        raise PermanentError(f"payload: not an OfflinePushBatch: {exc}") from None
-
-
-def _json_object(task: Task) -> dict[str, Any]:
-    try:
-        value = json.loads(task.payload or b"{}")
-    except ValueError as exc:
-        raise PermanentError(f"payload: not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise PermanentError("payload: a JSON object")
-    return value
 
 
 def register(

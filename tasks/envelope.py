@@ -3,6 +3,9 @@
 Producers we do not control write the task topic, so a record is refused, with a reason
 the dead letter and the API's 4xx both carry, when its id is unusable, its type has no
 processor, or its numbers make no sense. A refused task never reaches a processor.
+`check_payload` then holds the payload to its type's declaration (tasks/payload.py): a
+step of its own, because a task refused for its payload has a usable id and type, so the
+intake can give it a status (dead) where a refused envelope has none to give.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import ParseDict
 from google.protobuf.json_format import ParseError as JsonParseError
@@ -18,6 +21,10 @@ from google.protobuf.json_format import ParseError as JsonParseError
 from resonance_task.pipeline.dlq import InvalidRecord
 from resonance_task.pipeline.limits import Limits
 from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.tasks.payload import PayloadInvalid, proto_json_field
+
+if TYPE_CHECKING:
+    from resonance_task.tasks.registry import Registry
 
 PRIORITIES: dict[str, int] = {
     "high": Priority.PRIORITY_HIGH,
@@ -83,12 +90,7 @@ def _priority(value: Any) -> int:
 
 
 def _field_of(message: str) -> str:
-    # json_format says 'Failed to parse <field> field: ...' or 'no field named "<x>"'.
-    for marker in ('no field named "', "Failed to parse "):
-        _, found, rest = message.partition(marker)
-        if found:
-            return rest.split('"')[0].split(" ")[0] or "body"
-    return "body"
+    return proto_json_field(message) or "body"
 
 
 def decode(value: bytes) -> Task:
@@ -136,4 +138,18 @@ def check(task: Task, known_types: frozenset[str], limits: Limits) -> Task:
         raise TaskError("invalid_task", "idempotency_key", "at most 256 bytes")
     if not task.submitted_at:
         task.submitted_at = int(time.time() * 1000)
+    return task
+
+
+def check_payload(task: Task, registry: Registry, limits: Limits) -> Task:
+    """`task` (envelope checked) with its payload held to its type's declaration and
+    replaced by its normal form; TaskError ("invalid_payload", field `payload.<path>`)."""
+    try:
+        registry.normalize(task)
+    except PayloadInvalid as exc:
+        raise TaskError("invalid_payload", exc.field, exc.detail) from None
+    if len(task.payload) > limits.content_max_bytes:  # defaults filled in may add bytes
+        raise TaskError(
+            "too_large", "payload", f"{len(task.payload)} bytes > {limits.content_max_bytes}"
+        )
     return task

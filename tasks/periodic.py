@@ -22,17 +22,27 @@ log = logging.getLogger(__name__)
 Submit = Callable[[Sequence[Task]], Awaitable[list[tuple[str, str]]]]
 
 
+def last_period(now: float, interval_ms: int) -> tuple[int, int]:
+    """The last whole period before `now` (seconds): [start, end) in ms, periods starting
+    at multiples of `interval_ms` since the epoch."""
+    end = int(now * 1000) // interval_ms * interval_ms
+    return end - interval_ms, end
+
+
 @dataclass(frozen=True)
 class Periodic:
     task_type: str
     interval: float  # seconds; periods start at multiples of it since the epoch
+    # Whether the payload names the period: a report is of one; an archive pass is of
+    # every inbox as it is, and its payload allows nothing but `users`.
+    names_period: bool = True
 
     def task_for(self, now: float) -> Task:
         """The task of the period `now` is in; its payload names the period before it,
         the one just finished, which is what a report of it covers."""
         interval_ms = int(self.interval * 1000)
-        start = int(now * 1000) // interval_ms * interval_ms
-        payload = {"period_start": start - interval_ms, "period_end": start}
+        previous, start = last_period(now, interval_ms)
+        payload = {"period_start": previous, "period_end": start} if self.names_period else {}
         task_id = f"{self.task_type}-{start}"
         return Task(
             task_id=task_id,

@@ -14,6 +14,10 @@ Counts come from what already keeps them, so the message path pays nothing for t
   batch's first offset + 1 (DESIGN.md section 6): a count may miss a batch's tail.
 - tasks finished per final state, from the status indexes (tasks/status.py).
 
+The payload (StatsReportPayload) names the period, ms since the epoch; left out, it is
+the last whole period of STATS_REPORT_INTERVAL_SECONDS at submit (what the leader's own
+task names), so `{}` asks for the report of the period just ended.
+
 Every worker keeps the topic's records as a table (`StatsTable`, a view of the whole
 topic), served at GET /api/v1/stats/hourly.
 """
@@ -25,13 +29,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from aiokafka import ConsumerRecord
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
-from resonance_task.tasks.registry import Context, PermanentError
+from resonance_task.tasks.payload import payload_of
+from resonance_task.tasks.periodic import last_period
+from resonance_task.tasks.registry import Context
 from resonance_task.tasks.status import TaskStatuses
 
 # [topic] -> {(topic, partition): end offset}
@@ -43,6 +50,68 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+HOUR_MS = 3_600_000
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    # The default is worked out at submit, not the null pydantic would show.
+    schema.pop("default", None)
+
+
+class StatsReportPayload(BaseModel):
+    """The period a report is of, [period_start, period_end) in ms since the epoch. An
+    edge left out follows from the other and the report interval; both left out, the
+    last whole period before the task was submitted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="StatsReportPayload")
+    interval_ms: ClassVar[int] = HOUR_MS  # `every` makes the model of another interval
+
+    # Typed int, defaulted to None: the validator below fills in what is left out, so a
+    # processor never sees None, and the schema shows both as optional.
+    period_start: int = Field(
+        None,  # type: ignore[assignment]
+        ge=0,
+        description="ms since the epoch; default: period_end less the report interval, "
+        "or the start of the last whole period",
+        json_schema_extra=_no_default,
+    )
+    period_end: int = Field(
+        None,  # type: ignore[assignment]
+        gt=0,
+        description="ms since the epoch, after period_start; default: period_start plus "
+        "the report interval, or the end of the last whole period",
+        json_schema_extra=_no_default,
+    )
+
+    @classmethod
+    def every(cls, interval_seconds: float) -> type[StatsReportPayload]:
+        """The model whose default period is `interval_seconds` long (0, no periodic
+        report: an hour)."""
+        interval_ms = int(interval_seconds * 1000) or HOUR_MS
+        namespace = {"interval_ms": interval_ms, "__module__": cls.__module__}
+        model: type[StatsReportPayload] = type(cls.__name__, (cls,), namespace)
+        return model
+
+    @field_validator("period_end")
+    @classmethod
+    def _after_start(cls, end: int, info: ValidationInfo) -> int:
+        # Here and not in the model's validator, so the refusal names period_end.
+        start = info.data.get("period_start")
+        if start is not None and end <= start:
+            raise ValueError(f"must be after period_start ({start})")
+        return end
+
+    @model_validator(mode="after")
+    def _whole_period(self) -> Self:
+        if self.period_start is None and self.period_end is None:
+            self.period_start, self.period_end = last_period(time.time(), self.interval_ms)
+        elif self.period_start is None:
+            self.period_start = max(0, self.period_end - self.interval_ms)
+        elif self.period_end is None:
+            self.period_end = self.period_start + self.interval_ms
+        return self
 
 
 class ReportBusy(RuntimeError):
@@ -61,7 +130,9 @@ class StatsReport:
         end_offsets: EndOffsets,
         statuses: TaskStatuses,
         publish: SendRecord,
+        interval_seconds: float = 3600.0,
     ) -> None:
+        self.payload = StatsReportPayload.every(interval_seconds)
         self._topics = {name: frozenset(names) for name, names in topics.items()}
         self._end_offsets = end_offsets
         self._statuses = statuses
@@ -70,7 +141,8 @@ class StatsReport:
         self._lock_key = f"{statuses.prefix}stats:lock"
 
     async def run(self, task: Task, ctx: Context) -> dict[str, Any]:
-        period = _period(task)
+        payload = payload_of(task, ctx, StatsReportPayload)
+        period = payload.period_start, payload.period_end
         # Two reports counting from one snapshot would both count its span: one at a
         # time (a period's task can run late, beside the next one). The other is retried.
         token = uuid.uuid4().hex  # this run's, not the task's: a stale run frees no lock
@@ -123,17 +195,6 @@ class StatsReport:
         }
         await self._statuses.redis.set(self._snapshot_key, json.dumps(snapshot))
         return {"period": key, **report}
-
-
-def _period(task: Task) -> tuple[int, int]:
-    try:
-        payload = json.loads(task.payload or b"{}")
-        start, end = int(payload["period_start"]), int(payload["period_end"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PermanentError(f"payload: period_start and period_end in ms: {exc}") from None
-    if end <= start:
-        raise PermanentError("payload: period_end must be after period_start")
-    return start, end
 
 
 class StatsTable:

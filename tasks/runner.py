@@ -7,9 +7,10 @@ again then, not before. A run ends in one of:
 - succeeded: the processor returned; its result (JSON) is kept;
 - retrying: it raised, attempts are left: the task goes to a retry topic with a delay
   (backoff with jitter) and the attempt counted;
-- dead: it raised PermanentError (or the task is invalid), or no attempt is left: the
-  task goes to the dead-letter topic, with headers saying where it came from, how many
-  attempts it had and what it raised;
+- dead: it raised PermanentError (or the task is invalid, its payload included: checked
+  again here, as the intake may not have seen it), or no attempt is left: the task goes
+  to the dead-letter topic, with headers saying where it came from, how many attempts it
+  had and what it raised;
 - cancelled: cancelled while it ran (the processor's stop() is called, then it is
   cancelled after a grace period).
 Timeouts count as failures that may be retried.
@@ -33,6 +34,7 @@ from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 from resonance_task.tasks.envelope import priority_name
+from resonance_task.tasks.payload import PayloadInvalid
 from resonance_task.tasks.ratelimit import RateLimits
 from resonance_task.tasks.registry import PermanentError, Processor, Registry
 from resonance_task.tasks.scheduler import Scheduler
@@ -67,9 +69,10 @@ class RunnerConfig:
 class RunContext:
     """What a processor gets besides its task: progress reports and the cancel flag."""
 
-    def __init__(self, task: Task, statuses: TaskStatuses) -> None:
+    def __init__(self, task: Task, statuses: TaskStatuses, payload: Any = None) -> None:
         self.task_id = task.task_id
         self.attempt = task.attempt
+        self.payload = payload
         self._statuses = statuses
         self._cancelled = False
         self._last_progress = 0.0
@@ -268,7 +271,14 @@ class TaskRunner:
         started = time.monotonic()
         if processor is None:  # checked at submit; a processor removed since then
             return await self._dead(task, "unknown_task_type", f"no processor: {task.task_type}")
-        ctx = RunContext(task, self._statuses)
+        try:
+            # Checked at submit too; here for what reached a lane or a retry topic another
+            # way (a task of before its type declared a payload, a record put there by
+            # hand). Cheap against any run, and the processor gets the checked value.
+            payload = self._registry.load(task)
+        except PayloadInvalid as exc:
+            return await self._failed(task, exc)  # permanent: dead at once
+        ctx = RunContext(task, self._statuses, payload)
         inner = asyncio.ensure_future(processor.run(task, ctx))
         running = _Running(task, ctx, processor, inner, started + self._timeout(task))
         self._running[task.task_id] = running
@@ -368,27 +378,14 @@ class TaskRunner:
         status: bool = True,
     ) -> object:
         attempts = task.attempt + 1 if runs is None else runs
-        dead = Task()
-        dead.CopyFrom(task)
-        dead.attempt = attempts
-        dead.last_error = error
-        ack = await self._dead_letters.put(
-            SourceRecord(
-                task.origin_topic,
-                task.origin_partition,
-                task.origin_offset,
-                task.task_id.encode(),
-                dead.SerializeToString(),
-            ),
+        ack = await dead_letter(
+            self._dead_letters,
+            self._config.dead_letter_topic,
+            task,
             reason,
             error,
-            extra_headers=[
-                ("task.attempts", str(attempts).encode()),
-                ("task.type", task.task_type.encode()),
-                ("task.exception", (type(exc).__name__ if exc else reason).encode()),
-                ("task.priority", priority_name(task.priority).encode()),
-            ],
-            dlq=self._config.dead_letter_topic,
+            type(exc).__name__ if exc else reason,
+            attempts,
         )
         if status:
             await self._end(task, "dead", {"attempt": attempts, "error": error})
@@ -436,6 +433,41 @@ class TaskRunner:
             await stop(running.task)
         except Exception as exc:
             log.warning("task %s: stop() raised %r", running.task.task_id, exc)
+
+
+async def dead_letter(
+    dead_letters: DeadLetters,
+    dlq: str,
+    task: Task,
+    reason: str,
+    error: str,
+    exception: str,
+    attempts: int,
+) -> Awaitable[object] | None:
+    """The task's dead letter: its envelope (attempts and error in it, so a replay from
+    the letter alone works), where it was first read, and why; the broker's ack."""
+    dead = Task()
+    dead.CopyFrom(task)
+    dead.attempt = attempts
+    dead.last_error = error
+    return await dead_letters.put(
+        SourceRecord(
+            task.origin_topic,
+            task.origin_partition,
+            task.origin_offset,
+            task.task_id.encode(),
+            dead.SerializeToString(),
+        ),
+        reason,
+        error,
+        extra_headers=[
+            ("task.attempts", str(attempts).encode()),
+            ("task.type", task.task_type.encode()),
+            ("task.exception", exception.encode()),
+            ("task.priority", priority_name(task.priority).encode()),
+        ],
+        dlq=dlq,
+    )
 
 
 def _final(fields: dict[str, Any]) -> dict[str, Any]:

@@ -112,6 +112,7 @@ def task_side(
         end_offsets=end_offsets,
         statuses=statuses,
         publish=producer_for(stats_topic),
+        interval_seconds=settings.stats_report_interval_seconds,
     )
     processors = load_processors(
         settings,
@@ -147,10 +148,11 @@ def task_side(
     intake = TaskIntake(
         statuses=statuses,
         lanes=lanes,
-        known_types=processors.types,
+        registry=processors,
         limits=settings.limits,
         dead_letters=dead_letters,
         topic=submitted.get_topic_name(),
+        dead_letter_topic=dead_letter_topic,
         routes=settings.task_routes,
         runner=runner if settings.task_intake_starts else None,
         consumer_config=consumer_config(settings.topic_name("task-intake")),
@@ -194,7 +196,9 @@ def task_side(
     )
     periodic = [Periodic("stats_report", settings.stats_report_interval_seconds)]
     if inbox_archive is not None:
-        periodic.append(Periodic("inbox_archive", settings.inbox_archive_interval_seconds))
+        periodic.append(
+            Periodic("inbox_archive", settings.inbox_archive_interval_seconds, names_period=False)
+        )
     topics = [
         submitted,
         stats_topic,

@@ -6,8 +6,11 @@
                                                                             | no attempt left,
                                                               resonance.task.v1.dlq <+ or permanent
 
-Intake checks each task (its type must have a processor), writes its status and
-idempotency key, and forwards it to its priority's lane; it never waits for a slot, so a
+Intake checks each task (its type must have a processor, its payload must pass the
+type's declaration), writes its status and idempotency key, and forwards it to its
+priority's lane; a task whose payload is refused is dead at once (status and dead
+letter naming the field), and holds no idempotency key, so its corrected resubmission
+runs; it never waits for a slot, so a
 backlog of one priority never hides the tasks of another behind it. A new task that
 would start at once anyway (a slot idle, no task of any priority waiting for one, due,
 not rate-limited) is started by the intake itself: the lane's Kafka hop is most of a
@@ -36,14 +39,15 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from resonance_task.pipeline import metrics
-from resonance_task.pipeline.dlq import DeadLetters
+from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
 from resonance_task.pipeline.group_consumer import GroupConsumer, Records
 from resonance_task.pipeline.limits import Limits
 from resonance_task.pipeline.retry import retrying
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
 from resonance_task.tasks import envelope
-from resonance_task.tasks.runner import TaskRunner
+from resonance_task.tasks.registry import Registry
+from resonance_task.tasks.runner import TaskRunner, dead_letter
 from resonance_task.tasks.status import Move, TaskStatuses
 
 LANES = envelope.PRIORITY_NAMES  # a lane topic per priority: <app>-tasks-<name>
@@ -181,20 +185,24 @@ class TaskIntake(GroupConsumer):
         *,
         statuses: TaskStatuses,
         lanes: Lanes,
-        known_types: Callable[[], frozenset[str]],
+        registry: Registry,
         limits: Limits,
         dead_letters: DeadLetters,
         topic: str,
         routes: Mapping[str, str] | None = None,
         runner: TaskRunner | None = None,
+        dead_letter_topic: str | None = None,
         **kwargs: Any,
     ) -> None:
         self._statuses = statuses
         self._lanes = lanes
         self._runner = runner
-        self._known_types = known_types
+        self._registry = registry
         self._limits = limits
         self._dead_letters = dead_letters
+        # Where a task refused for its payload goes: the task DLQ, whichever topic it came
+        # from, since it has a status that a replay from there finds.
+        self._dead_letter_topic = dead_letter_topic or dlq_topic(topic)
         self._routes = dict(routes or {})
         super().__init__(
             stage="task_intake",
@@ -215,20 +223,72 @@ class TaskIntake(GroupConsumer):
         return envelope.check(task, known, self._limits)
 
     async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
-        known = self._known_types()
+        known = self._registry.types()
         effects: list[Awaitable[object] | None] = [None] * len(records)
-        tasks, at = await _read_tasks(
+        read, read_at = await _read_tasks(
             records, self._dead_letters, lambda r: functools.partial(self._task_of, r, known)
         )
-        if not tasks:
+        tasks: list[Task] = []
+        at: list[int] = []
+        refused: list[tuple[int, Task, envelope.TaskError]] = []
+        for i, task in zip(read_at, read, strict=True):
+            try:
+                tasks.append(envelope.check_payload(task, self._registry, self._limits))
+                at.append(i)
+            except envelope.TaskError as exc:
+                refused.append((i, task, exc))
+        if not tasks and not refused:
             return effects
+        # A refused task's status is written without its idempotency key: the key stays
+        # free for the task sent again with its payload mended.
+        unkeyed = []
+        for _, task, _ in refused:
+            blank = Task()
+            blank.CopyFrom(task)
+            blank.idempotency_key = ""
+            unkeyed.append(blank)
+        submitted = [*tasks, *unkeyed]
         # Kafka is the buffer while Redis is away; a batch Redis refuses for good is
         # narrowed down to its record by the stage's isolation, and dead-lettered.
-        outcomes = await retrying(lambda: self._statuses.submit(tasks), "task statuses")
-        queued = await queue(tasks, outcomes, self._lanes, "topic", self._runner)
+        outcomes = await retrying(lambda: self._statuses.submit(submitted), "task statuses")
+        queued = await queue(tasks, outcomes[: len(tasks)], self._lanes, "topic", self._runner)
         for i, effect in zip(at, queued, strict=True):
             effects[i] = effect
+        for (i, task, why), (kind, state) in zip(refused, outcomes[len(tasks) :], strict=True):
+            if kind == "new" or (kind == "exists" and state == "queued" and await self._mine(task)):
+                effects[i] = await self._refuse(task, why)
         return effects
+
+    async def _mine(self, task: Task) -> bool:
+        """Whether the queued status under a refused task's id is its own: its record
+        read again after its worker died before the task was dead. Another task's (its
+        id used twice, the other one valid) is left to run."""
+        stored = await retrying(lambda: self._statuses.envelope(task.task_id), "task statuses")
+        return stored is not None and stored.payload == task.payload
+
+    async def _refuse(self, task: Task, exc: envelope.TaskError) -> Awaitable[object]:
+        """The task dead for its payload, never run: its letter, then its status."""
+        error = str(exc)
+        ack = await dead_letter(
+            self._dead_letters,
+            self._dead_letter_topic,
+            task,
+            exc.reason,
+            error,
+            type(exc).__name__,
+            attempts=0,
+        )
+
+        async def then() -> None:
+            # The letter first: a worker dying between the two leaves the task queued,
+            # and the record, read again, writes both again.
+            if ack is not None:
+                await ack
+            fields = {"error": error, "finished_at": int(time.time() * 1000)}
+            move = Move(task.task_id, "dead", "queued", fields)
+            await retrying(lambda: self._statuses.move([move]), "task statuses")
+
+        return asyncio.ensure_future(then())
 
 
 class TaskLane(GroupConsumer):

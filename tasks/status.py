@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import ResponseError
 
 from resonance_task.pipeline.retry import is_transient, retrying
@@ -263,8 +264,11 @@ class TaskStatuses:
         await self._set_fields(keys=[self._task_key(task_id)], args=args)
 
     async def get(self, task_id: str) -> dict[str, Any] | None:
+        """The task's status, with its payload as stored (normalized at submit: the
+        defaults its type filled in show here). `list` leaves payloads out: a thousand
+        of them would be most of its answer."""
         raw: dict[str, str] = await self._redis.hgetall(self._task_key(task_id))  # type: ignore[assignment]
-        return _status(task_id, raw) if raw else None
+        return {**_status(task_id, raw), **_payload(raw.get("envelope"))} if raw else None
 
     async def envelope(self, task_id: str) -> Task | None:
         """The task as submitted (for a retry asked by hand), if its status still exists."""
@@ -392,6 +396,22 @@ def _status(task_id: str, raw: dict[str, str]) -> dict[str, Any]:
     if raw.get("cancel_requested") == "1" and out.get("state") == "running":
         out["cancel_requested"] = True
     return out
+
+
+def _payload(envelope: str | None) -> dict[str, Any]:
+    """{"payload": its JSON}, or {"payload_b64": ...} for bytes that are not JSON."""
+    if not envelope:
+        return {}
+    try:
+        payload = Task.FromString(base64.b64decode(envelope)).payload
+    except (ValueError, DecodeError):
+        return {}  # not ours to fail a status read over
+    if not payload:
+        return {}
+    try:
+        return {"payload": json.loads(payload)}
+    except ValueError:
+        return {"payload_b64": base64.b64encode(payload).decode()}
 
 
 class Moves:

@@ -1,18 +1,22 @@
 """The task API's OpenAPI 3.1 document, served at /api/v1/openapi.json.
 
 Written by hand next to the views it describes (web/tasks.py, web/stats.py), from the
-same constants, so a limit changes in one place; tests/web/test_openapi.py sends real
+same constants, so a limit changes in one place; tests/e2e/test_task_api.py sends real
 requests to a worker and checks every request and answer against it with openapi-core.
+The payload of each task type is not written here: it is each processor's declaration's
+own schema (tasks/payload.py), the one submit checks against, so the two cannot differ.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
 from faust.web import View
 
 from resonance_task.tasks.envelope import MAX_ATTEMPTS_LIMIT, PRIORITIES, TIMEOUT_MS_LIMIT
+from resonance_task.tasks.registry import Registry
 from resonance_task.tasks.status import STATES
 
 BATCH_MAX = 1000
@@ -37,7 +41,10 @@ _SUBMIT = {
     "properties": {
         "task_id": {"type": "string", "description": "made up (uuid4 hex) when missing"},
         "task_type": {"type": "string", "description": "a registered processor's name"},
-        "payload": {"description": "any JSON value, handed to the processor as its JSON text"},
+        "payload": {
+            "description": "any JSON value, handed to the processor as its JSON text; for a "
+            "task type that declares its payload, what its TaskSubmit.<type> says"
+        },
         "payload_b64": {"type": "string", "contentEncoding": "base64"},
         "priority": {
             "oneOf": [
@@ -64,6 +71,12 @@ _STATUS = {
         "progress": {"type": "number", "minimum": 0, "maximum": 100},
         "progress_note": {"type": "string"},
         "result": {"description": "what the processor returned (JSON)"},
+        "payload": {"description": "the payload as accepted, its type's defaults filled in"},
+        "payload_b64": {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": "the payload, when it is not JSON",
+        },
         "error": {"type": "string"},
         "idempotency_key": {"type": "string"},
         "worker": {"type": "string"},
@@ -162,7 +175,7 @@ def _ref(name: str) -> dict[str, str]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     why = {
-        400: "a bad request: `field` names what is wrong",
+        400: "a bad request: `field` names what is wrong (`payload.<path>` inside the payload)",
         401: "no or a wrong bearer token",
         404: "no such task",
         409: "the task is in a state that refuses this",
@@ -175,8 +188,93 @@ def _errors(*codes: int) -> dict[str, Any]:
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def register(app: Any) -> None:
-    served = document()
+def _component(name: str) -> str:
+    # What a components/schemas key may hold; task types are free-form.
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _hoisted(schema: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    """A payload's schema as components: `name` itself and its $defs beside it, every
+    local reference pointed at them (inside components, "#/$defs/X" would resolve
+    against the document's root, where there is none)."""
+    defs: dict[str, Any] = {}
+    for key in ("$defs", "definitions"):
+        found = schema.get(key)
+        if isinstance(found, dict):
+            defs.update({f"{key}/{k}": v for k, v in found.items()})
+    own = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+
+    def pointed(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: _pointed_ref(v, name, defs) if k == "$ref" and isinstance(v, str) else pointed(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [pointed(v) for v in value]
+        return value
+
+    out = {name: pointed(own)}
+    for path, sub in defs.items():
+        out[_def_name(name, path)] = pointed(sub)
+    return out
+
+
+def _def_name(name: str, path: str) -> str:
+    return _component(f"{name}.{path.split('/', 1)[1]}")
+
+
+def _pointed_ref(ref: str, name: str, defs: dict[str, Any]) -> str:
+    if not ref.startswith("#"):
+        return ref  # another document's: left as it is
+    local = ref[2:]
+    if local in defs:
+        return f"#/components/schemas/{_def_name(name, local)}"
+    return f"#/components/schemas/{name}{ref[1:]}"
+
+
+def _submit_schemas(registry: Registry | None) -> dict[str, Any]:
+    """TaskSubmit: one variant per task type, chosen by its task_type, each with its
+    payload's schema; the types that declare no payload share one variant."""
+    if registry is None or not registry.types():
+        return {"TaskSubmit": _SUBMIT}
+    schemas: dict[str, Any] = {"TaskFields": _SUBMIT}
+    mapping: dict[str, str] = {}
+    declared = registry.payload_types()
+    for task_type, payload in sorted(declared.items()):
+        name = _component(f"Payload.{task_type}")
+        schemas.update(_hoisted(payload.json_schema(), name))
+        variant = _component(f"TaskSubmit.{task_type}")
+        schemas[variant] = {
+            "allOf": [
+                _ref("TaskFields"),
+                {
+                    "type": "object",
+                    "properties": {"task_type": {"const": task_type}, "payload": _ref(name)},
+                },
+            ]
+        }
+        mapping[task_type] = f"#/components/schemas/{variant}"
+    free = sorted(registry.types() - declared.keys())
+    if free:
+        schemas["TaskSubmit.any"] = {
+            "allOf": [
+                _ref("TaskFields"),
+                {"type": "object", "properties": {"task_type": {"enum": free}}},
+            ],
+            "description": "a task type that declares no payload: any JSON value",
+        }
+        mapping.update({t: "#/components/schemas/TaskSubmit.any" for t in free})
+    schemas["TaskSubmit"] = {
+        "description": "A task; its payload as its task_type's processor declares it.",
+        "oneOf": [{"$ref": ref} for ref in sorted(set(mapping.values()))],
+        "discriminator": {"propertyName": "task_type", "mapping": mapping},
+    }
+    return schemas
+
+
+def register(app: Any, registry: Registry | None = None) -> None:
+    served = document(registry)
 
     @app.page("/api/v1/openapi.json")
     class Document(View):
@@ -184,7 +282,8 @@ def register(app: Any) -> None:
             return web.json_response(served)
 
 
-def document() -> dict[str, Any]:
+def document(registry: Registry | None = None) -> dict[str, Any]:
+    """The document; with `registry`, the submit schema is per task type."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -196,7 +295,7 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": {
                 "Error": _ERROR,
-                "TaskSubmit": _SUBMIT,
+                **_submit_schemas(registry),
                 "TaskStatus": _STATUS,
                 "SubmitOutcome": _OUTCOME,
                 "Worker": _WORKER,
@@ -266,7 +365,10 @@ def document() -> dict[str, Any]:
                                     "tasks": {
                                         "type": "array",
                                         "minItems": 1,
+                                        # Not TaskSubmit: a bad task is answered
+                                        # in its result, the batch is not refused.
                                         "items": {"type": "object"},
+                                        "description": "each a TaskSubmit",
                                     }
                                 },
                             },

@@ -11,7 +11,8 @@
 Any worker answers for any task: statuses are in Redis (tasks/status.py says why), so a
 lookup is one read, never a scan and never a hop to another worker. Behind the same
 bearer token as every other view (web/auth.py). A bad request is a 4xx whose JSON names
-the field; a task_type with no processor is refused here, not failed later.
+the field; a task_type with no processor, or a payload its processor's declaration
+refuses (`payload.<path>`), is refused here, not failed later.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def register(app: Any, side: TaskSide, limits: Limits) -> None:
     statuses = side.statuses
 
     def checked(body: Any) -> Task:
-        return envelope.check(envelope.from_json(body), side.registry.types(), limits)
+        task = envelope.check(envelope.from_json(body), side.registry.types(), limits)
+        return envelope.check_payload(task, side.registry, limits)
 
     async def again(task_id: str, allowed: str) -> str | None:
         return await run_again(task_id, allowed, statuses, side.first_retry)

@@ -3,6 +3,7 @@ and each answer checked by openapi-core against /api/v1/openapi.json as the work
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -112,6 +113,55 @@ async def test_the_task_api_matches_its_openapi_document(api_pipeline: Pipeline)
         )
         results = batch.json()["results"]
         assert results[0]["state"] == "queued" and results[1]["field"] == "max_attempts"
+
+        # stats_report's payload is checked at submit; left out, the period is the last
+        # whole one (STATS_REPORT_INTERVAL_SECONDS, an hour here), stored filled in.
+        report = await api.call("POST", tasks, tasks, {"task_type": "stats_report", "payload": {}})
+        assert report.status_code == 201, report.json()
+        stored = await api.call("GET", f"{tasks}/{report.json()['task_id']}", one)
+        end = int(time.time() * 1000) // 3_600_000 * 3_600_000
+        assert stored.json()["payload"] in (
+            {"period_start": end - 3_600_000, "period_end": end},
+            {"period_start": end - 7_200_000, "period_end": end - 3_600_000},  # an hour turned
+        ), stored.json()
+        for payload, says in [
+            ({"period_start": 1_796_310_000_000, "period_end": 1_796_306_400_000}, "after"),
+            ({"period_end": "yesterday"}, "integer"),
+        ]:
+            refused = await api.call(
+                "POST", tasks, tasks, {"task_type": "stats_report", "payload": payload}
+            )
+            assert refused.status_code == 400, refused.json()
+            assert refused.json()["field"] == "payload.period_end", refused.json()
+            assert says in refused.json()["error"], refused.json()
+        typed = await api.call(
+            "POST",
+            "/api/v1/tasks/batch",
+            "/api/v1/tasks/batch",
+            {
+                "tasks": [
+                    {"task_type": "typed", "payload": {"n": 2}},
+                    {"task_type": "typed", "payload": {"n": 2, "label": 5}},
+                    {"task_type": "stats_report", "payload": {"period_start": -1}},
+                    {"task_type": "counted", "payload": "anything: counted declares none"},
+                ]
+            },
+        )
+        outcomes = typed.json()["results"]
+        assert [r.get("state") for r in outcomes] == ["queued", None, None, "queued"], outcomes
+        assert outcomes[1]["field"] == "payload.label", outcomes
+        assert outcomes[2]["field"] == "payload.period_start", outcomes
+        assert outcomes[1]["error"].startswith("payload.label: "), outcomes
+        # The document shows each type's payload, from the declaration submit checks.
+        schemas = served.json()["components"]["schemas"]
+        assert set(schemas["Payload.stats_report"]["properties"]) == {
+            "period_start",
+            "period_end",
+        }
+        assert schemas["Payload.typed"]["required"] == ["n"]
+        mapping = schemas["TaskSubmit"]["discriminator"]["mapping"]
+        assert mapping["typed"] == "#/components/schemas/TaskSubmit.typed"
+        assert mapping["counted"] == "#/components/schemas/TaskSubmit.any"
 
         async def succeeded() -> bool:
             got = await api.call("GET", f"{tasks}/{task_id}", one)

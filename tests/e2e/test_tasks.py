@@ -309,6 +309,13 @@ async def test_tasks_published_to_the_topic_run_and_bad_ones_are_dead_lettered(
         unknown = json.dumps({"task_id": "nope", "task_type": "no_such_type"}).encode()
         await producer.send_and_wait(topic, unknown, key=b"nope")
         await producer.send_and_wait(topic, b"\xff\x00garbage", key=b"junk")
+        # Its envelope is fine, its payload is not: dead at once, never run or retried.
+        typed = Task(task_id="typed-bad", task_type="typed", payload=b'{"n": 0}')
+        await producer.send_and_wait(topic, typed.SerializeToString(), key=b"typed-bad")
+        typed_json = {"task_id": "typed-json-bad", "task_type": "typed", "payload": {"m": 1}}
+        await producer.send_and_wait(topic, json.dumps(typed_json).encode(), key=b"typed-json-bad")
+        good = {"task_id": "typed-good", "task_type": "typed", "payload": {"n": 3}}
+        await producer.send_and_wait(topic, json.dumps(good).encode(), key=b"typed-good")
     finally:
         await producer.stop()
     await _state(worker, "from-proto", "succeeded", published=True)
@@ -328,6 +335,29 @@ async def test_tasks_published_to_the_topic_run_and_bad_ones_are_dead_lettered(
         dict(r.headers)["dlq.reason"].decode() for r in await _letters(p, {b"nope", b"junk"})
     )
     assert reasons == ["decode_error", "unknown_task_type"], reasons
+
+    ok = await _state(worker, "typed-good", "succeeded", published=True)
+    assert ok["result"] == {"n": 3, "label": "plain"}, ok  # the model, default filled in
+    assert ok["payload"] == {"n": 3, "label": "plain"}, ok  # and stored so
+    for task_id, field in [("typed-bad", "payload.n"), ("typed-json-bad", "payload.n")]:
+        dead = await _state(worker, task_id, "dead", published=True)
+        assert dead["error"].startswith(f"{field}: "), dead
+        assert set(dead["seen"]) <= {"queued", "dead"} and dead["attempt"] == 0, dead
+    await asyncio.sleep(1)  # a retry would be due by now (TASK_RETRY_DELAYS_MS 200,400)
+    assert await _runs(p, "typed-bad") == 0 and await _runs(p, "typed-json-bad") == 0
+    assert (await _state(worker, "typed-bad", "dead"))["attempt"] == 0
+
+    async def typed_dead_lettered() -> bool:
+        return len(await _letters(p, {b"typed-bad", b"typed-json-bad"})) >= 2
+
+    await eventually(typed_dead_lettered, 30, "the typed tasks' dead letters")
+    letters = await _letters(p, {b"typed-bad", b"typed-json-bad"})
+    assert len(letters) == 2, letters  # once each: no retry wrote another
+    for letter in letters:
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert headers["dlq.reason"] == "invalid_payload", headers
+        assert headers["dlq.error"].startswith("payload.n: "), headers
+        assert headers["task.attempts"] == "0", headers
 
 
 async def test_bad_requests_name_the_field(shared: tuple[Pipeline, WorkerProcess]) -> None:
@@ -494,7 +524,14 @@ async def test_content_audit_asks_the_moderation_service_and_publishes_the_verdi
             task_type="content_audit",
             payload={"content_id": f"c-{task_id}", "content": content, "sender": "u1"},
         )
-    _submit(worker, task_id="audit-bad", task_type="content_audit", payload={"content_id": "c-bad"})
+    # A payload the processor could never use: refused at submit, naming the field.
+    status, refused = worker.request(
+        "POST",
+        "/api/v1/tasks",
+        {"task_id": "audit-bad", "task_type": "content_audit", "payload": {"content_id": "c-bad"}},
+    )
+    assert status == 400 and refused["field"] == "payload.content", (status, refused)
+    assert worker.get("/api/v1/tasks/audit-bad")[0] == 404  # never submitted
     ok = await _state(worker, "audit-ok", "succeeded")
     assert ok["result"] == {"content_id": "c-audit-ok", "verdict": "pass"}, ok
     spam = await _state(worker, "audit-spam", "succeeded")
@@ -503,8 +540,6 @@ async def test_content_audit_asks_the_moderation_service_and_publishes_the_verdi
     # A 503 is asked again: a second run (its retrying state may pass between two polls).
     assert busy["attempt"] == 1, busy
     assert sum(a["content"] == "busy" for a in Moderation.asked) == 2
-    bad = await _state(worker, "audit-bad", "dead")
-    assert bad["attempt"] == 1 and "payload.content" in bad["error"], bad  # never retried
 
     verdicts = {
         r.key.decode(): json.loads(r.value)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
 
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 from resonance_task.tasks import Context, PermanentError, processor
@@ -88,3 +89,17 @@ class Slow:
     async def stop(self, task: Task) -> None:
         self.stopped.add(task.task_id)
         await _client().set(f"test-task-stopped:{os.environ['APP_ID']}:{task.task_id}", 1)
+
+
+class Typed(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    n: int = Field(ge=1)
+    label: str = "plain"
+
+
+@processor("typed", payload=Typed)
+async def typed(task: Task, ctx: Context) -> dict[str, Any]:
+    """Declares its payload: what reaches it was checked (and given as the model)."""
+    await _count(task)
+    assert isinstance(ctx.payload, Typed), ctx.payload
+    return {"n": ctx.payload.n, "label": ctx.payload.label}

@@ -5,8 +5,9 @@ stand-ins that record what they were asked (the runs themselves are the e2e test
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -15,6 +16,7 @@ from resonance_task.pipeline.dlq import DeadLetters
 from resonance_task.pipeline.limits import Limits
 from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
 from resonance_task.tasks.registry import Registry
+from resonance_task.tasks.reports import StatsReportPayload
 from resonance_task.tasks.runner import START_NOW_MAX_SECONDS, RunnerConfig, TaskRunner
 from resonance_task.tasks.scheduler import Scheduler
 from resonance_task.tasks.stages import Lanes, TaskIntake
@@ -54,21 +56,53 @@ async def _no_letters(*_: Any) -> None:
     raise AssertionError("nothing here is dead-lettered")
 
 
-def _intake(statuses: TaskStatuses, runner: Runner | None, sends: LaneSends) -> TaskIntake:
+class Letters:
+    """The dead letters sent, each acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, str]]] = []
+
+    async def __call__(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> Awaitable[object]:
+        self.sent.append((topic, key, value, {k: v.decode() for k, v in headers}))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def _registry() -> Registry:
+    registry = Registry()
+    registry.add("noop", _noop)
+    registry.add("stats_report", _noop, payload=StatsReportPayload)
+    return registry
+
+
+async def _noop(task: Task, ctx: Any) -> None:
+    pass
+
+
+def _intake(
+    statuses: TaskStatuses,
+    runner: Runner | None,
+    sends: LaneSends,
+    letters: Letters | None = None,
+) -> TaskIntake:
     return TaskIntake(
         statuses=statuses,
         lanes=Lanes({p: sends for p in (0, 1, 2, 3)}),
-        known_types=lambda: frozenset({"noop"}),
+        registry=_registry(),
         limits=Limits(),
-        dead_letters=DeadLetters(_no_letters),
+        dead_letters=DeadLetters(letters or _no_letters),
         topic=TOPIC,
+        dead_letter_topic=f"{TOPIC}.dlq",
         runner=runner,  # type: ignore[arg-type]
         consumer_config={"group_id": "unused"},
         batch_max_records=10,
     )
 
 
-def _records(*task_ids: str) -> list[ConsumerRecord[Any, Any]]:
+def _records(*task_ids: str, tasks: Sequence[Task] = ()) -> list[ConsumerRecord[Any, Any]]:
     return [
         ConsumerRecord(
             TOPIC,
@@ -76,14 +110,16 @@ def _records(*task_ids: str) -> list[ConsumerRecord[Any, Any]]:
             offset,
             0,
             0,
-            task_id.encode(),
-            Task(task_id=task_id, task_type="noop").SerializeToString(),
+            task.task_id.encode(),
+            task.SerializeToString(),
             None,
             0,
             0,
             (),
         )
-        for offset, task_id in enumerate(task_ids)
+        for offset, task in enumerate(
+            [*(Task(task_id=t, task_type="noop") for t in task_ids), *tasks]
+        )
     ]
 
 
@@ -159,4 +195,75 @@ async def test_the_runner_starts_nothing_at_once_that_could_outlive_the_rule(
         assert runner.start_now(quick) is None  # stopping
     finally:
         runner.stop_watching()
+        await statuses.close()
+
+
+async def test_a_task_with_a_bad_payload_is_dead_at_once_naming_the_field(
+    redis_url: str, tag: str
+) -> None:
+    """Not queued, not started, never run: dead, its letter in the task DLQ naming the
+    field; its idempotency key left free for the task sent again, mended. The good task
+    beside it goes on, its payload stored as normalized (defaults filled in)."""
+    statuses = TaskStatuses(redis_url, tag)
+    runner, sends, letters = Runner(idle=False), LaneSends(), Letters()
+    bad = Task(
+        task_id="bad",
+        task_type="stats_report",
+        idempotency_key="report-k",
+        payload=b'{"period_start": 9, "period_end": "1"}',
+    )
+    good = Task(task_id="good", task_type="stats_report", payload=b'{"period_start": 0}')
+    try:
+        intake = _intake(statuses, runner, sends, letters)
+        effects = await intake.handle_each(_records(tasks=[bad, good]))
+        await asyncio.gather(*(e for e in effects if e is not None))
+        assert sends.sent == ["good"] and runner.started == []
+        stored = await statuses.envelope("good")
+        assert stored is not None
+        assert json.loads(stored.payload) == {"period_start": 0, "period_end": 3_600_000}
+
+        status = await statuses.get("bad")
+        assert status is not None and status["state"] == "dead", status
+        assert status["error"].startswith("payload.period_end: "), status
+        assert status["attempt"] == 0 and status["finished_at"] > 0
+        ((topic, key, value, headers),) = letters.sent
+        assert (topic, key) == (f"{TOPIC}.dlq", b"bad")
+        assert headers["dlq.reason"] == "invalid_payload"
+        assert headers["dlq.error"].startswith("payload.period_end: ")
+        assert headers["task.attempts"] == "0" and headers["dlq.topic"] == TOPIC
+        assert value is not None and Task.FromString(value).payload == bad.payload
+
+        # Read again (its worker died before the commit): nothing more happens to it.
+        again = await intake.handle_each(_records(tasks=[bad]))
+        assert again == [None] and len(letters.sent) == 1
+
+        mended = Task(task_id="mended", task_type="stats_report", idempotency_key="report-k")
+        ((kind, _),) = await statuses.submit([mended])
+        assert kind == "new"  # not a duplicate of the dead one
+    finally:
+        await statuses.close()
+
+
+async def test_a_bad_payload_read_again_while_queued_is_dead_but_not_another_task(
+    redis_url: str, tag: str
+) -> None:
+    """Its worker died between the status and the dead: read again, it is made dead. A
+    valid task queued under the same id (an id used twice) is left to run."""
+    statuses = TaskStatuses(redis_url, tag)
+    letters = Letters()
+    payload = b'{"period_end": "soon"}'
+    again = Task(task_id="again", task_type="stats_report", payload=payload)
+    other = Task(task_id="other", task_type="stats_report", payload=b'{"period_start": 0}')
+    try:
+        await statuses.submit([again, other])
+        clash = Task(task_id="other", task_type="stats_report", payload=payload)
+        effects = await _intake(statuses, None, LaneSends(), letters).handle_each(
+            _records(tasks=[again, clash])
+        )
+        assert effects[1] is None and effects[0] is not None
+        await effects[0]
+        assert [letter[1] for letter in letters.sent] == [b"again"]
+        assert (await statuses.get("again") or {}).get("state") == "dead"
+        assert (await statuses.get("other") or {}).get("state") == "queued"
+    finally:
         await statuses.close()

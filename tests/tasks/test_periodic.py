@@ -51,6 +51,7 @@ class _Ctx:
     task_id = "t"
     attempt = 1
     cancelled = False
+    payload: Any = None  # not checked by a runner: the processor checks it itself
 
     async def progress(self, percent: float, note: str = "") -> None:
         pass
@@ -140,13 +141,18 @@ async def test_bad_payloads_fail_for_good_not_retried(redis_url: str) -> None:
 
     report = StatsReport(topics={}, end_offsets=unused, statuses=statuses, publish=unused)
     try:
-        for payload in (b"nope", b'{"period_start": 5}', b'{"period_start": 9, "period_end": 1}'):
+        for payload in (
+            b"nope",
+            b'{"period_start": "5"}',
+            b'{"period_start": 9, "period_end": 1}',
+            b'{"period": 5}',
+        ):
             bad = Task(task_id="r", task_type="stats_report", payload=payload)
             with pytest.raises(PermanentError, match="payload"):
                 await report.run(bad, _Ctx())
     finally:
         await statuses.close()
     archive = InboxArchiveTask(archive=None)  # type: ignore[arg-type]
-    for payload in (b"[1]", b'{"users": "u1"}', b'{"users": [""]}'):
+    for payload in (b"[1]", b'{"users": "u1"}', b'{"users": [""]}', b'{"user": ["u1"]}'):
         with pytest.raises(PermanentError, match="payload"):
             await archive.run(Task(task_id="a", task_type="inbox_archive", payload=payload), _Ctx())
