@@ -6,7 +6,8 @@ back online pushes (and a slow gateway never holds back inbox writes). A fetched
 is written as one store call; offsets are committed only after the store acknowledged
 the whole batch. While the store is away, the batch is retried with backoff and
 nothing more is fetched: Kafka is the buffer. When the store refuses a recipient, that
-recipient alone is dead-lettered (see `_store`).
+recipient alone is dead-lettered, and the rest of the batch is written at once (see
+`_store`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from resonance_task.pipeline.retry import PERMANENT_ATTEMPTS, is_transient, redi
 from resonance_task.pipeline.trace import start_span
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
-from resonance_task.stores.inbox import InboxStore
+from resonance_task.stores.inbox import InboxStore, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class StorageConsumer(GroupConsumer):
                         spans.append(span)
             if not batch:
                 return
-            refused: list[tuple[_Entry, Exception]] = []
+            refused: list[tuple[_Entry, str]] = []
             self.pending_since = time.monotonic()
             try:
                 await self._store(batch, refused)
@@ -94,14 +95,16 @@ class StorageConsumer(GroupConsumer):
                 span.end()
         await self._dead_letter(refused)
 
-    async def _store(self, batch: list[_Entry], refused: list[tuple[_Entry, Exception]]) -> None:
-        """Write the batch; a store error that is not transient costs only its recipients.
+    async def _store(self, batch: list[_Entry], refused: list[tuple[_Entry, str]]) -> None:
+        """Write the batch; what the store refuses for good costs only its recipients.
 
-        Transient errors wait (pipeline.retry). Any other error (WRONGTYPE on one inbox key
-        that something else wrote, CROSSSLOT, a value the database refuses) is narrowed
-        down by halving the batch, which is safe because every write is idempotent, until
-        the (user, message) pairs that fail alone are found: those are refused, everyone
-        else gets the message, and the stage moves on.
+        A key of the wrong type (something else wrote `inbox:{u}`) is a fact about one
+        recipient: the store reports those pairs in the same call that wrote everyone
+        else, and they are dead-lettered, neither retried nor bisected. Transient errors
+        wait (pipeline.retry). Any other error the store cannot pin on a recipient
+        (CROSSSLOT, a value the database refuses, a script error) is narrowed down by
+        halving the batch, which is safe because every write is idempotent, until the
+        (user, message) pairs that fail alone are found.
         """
         started = time.monotonic()
         pairs = [(message, users) for _, message, users in batch]
@@ -118,11 +121,13 @@ class StorageConsumer(GroupConsumer):
             if self.should_stop or is_transient(exc):
                 raise asyncio.CancelledError() from exc  # stopping: not committed, redone
             if single:
-                refused.append((batch[0], exc))
+                refused.append((batch[0], redis_reply(exc)))
                 return
             for half in _halves(batch):
                 await self._store(half, refused)
             return
+        if result.refused:
+            refused += _refused_entries(batch, result.refused)
         metrics.STORAGE_DURATION.observe(time.monotonic() - started)
         metrics.INBOX_WRITES.labels("new").inc(result.new)
         metrics.INBOX_WRITES.labels("duplicate").inc(result.duplicate)
@@ -130,21 +135,21 @@ class StorageConsumer(GroupConsumer):
         self.new += result.new
         self.duplicates += result.duplicate
 
-    async def _dead_letter(self, refused: list[tuple[_Entry, Exception]]) -> None:
+    async def _dead_letter(self, refused: list[tuple[_Entry, str]]) -> None:
         """One dead letter per source record, message and reason, with its refused users."""
-        letters: dict[tuple[int, int, int, str], tuple[_Entry, Exception, list[str]]] = {}
-        for entry, exc in refused:
+        letters: dict[tuple[int, int, int, str], tuple[_Entry, str, list[str]]] = {}
+        for entry, error in refused:
             source, message, users = entry
-            key = (source.partition, source.offset, message.msg_id, refusal_reason(exc))
-            letters.setdefault(key, (entry, exc, []))[2].extend(users)
-        for (_, _, _, reason), ((source, message, _), exc, users) in letters.items():
+            key = (source.partition, source.offset, message.msg_id, refusal_reason(error))
+            letters.setdefault(key, (entry, error, []))[2].extend(users)
+        for (_, _, _, reason), ((source, message, _), error, users) in letters.items():
             metrics.INBOX_WRITES.labels("refused").inc(len(users))
             self.refused += len(users)
             value = DeliveryBatch(deliveries=[Delivery(message=message, users=users)])
             await self._dead_letters.put(
                 replace(source, value=value.SerializeToString()),
                 reason,
-                f"{len(users)} recipient(s), first {users[0]!r}: {redis_reply(exc)[:300]}",
+                f"{len(users)} recipient(s), first {users[0]!r}: {error[:300]}",
             )
 
 
@@ -161,9 +166,26 @@ def _halves(batch: list[_Entry]) -> list[list[_Entry]]:
     return [[(source, message, users[:middle])], [(source, message, users[middle:])]]
 
 
-def refusal_reason(exc: BaseException) -> str:
-    """The dead-letter reason for a store's final no: its error code, in our words."""
-    reply = redis_reply(exc)
+def _refused_entries(batch: list[_Entry], refusals: Sequence[Refusal]) -> list[tuple[_Entry, str]]:
+    """The store's refused pairs as the batch's entries holding them, one user each: a pair
+    that two source records carry is dead-lettered with each, as each was read."""
+    errors: dict[int, dict[str, str]] = {}
+    for refusal in refusals:
+        errors.setdefault(refusal.msg_id, {})[refusal.user] = refusal.error
+    found: list[tuple[_Entry, str]] = []
+    for source, message, users in batch:
+        of_message = errors.get(message.msg_id)
+        if of_message is not None:
+            found += [
+                ((source, message, [user]), of_message[user])
+                for user in users
+                if user in of_message
+            ]
+    return found
+
+
+def refusal_reason(reply: str) -> str:
+    """The dead-letter reason for a store's final no (its error reply): its code, in our words."""
     if reply.startswith("WRONGTYPE"):
         return "inbox_wrong_type"
     if reply.startswith("CROSSSLOT") or "same key slot" in reply:

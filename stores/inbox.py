@@ -29,14 +29,31 @@ class InboxEntry:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A (user, message) pair the store will not write, now or on any retry, and why: a
+    Redis-style error reply naming the key, e.g. "WRONGTYPE inbox:{u} is a string, not a
+    zset". Something else wrote that key; until an operator mends it, retrying is useless."""
+
+    user: str
+    msg_id: int
+    error: str
+
+
+@dataclass(frozen=True)
 class WriteResult:
     new: int
     duplicate: int
+    refused: tuple[Refusal, ...] = ()
 
 
 class InboxStore(Protocol):
     async def write(self, batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> WriteResult:
-        """Give every listed user the message once; idempotent by (user, msg_id)."""
+        """Give every listed user the message once; idempotent by (user, msg_id).
+
+        A pair refused for good by what is stored (a key of the wrong type) is reported in
+        `refused`, and every other pair is written: it is a fact about one recipient, not
+        about the call. Anything else that fails is raised.
+        """
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         """Entries with cursor > after, in cursor order."""
@@ -49,48 +66,73 @@ class InboxStore(Protocol):
     async def close(self) -> None: ...
 
 
-# Idempotent appends to users' inboxes, many (user, msg_id) pairs a call. KEYS come in
-# threes per pair (inbox, seq, trim: one user's hash tag); ARGV[1] is the cap and ARGV[j+1]
-# the msg_id of pair j. Pairs run in order, so a user's messages keep their batch order.
-# Returns, per pair, its cursor and 1 if new, 0 if the msg_id was already there.
-# msg_ids are compared as decimal strings: Snowflake ids exceed a Lua double's 2^53.
-# A msg_id at or below the trim watermark was in this inbox and was trimmed by the cap,
-# so a replay of it must not come back with a new cursor.
-_APPEND = """
-local cap = tonumber(ARGV[1])
+# What both scripts share. A key of the wrong type (or a :seq that holds no number) is
+# found by the command that first touches it, called through pcall, and each user's keys
+# are all touched before that user's first write: the inbox by ZMSCORE/ZSCORE, :trim by
+# GET, :seq by INCRBY, itself the first write and atomic. So a refused user is left as it
+# was (no cursor taken, nothing added) and the script goes on with the next one; checking
+# with TYPE up front would cost a command per key on every call instead. Any other error
+# (OOM on the first write) is raised as Redis said it, failing the call as before: it is
+# transient, and the whole call is redone.
+_REFUSAL = """
+local function refusal(reply, key, expected)
+  local err = reply.err
+  if string.sub(err, 1, 10) == 'WRONGTYPE ' then
+    return 'WRONGTYPE ' .. key .. ' is a ' .. redis.call('TYPE', key).ok .. ', not a ' .. expected
+  end
+  if string.find(err, 'not an integer', 1, true) or string.find(err, 'overflow', 1, true) then
+    return 'ERR ' .. key .. ' holds no cursor: ' .. string.sub(err, 5)
+  end
+  error(reply)
+end
 local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
+"""
+
+# Idempotent appends to users' inboxes, many (user, msg_id) pairs a call. KEYS come in
+# threes per pair (inbox, seq, trim: one user's hash tag); ARGV[1] is the cap and ARGV[j+1]
+# the msg_id of pair j. Pairs run in order, so a user's messages keep their batch order.
+# Returns, per pair, its cursor and 1 if new, 0 if the msg_id was already there, or 0 and
+# the refusal. msg_ids are compared as decimal strings: Snowflake ids exceed a Lua
+# double's 2^53. A msg_id at or below the trim watermark was in this inbox and was
+# trimmed by the cap, so a replay of it must not come back with a new cursor.
+_APPEND = (
+    _REFUSAL
+    + """
+local cap = tonumber(ARGV[1])
+local function append(inbox, seq, trimkey, msg_id)
+  local existing = redis.pcall('ZSCORE', inbox, msg_id)
+  if type(existing) == 'table' then return 0, refusal(existing, inbox, 'zset') end
+  if existing then return tonumber(existing), 0 end
+  local trim = redis.pcall('GET', trimkey)
+  if type(trim) == 'table' then return 0, refusal(trim, trimkey, 'string') end
+  if trim and not newer(msg_id, trim) then return 0, 0 end
+  local cursor = redis.pcall('INCR', seq)
+  if type(cursor) == 'table' then return 0, refusal(cursor, seq, 'string') end
+  redis.call('ZADD', inbox, cursor, msg_id)
+  if cap > 0 then
+    local excess = redis.call('ZCARD', inbox) - cap
+    if excess > 0 then
+      local gone = redis.call('ZRANGE', inbox, 0, excess - 1)
+      for _, id in ipairs(gone) do
+        if not trim or newer(id, trim) then trim = id end
+      end
+      redis.call('SET', trimkey, trim)
+      redis.call('ZREMRANGEBYRANK', inbox, 0, excess - 1)
+    end
+  end
+  return cursor, 1
+end
 local out = {}
 for j = 1, #ARGV - 1 do
-  local msg_id = ARGV[j + 1]
-  local inbox, seq, trimkey = KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j]
-  local existing = redis.call('ZSCORE', inbox, msg_id)
-  local trim = redis.call('GET', trimkey)
-  if existing then
-    out[#out + 1] = tonumber(existing); out[#out + 1] = 0
-  elseif trim and not newer(msg_id, trim) then
-    out[#out + 1] = 0; out[#out + 1] = 0
-  else
-    local cursor = redis.call('INCR', seq)
-    redis.call('ZADD', inbox, cursor, msg_id)
-    if cap > 0 then
-      local excess = redis.call('ZCARD', inbox) - cap
-      if excess > 0 then
-        local gone = redis.call('ZRANGE', inbox, 0, excess - 1)
-        for _, id in ipairs(gone) do
-          if not trim or newer(id, trim) then trim = id end
-        end
-        redis.call('SET', trimkey, trim)
-        redis.call('ZREMRANGEBYRANK', inbox, 0, excess - 1)
-      end
-    end
-    out[#out + 1] = cursor; out[#out + 1] = 1
-  end
+  local cursor, status = append(KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j], ARGV[j + 1])
+  out[#out + 1] = cursor; out[#out + 1] = status
 end
 return out
 """
+)
 
 
 # The same appends on a single Redis, a whole batch in one argument: per-argument
@@ -102,8 +144,13 @@ return out
 #   u32 users, then per user: u32 len, user, u32 count, count x u32 message number (1-based)
 # Keys are built here from the prefix, which a single Redis allows (Redis Cluster does
 # not: with INBOX_REDIS_CLUSTER each user gets a call of its own, the script above).
-# Returns {new, duplicate}.
-_APPEND_PACKED = """
+# Returns {new, duplicate, refused}, refused a flat list of (user, msg_id, refusal).
+# A body key of the wrong type refuses its message for every user of the call: an entry
+# whose body cannot be read would fail every read of that inbox page (GET on a hash), and
+# the one dead letter per message brings them all back once the key is mended.
+_APPEND_PACKED = (
+    _REFUSAL
+    + """
 local cap, ttl, prefix, data = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local pos = 1
 local function u32()
@@ -117,64 +164,92 @@ local function str()
   pos = pos + n
   return s
 end
-local function newer(a, b)
-  if #a ~= #b then return #a > #b end
-  return a > b
+local new, dup, refused = 0, 0, {}
+local function refuse(user, ids, why)
+  for _, id in ipairs(ids) do
+    refused[#refused + 1] = user; refused[#refused + 1] = id; refused[#refused + 1] = why
+  end
 end
-local ids = {}
+local ids, bad = {}, {}
 for i = 1, u32() do
   ids[i] = str()
   local body = str()
   if #body > 0 then
-    redis.call('SET', 'msg:{' .. ids[i] .. '}', body, 'EX', ttl, 'NX')
+    local key = 'msg:{' .. ids[i] .. '}'
+    -- Not set: already there (a replay, or an earlier call of this batch), or not a body.
+    if not redis.call('SET', key, body, 'EX', ttl, 'NX') then
+      local held = redis.call('TYPE', key).ok
+      if held ~= 'string' then
+        bad[i] = 'WRONGTYPE ' .. key .. ' is a ' .. held .. ', not a string'
+      end
+    end
   end
 end
-local new, dup = 0, 0
-for _ = 1, u32() do
-  local inbox = prefix .. ':{' .. str() .. '}'
-  local wanted, seen = {}, {}
-  for _ = 1, u32() do
-    local id = ids[u32()]
-    if seen[id] then dup = dup + 1 else seen[id] = true; wanted[#wanted + 1] = id end
-  end
-  local scores = redis.call('ZMSCORE', inbox, unpack(wanted))
+-- Returns the ids it could not append and why, or nothing.
+local function append(inbox, wanted)
+  local scores = redis.pcall('ZMSCORE', inbox, unpack(wanted))
+  if scores.err then return wanted, refusal(scores, inbox, 'zset') end
   local missing = {}
   for j, id in ipairs(wanted) do
     if scores[j] then dup = dup + 1 else missing[#missing + 1] = id end
   end
-  if #missing > 0 then
-    local trim = redis.call('GET', inbox .. ':trim')
-    local fresh = {}
-    for _, id in ipairs(missing) do
-      if trim and not newer(id, trim) then dup = dup + 1 else fresh[#fresh + 1] = id end
-    end
-    if #fresh > 0 then
-      local last = redis.call('INCRBY', inbox .. ':seq', #fresh)
-      local args = {}
-      for j, id in ipairs(fresh) do
-        args[#args + 1] = last - #fresh + j
-        args[#args + 1] = id
+  if #missing == 0 then return end
+  local trimkey = inbox .. ':trim'
+  local trim = redis.pcall('GET', trimkey)
+  if type(trim) == 'table' then return missing, refusal(trim, trimkey, 'string') end
+  local fresh = {}
+  for _, id in ipairs(missing) do
+    if trim and not newer(id, trim) then dup = dup + 1 else fresh[#fresh + 1] = id end
+  end
+  if #fresh == 0 then return end
+  local seqkey = inbox .. ':seq'
+  local last = redis.pcall('INCRBY', seqkey, #fresh)
+  if type(last) == 'table' then return fresh, refusal(last, seqkey, 'string') end
+  local args = {}
+  for j, id in ipairs(fresh) do
+    args[#args + 1] = last - #fresh + j
+    args[#args + 1] = id
+  end
+  redis.call('ZADD', inbox, unpack(args))
+  new = new + #fresh
+  -- An inbox holds at most `last` entries (cursors have no gaps): below the cap,
+  -- there is nothing to count.
+  if cap > 0 and last > cap then
+    local excess = redis.call('ZCARD', inbox) - cap
+    if excess > 0 then
+      local gone = redis.call('ZRANGE', inbox, 0, excess - 1)
+      for _, id in ipairs(gone) do
+        if not trim or newer(id, trim) then trim = id end
       end
-      redis.call('ZADD', inbox, unpack(args))
-      new = new + #fresh
-      -- An inbox holds at most `last` entries (cursors have no gaps): below the cap,
-      -- there is nothing to count.
-      if cap > 0 and last > cap then
-        local excess = redis.call('ZCARD', inbox) - cap
-        if excess > 0 then
-          local gone = redis.call('ZRANGE', inbox, 0, excess - 1)
-          for _, id in ipairs(gone) do
-            if not trim or newer(id, trim) then trim = id end
-          end
-          redis.call('SET', inbox .. ':trim', trim)
-          redis.call('ZREMRANGEBYRANK', inbox, 0, excess - 1)
-        end
-      end
+      redis.call('SET', trimkey, trim)
+      redis.call('ZREMRANGEBYRANK', inbox, 0, excess - 1)
     end
   end
 end
-return {new, dup}
+for _ = 1, u32() do
+  local user = str()
+  local wanted, seen = {}, {}
+  for _ = 1, u32() do
+    local n = u32()
+    local id = ids[n]
+    if seen[id] then
+      dup = dup + 1
+    elseif bad[n] then
+      seen[id] = true
+      refuse(user, {id}, bad[n])
+    else
+      seen[id] = true
+      wanted[#wanted + 1] = id
+    end
+  end
+  if #wanted > 0 then
+    local lost, why = append(prefix .. ':{' .. user .. '}', wanted)
+    if lost then refuse(user, lost, why) end
+  end
+end
+return {new, dup, refused}
 """
+)
 # Pairs per packed call: bounds how long one call holds Redis (~5 ms), so other clients'
 # commands (member pages) interleave; measured, 2,000 made a big group's pushes wait.
 # It also bounds one user's entry in a call: the script passes a user's ids to ZMSCORE and
@@ -289,14 +364,12 @@ class RedisInboxStore:
                 bodies[message.msg_id] = message.SerializeToString()
             pairs.extend((user, message.msg_id) for user in users)
         try:
-            results = await self._execute(bodies, pairs)
+            return await self._write_pairs(bodies, pairs)
         except NoScriptError:
             # Redis restarted or flushed its scripts: load it again and redo the whole
             # batch, which is safe because every append is idempotent.
             self._sha = None
-            results = await self._execute(bodies, pairs)
-        new = sum(sum(r[1::2]) for r in results if isinstance(r, list))
-        return WriteResult(new=new, duplicate=len(pairs) - new)
+            return await self._write_pairs(bodies, pairs)
 
     async def _write_packed(
         self, batch: Sequence[tuple[PushMessage, Sequence[str]]]
@@ -307,8 +380,16 @@ class RedisInboxStore:
         except NoScriptError:
             self._packed_sha = None  # as above: reload, redo, idempotent
             results = await self._execute_packed(calls)
-        new = sum(int(r[0]) for r in results)
-        return WriteResult(new=new, duplicate=sum(int(r[1]) for r in results))
+        refused = [
+            Refusal(user.decode(), int(msg_id), why.decode())
+            for _, _, flat in results
+            for user, msg_id, why in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
+        ]
+        return WriteResult(
+            new=sum(int(r[0]) for r in results),
+            duplicate=sum(int(r[1]) for r in results),
+            refused=tuple(refused),
+        )
 
     async def _execute_packed(self, calls: list[bytes]) -> list[Any]:
         if self._packed_sha is None:
@@ -327,17 +408,40 @@ class RedisInboxStore:
             results += await pipe.execute()
         return results
 
-    async def _execute(self, bodies: dict[int, bytes], pairs: list[tuple[str, int]]) -> list[Any]:
+    async def _write_pairs(
+        self, bodies: dict[int, bytes], pairs: list[tuple[str, int]]
+    ) -> WriteResult:
         if self._sha is None:
             self._sha = str(await self._redis.script_load(_APPEND))
+        # The bodies first, a round trip of their own: a body key of the wrong type refuses
+        # its message (as in the packed script), which must be known before any append.
+        # A body's key has its own hash tag, so no script can check it beside the appends.
         pipe = self._redis.pipeline(transaction=False)
         for msg_id, body in bodies.items():
             pipe.set(_body_key(msg_id), body, ex=self._ttl, nx=True)
-        for user, msg_id in pairs:
+            pipe.type(_body_key(msg_id))
+        held = (await pipe.execute())[1::2]
+        bad = {
+            msg_id: f"WRONGTYPE {_body_key(msg_id)} is a {kind.decode()}, not a string"
+            for msg_id, kind in zip(bodies, held, strict=True)
+            if kind != b"string"
+        }
+        refused = [Refusal(user, msg_id, bad[msg_id]) for user, msg_id in pairs if msg_id in bad]
+        writable = [pair for pair in pairs if pair[1] not in bad] if bad else pairs
+        pipe = self._redis.pipeline(transaction=False)
+        for user, msg_id in writable:
             inbox = self.key(user)
             keys = (inbox, inbox + ":seq", inbox + ":trim")
             pipe.evalsha(self._sha, len(keys), *keys, self._max_entries, msg_id)
-        return list(await pipe.execute())
+        new = 0
+        for (user, msg_id), (_, status) in zip(writable, await pipe.execute(), strict=True):
+            if isinstance(status, bytes):
+                refused.append(Refusal(user, msg_id, status.decode()))
+            else:
+                new += status
+        return WriteResult(
+            new=new, duplicate=len(pairs) - new - len(refused), refused=tuple(refused)
+        )
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         entries, _ = await self.page(user, after, limit)

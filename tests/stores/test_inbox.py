@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from resonance_task.stores.inbox import InboxStore, RedisInboxStore
+from resonance_task.stores.inbox import InboxStore, RedisInboxStore, Refusal
 from resonance_task.stores.postgres import PostgresInboxStore
 
 BASE = 7_300_000_000_000_000_000  # Snowflake-sized: beyond a double's exact range
@@ -53,8 +54,8 @@ async def test_cursors_have_no_gaps_and_writes_are_idempotent(store: InboxStore,
     users = [f"{tag}-a", f"{tag}-b"]
     first = await store.write([(msg(i), users) for i in range(1, 6)])
     again = await store.write([(msg(i), users) for i in (3, 1, 5)] + [(msg(6), users[:1])])
-    assert (first.new, first.duplicate) == (10, 0)
-    assert (again.new, again.duplicate) == (1, 6)
+    assert (first.new, first.duplicate, first.refused) == (10, 0, ())
+    assert (again.new, again.duplicate, again.refused) == (1, 6, ())
     entries = await store.read(users[0], 0, 100)
     assert [e.cursor for e in entries] == [1, 2, 3, 4, 5, 6]
     assert [e.msg_id for e in entries] == [BASE + i for i in range(1, 7)]
@@ -175,3 +176,92 @@ async def test_last_cursors_of_many_users_in_one_call(store: InboxStore, tag: st
         users[2]: 1,
         f"{tag}-never": 0,
     }
+
+
+REDIS_BACKENDS = ["redis", "redis-cluster-safe"]
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_keys_of_the_wrong_type_refuse_their_user_and_no_one_else(
+    make_store: MakeStore, backend: str, redis_client: aioredis.Redis, tag: str
+) -> None:
+    # Enough users for several packed calls, the broken ones in different calls.
+    users = [f"{tag}-k{i:04d}" for i in range(1200)]
+    inbox_string, seq_hash, trim_list, seq_text = users[3], users[600], users[1100], users[1199]
+    broken = {inbox_string, seq_hash, trim_list, seq_text}
+    await redis_client.set(f"inbox:{{{inbox_string}}}", "not an inbox")
+    await redis_client.hset(f"inbox:{{{seq_hash}}}:seq", "not", "a cursor")
+    await redis_client.rpush(f"inbox:{{{trim_list}}}:trim", "not a watermark")
+    await redis_client.set(f"inbox:{{{seq_text}}}:seq", "twelve")
+    store = make_store(backend, max_entries=5)
+    batch = [(msg(i), users) for i in (1, 2, 3)]
+
+    result = await store.write(batch)
+    assert (result.new, result.duplicate) == (3 * 1196, 0)
+    assert sorted(result.refused, key=lambda r: (r.user, r.msg_id)) == sorted(
+        (
+            Refusal(user, BASE + i, error)
+            for user, error in (
+                (inbox_string, f"WRONGTYPE inbox:{{{inbox_string}}} is a string, not a zset"),
+                (seq_hash, f"WRONGTYPE inbox:{{{seq_hash}}}:seq is a hash, not a string"),
+                (trim_list, f"WRONGTYPE inbox:{{{trim_list}}}:trim is a list, not a string"),
+                (
+                    seq_text,
+                    f"ERR inbox:{{{seq_text}}}:seq holds no cursor:"
+                    " value is not an integer or out of range",
+                ),
+            )
+            for i in (1, 2, 3)
+        ),
+        key=lambda r: (r.user, r.msg_id),
+    )
+    others = [u for u in users if u not in broken]
+    assert await store.last_cursors(others) == dict.fromkeys(others, 3)
+    # Nothing of a refused user was written: no cursor taken, no inbox made.
+    assert await redis_client.get(f"inbox:{{{inbox_string}}}") == "not an inbox"
+    assert await redis_client.hgetall(f"inbox:{{{seq_hash}}}:seq") == {"not": "a cursor"}
+    assert await redis_client.get(f"inbox:{{{seq_text}}}:seq") == "twelve"
+    assert not await redis_client.exists(
+        f"inbox:{{{seq_hash}}}", f"inbox:{{{seq_text}}}", f"inbox:{{{trim_list}}}"
+    )
+    assert not await redis_client.exists(f"inbox:{{{trim_list}}}:seq")
+
+    # A replay writes no one twice and refuses the same pairs.
+    replay = await store.write(batch)
+    assert (replay.new, replay.duplicate) == (0, 3 * 1196)
+    assert sorted(replay.refused, key=lambda r: (r.user, r.msg_id)) == sorted(
+        result.refused, key=lambda r: (r.user, r.msg_id)
+    )
+    # Once the keys are mended, the refused users get their messages, cursors from 1.
+    await redis_client.delete(
+        f"inbox:{{{inbox_string}}}",
+        f"inbox:{{{seq_hash}}}:seq",
+        f"inbox:{{{trim_list}}}:trim",
+        f"inbox:{{{seq_text}}}:seq",
+    )
+    mended = await store.write(batch)
+    assert (mended.new, mended.duplicate, mended.refused) == (12, 3 * 1196, ())
+    for user in (inbox_string, seq_hash, trim_list, seq_text, others[0]):
+        entries = await store.read(user, 0, 10)
+        assert [(e.cursor, e.msg_id) for e in entries] == [(c, BASE + c) for c in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("backend", REDIS_BACKENDS)
+async def test_a_body_key_of_the_wrong_type_refuses_its_message_for_everyone(
+    make_store: MakeStore, backend: str, redis_client: aioredis.Redis, tag: str
+) -> None:
+    users = [f"{tag}-b{i}" for i in range(3)]
+    first = BASE + 10**12 + int(tag[1:], 16) * 10  # bodies are shared: this test's own ids
+    messages = [PushMessage(msg_id=first + i, seq_id=i, session_id="s") for i in (1, 2, 3)]
+    await redis_client.hset(f"msg:{{{first + 2}}}", "not", "a body")
+    store = make_store(backend)
+    result = await store.write([(m, users) for m in messages])
+    assert (result.new, result.duplicate) == (6, 0)
+    error = f"WRONGTYPE msg:{{{first + 2}}} is a hash, not a string"
+    assert sorted(result.refused, key=lambda r: r.user) == [
+        Refusal(user, first + 2, error) for user in users
+    ]
+    for user in users:  # the other messages, without a gap where the refused one was
+        entries = await store.read(user, 0, 10)
+        assert [(e.cursor, e.msg_id) for e in entries] == [(1, first + 1), (2, first + 3)]
+    assert await redis_client.hgetall(f"msg:{{{first + 2}}}") == {"not": "a body"}
