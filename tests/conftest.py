@@ -39,6 +39,15 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def empty_redis(redis_url: str) -> str:
+    """The test database emptied first, for a test whose subject is every key in it (an
+    archive pass SCANs every inbox: the tens of thousands earlier tests left would make
+    its pass minutes long)."""
+    redis.Redis.from_url(redis_url).flushdb()
+    return redis_url
+
+
+@pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_url, decode_responses=True)
     yield client

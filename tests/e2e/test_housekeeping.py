@@ -18,6 +18,7 @@ from tests.harness import PipelineFactory, eventually
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.usefixtures("empty_redis")
 async def test_the_leader_archives_inboxes_and_reports_every_period(
     pipeline_factory: PipelineFactory, postgres_dsn: str, pg_schema: str
 ) -> None:
@@ -58,8 +59,8 @@ async def test_the_leader_archives_inboxes_and_reports_every_period(
     assert [e["cursor"] for e in body["entries"]] == [5, 6, 7]
 
     async def archive_ran() -> bool:
-        # A pass SCANs every inbox of the database (other tests' too): it may still be
-        # going when the reader's entries have moved.
+        # A pass SCANs every inbox of the database: it may still be going when the
+        # reader's entries have moved.
         status, runs = await asyncio.to_thread(
             worker.get, "/api/v1/tasks?task_type=inbox_archive&status=succeeded"
         )
