@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m resonance_task.embedded.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

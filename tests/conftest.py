@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -17,6 +18,18 @@ from resonance_task.embedded.broker import EmbeddedBroker
 from resonance_task.embedded.redis import LocalRedis, answers
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+def _worker_redis_url(url: str) -> str:
+    """The test database, one further per pytest-xdist worker (gw0: 9, gw1: 10, ...), so
+    parallel workers never flush each other's keys."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    offset = int(worker.removeprefix("gw") or 0)
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0) + offset
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 TEST_POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -30,10 +43,19 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """The machine's Redis (a test database, flushed), or a local redis-server."""
-    if answers(TEST_REDIS_URL):
-        redis.Redis.from_url(TEST_REDIS_URL).flushdb()
-        yield TEST_REDIS_URL
+    url = _worker_redis_url(TEST_REDIS_URL)
+    if answers(url):
+        redis.Redis.from_url(url).flushdb()
+        yield url
         return
+    with LocalRedis() as local:
+        yield local.url
+
+
+@pytest.fixture
+def private_redis() -> Iterator[str]:
+    """A redis-server of the test's own, for a test that pauses every client of its Redis
+    (CLIENT PAUSE ... ALL): on the shared one it would stall the tests running beside it."""
     with LocalRedis() as local:
         yield local.url
 

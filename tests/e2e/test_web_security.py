@@ -18,6 +18,13 @@ from resonance_task.commands.traffic import single_chat
 from resonance_task.settings import Settings
 from tests.harness import Pipeline, PipelineFactory, eventually
 
+
+@pytest.fixture
+def redis_url(private_redis: str) -> str:
+    """This module pauses every client of its Redis: a redis-server of its own."""
+    return private_redis
+
+
 TOKEN = "s3cret-token-for-tests"
 
 

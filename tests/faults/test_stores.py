@@ -17,6 +17,12 @@ from tests.harness import Pipeline, eventually
 
 
 @pytest.fixture
+def redis_url(private_redis: str) -> str:
+    """This module pauses every client of its Redis: a redis-server of its own."""
+    return private_redis
+
+
+@pytest.fixture
 async def stalled_redis() -> AsyncIterator[str]:
     """A 'Redis' that accepts connections and never answers."""
     held: list[asyncio.StreamWriter] = []
