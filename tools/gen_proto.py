@@ -1,12 +1,15 @@
-"""Generate the Python code for proto/ (messages, gRPC stubs, typing stubs).
+"""Generate the Python code for proto/ into resonance_task/proto/ (messages, gRPC stubs,
+typing stubs).
 
 python tools/gen_proto.py           # rewrite the generated files in place
 python tools/gen_proto.py --check   # exit 1 if the committed files are stale
 
-protoc names modules after the .proto paths (`proto.resonance...`); the project installs
-them under its one top-level package (`resonance_task.proto.resonance...`, so nothing it
-installs is called `proto`, as proto-plus's package is), and the generated imports are
-rewritten to match. The .proto paths, and so the descriptors' file names, stay as they are.
+The contract stays at the top of the checkout (proto/, what other teams read); its code is
+part of the one installed package. protoc names modules after the .proto paths
+(`proto.resonance...`); they are installed as `resonance_task.proto.resonance...` (so
+nothing the project installs is called `proto`, as proto-plus's package is), and the
+generated imports are rewritten to match. The .proto paths, and so the descriptors' file
+names, stay as they are: a descriptor's file name is part of what a peer's registry sees.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 PACKAGE = "resonance_task"
+# protoc writes proto/x.proto's code to proto/x_pb2.py; it belongs at resonance_task/proto/.
+OUT_ROOT = ROOT / PACKAGE
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 # `from proto.resonance.x import y_pb2` and the module name _builder gives the classes.
 _MODULE_NAMES = re.compile(
     r"^(from |_builder\.BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')proto\.", re.M
@@ -65,15 +70,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
         committed = sorted(
-            p.relative_to(ROOT) for p in PROTO_DIR.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
+            p.relative_to(OUT_ROOT)
+            for p in (OUT_ROOT / "proto").rglob("*")
+            if p.name.endswith(GENERATED_SUFFIXES)
         )
         stale = [
-            str(rel)
+            str(OUT_ROOT.relative_to(ROOT) / rel)
             for rel in fresh
-            if not (ROOT / rel).exists()
-            or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)
+            if not (OUT_ROOT / rel).exists()
+            or not filecmp.cmp(Path(tmp) / rel, OUT_ROOT / rel, shallow=False)
         ]
-        stale += [str(rel) for rel in committed if rel not in fresh]
+        stale += [str(OUT_ROOT.relative_to(ROOT) / rel) for rel in committed if rel not in fresh]
         if check:
             for name in stale:
                 print(f"stale: {name}", file=sys.stderr)
@@ -82,9 +89,13 @@ def main() -> int:
             return 1 if stale else 0
         for rel in committed:
             if rel not in fresh:
-                (ROOT / rel).unlink()
+                (OUT_ROOT / rel).unlink()
         for rel in fresh:
-            shutil.copyfile(Path(tmp) / rel, ROOT / rel)
+            (OUT_ROOT / rel).parent.mkdir(parents=True, exist_ok=True)
+            # Regular packages all the way down: tools find them without namespace rules.
+            for package in (OUT_ROOT / rel).relative_to(OUT_ROOT).parents[:-1]:
+                (OUT_ROOT / package / "__init__.py").touch()
+            shutil.copyfile(Path(tmp) / rel, OUT_ROOT / rel)
         print(f"generated {len(fresh)} files from {len(sources())} protos")
     return 0
 

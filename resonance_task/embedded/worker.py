@@ -20,7 +20,7 @@ from typing import Any
 
 from resonance_task.embedded.broker import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 def pipeline_env(
