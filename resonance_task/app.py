@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY
 from resonance_task import commands
 from resonance_task.agents import fanout, large_group, presence, push, registry, route, storage
 from resonance_task.embedded import tansu
+from resonance_task.errors import on_agent_error
 from resonance_task.gateway import tls as gateway_tls
 from resonance_task.gateway.client import GatewayPool, SessionConfig
 from resonance_task.offline.setup import offline_stage
@@ -314,7 +315,7 @@ gateway_pool = GatewayPool(
     )
 )
 
-app.agent(large_group_jobs, name="large_group")(
+app.agent(large_group_jobs, name="large_group", on_error=on_agent_error)(
     large_group.agent(
         large_group.LargeGroups(
             members=members,
@@ -336,7 +337,9 @@ app.agent(large_group_jobs, name="large_group")(
         )
     )
 )
-app.agent(gateway_heartbeats, name="registry")(registry.agent(dead_letters))
+app.agent(gateway_heartbeats, name="registry", on_error=on_agent_error)(
+    registry.agent(dead_letters)
+)
 
 # Where each stage's done work ends, in Redis between Kafka commits (pipeline/offset_marks.py).
 offset_marks = (

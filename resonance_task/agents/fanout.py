@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 SESSION_SINGLE = 1
 SESSION_GROUP = 2
-MEMBER_READ_ATTEMPTS = 3  # of a member read whose error is not transient
 _DEFAULT_LIMITS = Limits()
 
 
@@ -321,8 +320,6 @@ class Fanout:
                     size = await retrying(
                         lambda: self._members.count(session_id),
                         "member store",
-                        permanent=(UnpageableGroup,),
-                        attempts=MEMBER_READ_ATTEMPTS,
                     )
                     if self._diffusion.is_large(size):
                         return _Large(size, self._diffusion.is_read(size))
@@ -344,8 +341,6 @@ class Fanout:
         return await retrying(
             lambda: self._members.page(session_id, cursor, count),
             "member store",
-            permanent=(UnpageableGroup,),
-            attempts=MEMBER_READ_ATTEMPTS,
         )
 
     async def _hand_over(

@@ -25,6 +25,7 @@ from typing import Any, TypedDict
 
 from google.protobuf.message import DecodeError
 
+from resonance_task import errors
 from resonance_task.agents.fanout import Outputs, push_message, refuse_ids
 from resonance_task.agents.route import Router
 from resonance_task.pipeline import metrics
@@ -43,7 +44,6 @@ from resonance_task.stores.timeline import TimelineStore
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "large-group-cursors"
-JOB_ATTEMPTS = 5  # tries of a job whose failure is not transient, then the DLQ
 
 # (key, cursor) -> sets the table entry, returns its changelog record's acknowledgement.
 SaveCursor = Callable[[str, "Cursor"], Awaitable[object]]
@@ -127,21 +127,18 @@ class LargeGroups:
         try:
             # Escaping the agent would ack the job with its group half done: each try
             # resumes from the saved cursor, for as long as it takes if the cause is
-            # transient (a broker or store away), JOB_ATTEMPTS times otherwise.
+            # transient (a broker or store away), a few times if it is not known.
             pages = await retrying(
-                lambda: self._attempt(job, key, record),
-                f"large group msg {key}",
-                permanent=(UnpageableGroup,),
-                attempts=JOB_ATTEMPTS,
+                lambda: self._attempt(job, key, record), f"large group msg {key}"
             )
-        except UnpageableGroup as exc:
-            # Pages already sent stay sent; the rest of the group cannot be read at all.
-            metrics.MEMBER_STORE_REFUSED.labels(exc.reason).inc()
-            await self._dead_letters.put(record, exc.reason, exc)
-            pages = 0
         except Exception as exc:
-            log.error("large group msg %s failed %d times: %r", key, JOB_ATTEMPTS, exc)
-            await self._dead_letters.put(record, "job_failed", exc)
+            # Pages already sent stay sent; the rest of the group is set aside.
+            verdict = errors.record("large_group", exc)
+            if isinstance(exc, UnpageableGroup):
+                metrics.MEMBER_STORE_REFUSED.labels(exc.reason).inc()
+            reason = verdict.reason if isinstance(verdict, errors.Poison) else "job_failed"
+            log.error("large group msg %s set aside (%s): %r", key, reason, exc)
+            await self._dead_letters.put(record, reason, exc)
             pages = 0
         self._prune(record.partition)
         return pages
@@ -171,7 +168,6 @@ class LargeGroups:
         return await retrying(
             lambda: self._members.page(session_id, cursor, self._page_size),
             "member store",
-            permanent=(UnpageableGroup,),
             attempts=1,  # not transient: the job's own retry decides
         )
 

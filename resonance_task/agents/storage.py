@@ -21,10 +21,11 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
+from resonance_task.errors import ATTEMPTS, is_transient, redis_reply
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
 from resonance_task.pipeline.group_consumer import GroupConsumer, Records, source_record
-from resonance_task.pipeline.retry import PERMANENT_ATTEMPTS, is_transient, redis_reply, retrying
+from resonance_task.pipeline.retry import retrying
 from resonance_task.pipeline.trace import start_span
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
@@ -113,7 +114,7 @@ class StorageConsumer(GroupConsumer):
             result = await retrying(
                 lambda: self._inbox.write(pairs),
                 "inbox write",
-                attempts=PERMANENT_ATTEMPTS if single else 1,
+                attempts=ATTEMPTS if single else 1,
                 until=lambda: self.should_stop,
                 max_delay=self._retry_max,
             )

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from array import array
 from bisect import bisect_left
@@ -39,6 +38,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from resonance_task.errors import Backoff
 from resonance_task.gateway.tls import ChannelSecurity
 from resonance_task.pipeline import metrics
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import (
@@ -278,8 +278,8 @@ class GatewaySession:
             metrics.GATEWAY_CONNECTED.inc() if connected else metrics.GATEWAY_CONNECTED.dec()
 
     async def _backoff(self, failures: int) -> None:
-        delay = min(self._config.backoff_max, self._config.backoff_min * 2 ** max(0, failures - 1))
-        until = time.monotonic() + delay * random.uniform(0.5, 1.0)  # full jitter's gentler half
+        backoff = Backoff(first=self._config.backoff_min, cap=self._config.backoff_max)
+        until = time.monotonic() + backoff.delay(failures)
         # While the gateway is unreachable, work that has waited too long leaves for offline
         # push rather than sitting out the backoff.
         while True:

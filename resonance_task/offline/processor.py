@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span
 
+from resonance_task.errors import Backoff
 from resonance_task.offline import metrics
 from resonance_task.offline import records as offline_records
 from resonance_task.offline.provider import Notification, Outcome, Provider
@@ -68,7 +68,7 @@ class OfflinePusher:
         self._providers = providers
         self._dead_letters = dead_letters
         self._max_attempts = max_attempts
-        self._backoff_min = backoff_min
+        self._backoff = Backoff(first=backoff_min, cap=backoff_max)
         self._backoff_max = backoff_max
 
     @property
@@ -189,11 +189,10 @@ class OfflinePusher:
                         wait = max(wait, outcome.retry_after or 0.0)
             if not retry:
                 break
-            backoff = min(self._backoff_max, self._backoff_min * 2 ** (attempt - 1))
             # Retry-After is honoured up to backoff_max: a provider asking for an hour
             # would otherwise hold the batch (and its partitions) past the consumer's
             # max.poll.interval. Retrying early costs a 429; the last one dead-letters.
-            delay = max(min(wait, self._backoff_max), backoff * random.uniform(0.5, 1.0))
+            delay = max(min(wait, self._backoff_max), self._backoff.delay(attempt))
             log.info("%s: %d notifications to retry in %.2fs", provider.name, len(retry), delay)
             await asyncio.sleep(delay)
             pending = retry

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError
 
+from resonance_task.errors import PoisonError
 from resonance_task.pipeline import metrics
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,8 @@ H_AT = "dlq.at"
 SendRaw = Callable[[str, bytes | None, bytes | None, list[tuple[str, bytes]]], Awaitable[object]]
 
 
-class InvalidRecord(ValueError):
+class InvalidRecord(PoisonError, ValueError):
     """A record that decodes but breaks the contract; `reason` is a short machine code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 class Record(Protocol):

@@ -28,6 +28,7 @@ from typing import Any
 
 from mode import Service
 
+from resonance_task.errors import BACKOFF
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.backlog import OffsetProbe
 from resonance_task.pipeline.topic_view import TopicView
@@ -131,7 +132,7 @@ class Fence(Service):
                 # The broker away or a topic not there yet: ask again, still held.
                 failures += 1
                 log.warning("presence fence: %r; trying again", exc)
-                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                await asyncio.sleep(BACKOFF.capped(2.0).delay(failures))
                 continue
             failures = 0
             self.covers += 1

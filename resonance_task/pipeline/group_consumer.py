@@ -41,12 +41,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
+from resonance_task import errors
+from resonance_task.errors import Backoff, is_transient
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.backlog import backlog
 from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
 from resonance_task.pipeline.fetch_wait import FetchWait
 from resonance_task.pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
-from resonance_task.pipeline.retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ KEEPALIVE_SECONDS = 10.0
 # Open records looked through for done ranges past a partition's done prefix, per mark:
 # bounds the cost of a mark when many records are in hand.
 SCAN_SEGMENTS = 512
-RESTART_BACKOFF_MAX = 5.0
+RESTART_BACKOFF = Backoff(first=0.2, cap=5.0)
 # After this many restarts in a row without progress, on an error that is not transient,
 # the stage takes its next records one at a time and dead-letters the one that fails.
 ISOLATE_AFTER = 3
@@ -428,6 +429,7 @@ class GroupConsumer(Service):
                 raise
             except Exception as exc:
                 self._failed = exc
+                errors.record(self.stage, exc)
             if self._progress:
                 # Backoff grows only while a restart gets nowhere (a poison batch, a broker
                 # that refuses): an empty fetch after a restart is not progress.
@@ -445,7 +447,7 @@ class GroupConsumer(Service):
                     self._isolate = self._batch_max
                 self.restarts += 1
                 metrics.STAGE_RESTARTS.labels(self.stage).inc()
-                delay = min(RESTART_BACKOFF_MAX, 0.1 * 2**failures)
+                delay = RESTART_BACKOFF.delay(failures)
                 log.error(
                     "%s: batch failed, restarting the consumer in %.1fs: %r",
                     self._topic,

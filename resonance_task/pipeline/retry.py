@@ -1,12 +1,11 @@
-"""The one error policy: transient errors wait, permanent ones are set aside.
+"""Retrying a call the way the error policy (resonance_task.errors) says.
 
 Kafka is the buffer while a store is down, not when it says no. Every stage calls its
-stores through `retrying`: a transient error (connection, timeout, busy, a moving leader)
-is retried with jittered exponential backoff, capped, for as long as it takes, holding the
-batch in hand and its partition back; crashing the stage instead would only restart the
-worker into the same wait. Any other error is about the data or a bug and fails the same
-way next time: it is raised after a few tries, and the caller dead-letters the one record
-or recipient it concerns.
+stores through `retrying`: a transient error is retried with the one backoff, capped, for
+as long as it takes, holding the batch in hand and its partition back; crashing the stage
+instead would only restart the worker into the same wait. Poison is raised at once, any
+other error after a few tries, and the caller dead-letters the one record or recipient
+it concerns.
 
 A call that has been retrying for a while is a stall: `stalls()` lists them, and
 `/ready` turns red while one lasts longer than READY_STALL_SECONDS.
@@ -19,19 +18,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from aiokafka.errors import KafkaError, KafkaTimeoutError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError as RedisResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState
 from tenacity.retry import retry_base
 from tenacity.stop import stop_base
+
+from resonance_task.errors import ATTEMPTS, BACKOFF, Poison, Transient, classify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_DELAY_SECONDS = 5.0
-PERMANENT_ATTEMPTS = 3  # tries of an error that is not transient, before it is raised
+MAX_DELAY_SECONDS = BACKOFF.cap
 
 
 class _Stall:
@@ -55,8 +51,7 @@ def stalls() -> dict[str, float]:
 
 
 class _Policy(retry_base):
-    def __init__(self, permanent: tuple[type[BaseException], ...], attempts: int | None) -> None:
-        self._permanent = permanent
+    def __init__(self, attempts: int | None) -> None:
         self._attempts = attempts
 
     def __call__(self, state: RetryCallState) -> bool:
@@ -64,9 +59,12 @@ class _Policy(retry_base):
         if outcome is None or not outcome.failed:
             return False
         exc = outcome.exception()
-        if not isinstance(exc, Exception) or isinstance(exc, self._permanent):
+        if not isinstance(exc, Exception):
             return False
-        if is_transient(exc) or self._attempts is None:
+        verdict = classify(exc)
+        if isinstance(verdict, Poison):
+            return False
+        if isinstance(verdict, Transient) or self._attempts is None:
             return True
         return state.attempt_number < self._attempts
 
@@ -83,18 +81,17 @@ async def retrying(
     call: Callable[[], Awaitable[T]],
     what: str,
     *,
-    permanent: tuple[type[BaseException], ...] = (),
-    attempts: int | None = PERMANENT_ATTEMPTS,
+    attempts: int | None = ATTEMPTS,
     until: Callable[[], bool] | None = None,
     max_delay: float = MAX_DELAY_SECONDS,
 ) -> T:
     """`call()` until it succeeds; transient errors are retried without end.
 
-    An error that is not transient is raised after `attempts` tries (None: retried like a
-    transient one, for callers with nowhere to set the record aside), errors of the
-    `permanent` types at once, and the last error when `until()` turns true (the stage
-    is stopping).
+    Poison is raised at once, a permanent error after `attempts` tries (None: retried
+    like a transient one, for callers with nowhere to set the record aside), and the last
+    error when `until()` turns true (the stage is stopping).
     """
+    backoff = BACKOFF.capped(max_delay)
     stall: _Stall | None = None
 
     def before_sleep(state: RetryCallState) -> None:
@@ -109,9 +106,9 @@ async def retrying(
         )
 
     retryer = AsyncRetrying(
-        retry=_Policy(permanent, attempts),
+        retry=_Policy(attempts),
         stop=_Until(until),
-        wait=wait_random_exponential(multiplier=0.05, max=max_delay),
+        wait=lambda state: backoff.delay(state.attempt_number),
         before_sleep=before_sleep,
         reraise=True,
     )
@@ -124,56 +121,3 @@ async def retrying(
     finally:
         if stall is not None:
             _stalls.discard(stall)
-
-
-# Redis answers these while it cannot serve now but will: a script running too long, a
-# cluster resharding or failing over, a replica not yet promoted, memory full until
-# keys expire. Every other error reply (WRONGTYPE, CROSSSLOT, a script error) is final.
-_REDIS_TRANSIENT_REPLIES = (
-    "BUSY",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "MASTERDOWN",
-    "READONLY",
-    "LOADING",
-    "OOM",
-)
-
-
-def redis_reply(exc: BaseException) -> str:
-    """A Redis error reply as the server said it, without redis-py's pipeline preamble
-    ("Command # 1 (<the command, arguments and all>) of pipeline caused error: ...")."""
-    text = str(exc.args[0]) if exc.args else str(exc)
-    _, found, reply = text.partition(" of pipeline caused error: ")
-    # The reply comes as the repr of the original error's args: ('WRONGTYPE ...',)
-    return reply.lstrip("('\"") if found else text
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The other side may answer later (connection, timeout, busy, a moving leader).
-
-    Anything else is about the data or a bug, and will fail the same way next time.
-    """
-    if getattr(exc, "transient", False):
-        return True  # a store's own error saying "wait for me" (e.g. a misconfigured table)
-    # Python 3.11: ConnectionError and asyncio's TimeoutError are OSErrors too.
-    if isinstance(exc, (OSError, RedisConnectionError, RedisTimeoutError, KafkaTimeoutError)):
-        return True
-    if isinstance(exc, RedisResponseError):
-        return redis_reply(exc).startswith(_REDIS_TRANSIENT_REPLIES)
-    if isinstance(exc, KafkaError):
-        return bool(getattr(exc, "retriable", False))
-    # asyncpg is imported only when configured: judge its errors by class, not import.
-    return any(
-        cls.__module__.startswith("asyncpg") and cls.__name__ in _ASYNCPG_TRANSIENT
-        for cls in type(exc).__mro__
-    )
-
-
-_ASYNCPG_TRANSIENT = (
-    "PostgresConnectionError",
-    "ConnectionDoesNotExistError",
-    "TransactionRollbackError",  # serialization failure, deadlock: the next try may pass
-    "TooManyConnectionsError",
-    "CannotConnectNowError",
-)

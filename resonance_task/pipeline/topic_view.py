@@ -23,9 +23,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
+from resonance_task.errors import Backoff
 from resonance_task.pipeline.fetch_wait import FetchWait
 
 log = logging.getLogger(__name__)
+# A view consumer that failed starts again after this: soon, yet not in a tight loop.
+RESTART_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 Apply = Callable[[ConsumerRecord[Any, Any]], None]
 _YIELD_EVERY = 1000
@@ -182,7 +185,7 @@ class TopicView(Service):
                 # the rest of the worker's life: start a fresh consumer where it stood.
                 failures += 1
                 self.restarts += 1
-                delay = min(5.0, 0.1 * 2**failures)
+                delay = RESTART_BACKOFF.delay(failures)
                 log.error(
                     "%s: view consumer failed, restarting in %.1fs: %r", self.topic, delay, exc
                 )

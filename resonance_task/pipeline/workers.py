@@ -19,7 +19,7 @@ from typing import Any
 from mode import Service
 from redis import asyncio as aioredis
 
-from resonance_task.pipeline.retry import is_transient
+from resonance_task.errors import is_transient
 
 log = logging.getLogger(__name__)
 

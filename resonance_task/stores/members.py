@@ -28,16 +28,14 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from resonance_task.errors import PoisonError
+
 # Large enough to keep round trips few, small enough that no single command stalls Redis.
 _WRITE_CHUNK = 5_000
 
 
-class UnpageableGroup(ValueError):
+class UnpageableGroup(PoisonError, ValueError):
     """A group whose member store we cannot page; `reason` is a short machine code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class MemberStore(Protocol):

@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from resonance_task.errors import TransientError
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.stores.inbox import InboxEntry, WriteResult
 from resonance_task.stores.members import UnpageableGroup, now_ms
@@ -280,13 +281,11 @@ class PostgresInboxStore:
         await self._pool.close()
 
 
-class MemberTableError(RuntimeError):
+class MemberTableError(TransientError):
     """The configured member table or one of its columns is missing or unusable.
 
     Not UnpageableGroup: it is about every group, so it is raised on each call until the
     table is fixed (then picked up without a restart), and events wait rather than die."""
-
-    transient = True  # for pipeline.retry: retried until fixed, never dead-lettered
 
 
 def _quote_identifier(name: str, what: str) -> str:

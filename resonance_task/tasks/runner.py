@@ -29,14 +29,15 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from resonance_task import errors
 from resonance_task.pipeline import metrics
-from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, SourceRecord
+from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 from resonance_task.tasks.envelope import priority_name
 from resonance_task.tasks.payload import PayloadInvalid
 from resonance_task.tasks.ratelimit import RateLimits
-from resonance_task.tasks.registry import PermanentError, Processor, Registry
+from resonance_task.tasks.registry import Processor, Registry
 from resonance_task.tasks.scheduler import Scheduler
 from resonance_task.tasks.status import FINAL, Move, Moves, TaskStatuses
 
@@ -327,9 +328,7 @@ class TaskRunner:
         error = f"{type(exc).__name__}: {exc}"[:1000]
         runs = task.attempt + 1
         limit = task.max_attempts or self._config.default_max_attempts
-        permanent = isinstance(exc, (PermanentError, InvalidRecord)) or getattr(
-            exc, "permanent", False
-        )
+        permanent = isinstance(errors.classify(exc), errors.Poison)
         if isinstance(exc, TimeoutError):
             error = f"timed out after {self._timeout(task):g}s"
         if permanent:

@@ -24,7 +24,6 @@ import asyncio
 import base64
 import json
 import logging
-import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import ResponseError
 
-from resonance_task.pipeline.retry import is_transient, retrying
+from resonance_task.errors import BACKOFF, is_transient
+from resonance_task.pipeline.retry import retrying
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 from resonance_task.settings import Settings
 from resonance_task.tasks.envelope import priority_name
@@ -462,8 +462,9 @@ class Moves:
             self._schedule(write.get_loop())
 
     async def _flush(self, batch: list[tuple[Move, asyncio.Future[tuple[str, str]]]]) -> None:
-        delay = 0.05
+        tries = 0
         while True:
+            tries += 1
             try:
                 replies = await self._write([move for move, _ in batch])
             except Exception as exc:  # not transient (those are waited out)
@@ -484,8 +485,8 @@ class Moves:
             if not again:
                 return
             log.warning("task statuses: %d moves refused for now (%s)", len(again), why)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay, batch = min(2.0, delay * 2), again
+            await asyncio.sleep(BACKOFF.capped(2.0).delay(tries))
+            batch = again
 
     async def _write(self, moves: list[Move]) -> list[tuple[str, str]]:
         return await retrying(lambda: self._statuses.move(moves), "task statuses", attempts=1)

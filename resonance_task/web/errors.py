@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import web
 
-from resonance_task.pipeline.retry import is_transient
+from resonance_task.errors import is_transient
 from resonance_task.web.auth import Handler
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,9 @@ import random
 import pytest
 from redis.exceptions import ResponseError
 
-from resonance_task.agents.fanout import MEMBER_READ_ATTEMPTS, Diffusion, Fanout
+from resonance_task.agents.fanout import Diffusion, Fanout
 from resonance_task.agents.route import Router
+from resonance_task.errors import ATTEMPTS
 from resonance_task.pipeline.deliveries import session_partition
 from resonance_task.pipeline.dlq import H_REASON, SourceRecord
 from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
@@ -229,7 +230,7 @@ async def test_a_member_store_error_that_is_not_transient_dead_letters_only_its_
     assert sink.stored() == ["a", "b"]  # the stage moves on
     ((_, headers),) = sink.dead
     assert headers[H_REASON] == b"member_store_error"
-    assert calls == MEMBER_READ_ATTEMPTS  # a few tries, never for ever
+    assert calls == ATTEMPTS  # a few tries, never for ever
 
 
 async def test_large_groups_are_handed_over_small_ones_fanned_out() -> None:
