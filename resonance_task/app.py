@@ -34,11 +34,10 @@ from prometheus_client import REGISTRY
 from resonance_task import commands
 from resonance_task.agents import fanout, large_group, presence, push, registry, route, storage
 from resonance_task.embedded import tansu
-from resonance_task.errors import on_agent_error
 from resonance_task.gateway import tls as gateway_tls
 from resonance_task.gateway.client import GatewayPool, SessionConfig
 from resonance_task.offline.setup import offline_stage
-from resonance_task.pipeline import kafka_security, metrics, transport
+from resonance_task.pipeline import faust_agent, kafka_security, metrics, transport
 from resonance_task.pipeline.backlog import OffsetProbe
 from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
 from resonance_task.pipeline.fence import Fence, Hop
@@ -83,6 +82,8 @@ def faust_config(s: Settings) -> dict[str, Any]:
         "web_tables_enabled": s.web_faust_views,
         "web_stats_enabled": s.web_faust_views,
         "web_graph_enabled": s.web_faust_views,
+        # Every agent's crash counted and logged by the error policy, then Faust's handling.
+        "Agent": faust_agent.Agent,
     }
     credentials = kafka_security.faust_credentials(s)
     if credentials is not None:
@@ -315,7 +316,7 @@ gateway_pool = GatewayPool(
     )
 )
 
-app.agent(large_group_jobs, name="large_group", on_error=on_agent_error)(
+app.agent(large_group_jobs, name="large_group")(
     large_group.agent(
         large_group.LargeGroups(
             members=members,
@@ -337,9 +338,7 @@ app.agent(large_group_jobs, name="large_group", on_error=on_agent_error)(
         )
     )
 )
-app.agent(gateway_heartbeats, name="registry", on_error=on_agent_error)(
-    registry.agent(dead_letters)
-)
+app.agent(gateway_heartbeats, name="registry")(registry.agent(dead_letters))
 
 # Where each stage's done work ends, in Redis between Kafka commits (pipeline/offset_marks.py).
 offset_marks = (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import faust
 import pytest
 from aiokafka.errors import NotLeaderForPartitionError, RecordTooLargeError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +22,7 @@ from resonance_task.errors import (
     on_agent_error,
 )
 from resonance_task.pipeline.dlq import InvalidRecord
+from resonance_task.pipeline.faust_agent import Agent
 from resonance_task.pipeline.retry import retrying
 from resonance_task.stores.members import UnpageableGroup
 from resonance_task.stores.postgres import MemberTableError
@@ -107,3 +110,26 @@ async def test_a_faust_agents_error_is_counted_by_its_verdict() -> None:
     await on_agent_error(Agent(), InvalidRecord("invalid", "no gateway_id"))
     await asyncio.sleep(0)
     assert counter._value.get() == before + 1
+
+
+async def test_the_apps_agent_class_sends_a_crash_through_the_policy_then_to_faust() -> None:
+    seen: list[BaseException] = []
+
+    async def fausts_own(agent: object, exc: BaseException) -> None:
+        seen.append(exc)
+
+    app = faust.App("errors-test", broker="kafka://127.0.0.1:1", store="memory://", Agent=Agent)
+    crashes: Any = app.agent(name="crashes")(_consume)
+    # What Faust's supervisor calls when the agent raises (faust/agents/agent.py).
+    on_error: Any = Agent(_consume, app=app, name="crashes", on_error=fausts_own)._on_error
+    counter = ERRORS.labels("agent:crashes", "transient")
+    before = counter._value.get()
+    await on_error(crashes, ConnectionResetError())
+    assert counter._value.get() == before + 1 and isinstance(seen[0], ConnectionResetError)
+    # Faust clones agents with their settings: the policy is not applied twice.
+    assert crashes.clone()._on_error is crashes._on_error
+
+
+async def _consume(stream: Any) -> None:
+    async for _ in stream:
+        pass
