@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.errors import KafkaError, KafkaTimeoutError
-from prometheus_client import Counter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from resonance_task.pipeline import metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ class PoisonError(Exception):
 
 class TransientError(Exception):
     """Raised when the other side, or its configuration, may be right later: waited out."""
-
-
-ERRORS = Counter(
-    "resonance_errors_total",
-    "Errors met by a stage, by what the error policy made of them",
-    ["stage", "verdict"],
-)
 
 
 def classify(exc: BaseException) -> Verdict:
@@ -168,7 +162,7 @@ BACKOFF = Backoff()
 def record(stage: str, exc: BaseException) -> Verdict:
     """Classify and count an error met by `stage`: what every stage's catch-all calls."""
     verdict = classify(exc)
-    ERRORS.labels(stage, type(verdict).__name__.lower()).inc()
+    metrics.ERRORS.labels(stage, type(verdict).__name__.lower()).inc()
     return verdict
 
 

@@ -13,7 +13,6 @@ from redis.exceptions import ResponseError
 
 from resonance_task.errors import (
     ATTEMPTS,
-    ERRORS,
     Backoff,
     Permanent,
     Poison,
@@ -23,6 +22,7 @@ from resonance_task.errors import (
 )
 from resonance_task.pipeline.dlq import InvalidRecord
 from resonance_task.pipeline.faust_agent import Agent
+from resonance_task.pipeline.metrics import ERRORS
 from resonance_task.pipeline.retry import retrying
 from resonance_task.stores.members import UnpageableGroup
 from resonance_task.stores.postgres import MemberTableError

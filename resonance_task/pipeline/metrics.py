@@ -207,3 +207,8 @@ FENCE_TIMEOUTS = Counter(
     "resonance_presence_fence_timeouts_total",
     "Fan-out routed on after PRESENCE_FENCE_SECONDS without its view covering presence upstream",
 )
+ERRORS = Counter(
+    "resonance_errors_total",
+    "Errors a stage or Faust agent met, by what the error policy made of them",
+    ["stage", "verdict"],
+)

@@ -13,7 +13,6 @@ from aiokafka.errors import KafkaConnectionError
 from redis.exceptions import ResponseError
 
 from resonance_task.agents.large_group import Cursor, LargeGroups
-from resonance_task.errors import ATTEMPTS
 from resonance_task.pipeline.deliveries import session_partition
 from resonance_task.pipeline.dlq import SourceRecord
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
@@ -266,7 +265,8 @@ async def test_a_timeline_key_of_the_wrong_type_dead_letters_the_job(
 
     h.timeline.append = wrong_type  # type: ignore[method-assign]
     assert await h.run(job(read=True)) == 0
-    assert h.dead == ["job_failed"] and tries == ATTEMPTS
+    # Poison to the error policy: set aside at once, with the reason, never retried.
+    assert h.dead == ["wrong_type"] and tries == 1
 
 
 async def test_a_long_recipient_list_is_paged_from_the_event_and_bad_ids_refused() -> None:
