@@ -15,7 +15,7 @@
                                     +---------[task retry k]-------+ then the task DLQ
 
 fanout, push, storage, presence, routes and the task stages read their topics in consumer
-groups of their own, a fetched batch at a time (pipeline/group_consumer.py); large_group
+groups of their own, a fetched batch at a time (stage/); large_group
 and registry are Faust agents, large_group with the cursor table it writes. Run it with
 `faust -A resonance_task.app worker`; scale it with workers and Kafka partitions.
 """
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import faust
@@ -46,6 +47,7 @@ from resonance_task.pipeline.topic_view import TopicView
 from resonance_task.pipeline.trace import setup_tracing
 from resonance_task.pipeline.workers import WorkerDirectory, worker_name
 from resonance_task.settings import Settings
+from resonance_task.stage import StageOptions
 from resonance_task.stores import setup as stores
 from resonance_task.tables import gateways as gateway_rules
 from resonance_task.tables import routes as route_rules
@@ -350,14 +352,35 @@ offset_marks = (
     if settings.offset_marks
     else None
 )
-# What every own-group stage shares: how long an idle fetch waits, how often it commits,
-# and where its dead letters go (acknowledged before offsets and marks past them are).
-stage_options: dict[str, Any] = {
-    "idle_fetch_wait_ms": settings.idle_fetch_max_wait_ms,
-    "commit_interval": settings.commit_interval_ms / 1000,
-    "letters": dead_letters,
-}
+
+
+def stage_options(
+    group: str, topics: Sequence[str], batch_max_records: int, *, hot: bool = False
+) -> StageOptions:
+    """An own-group stage's options, with what every one shares: how long an idle fetch
+    waits, how often it commits, and where its dead letters go (acknowledged before
+    offsets and marks past them are)."""
+    return StageOptions(
+        topics=tuple(topics),
+        consumer_config=kafka_consumer_config(settings, group, hot=hot),
+        batch_max_records=batch_max_records,
+        idle_fetch_wait_ms=settings.idle_fetch_max_wait_ms,
+        commit_interval=settings.commit_interval_ms / 1000,
+        letters=dead_letters,
+    )
+
+
 fanout_consumer = fanout.FanoutConsumer(
+    replace(
+        stage_options(
+            f"{settings.app_id}-fanout",
+            [push_events.get_topic_name()],
+            settings.fanout_batch_max_records,
+            hot=True,
+        ),
+        max_pending_batches=4,
+        marks=offset_marks,
+    ),
     fanout=fanout.Fanout(
         members=members,
         router=router,
@@ -372,29 +395,36 @@ fanout_consumer = fanout.FanoutConsumer(
         ),
         limits=settings.limits,
     ),
-    topic=push_events.get_topic_name(),
-    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-fanout", hot=True),
-    batch_max_records=settings.fanout_batch_max_records,
-    max_pending_batches=4,
-    marks=offset_marks,
     dead_letters=dead_letters,
-    wait_before_consuming=views_caught_up,
+    ready=views_caught_up,
     fence=presence_fence,
-    **stage_options,
 )
 presence_stage = presence.PresenceStage(
+    replace(
+        stage_options(
+            presence_group,
+            [presence_updates.get_topic_name()],
+            settings.presence_batch_max_records,
+            hot=True,
+        ),
+        max_pending_batches=4,
+    ),
     send=_to_presence_by_user,
     dead_letters=dead_letters,
     partitions=settings.topic_partitions,
     record_max_bytes=settings.record_max_bytes,
     max_skew_ms=settings.clock_skew_ms,
-    topic=presence_updates.get_topic_name(),
-    consumer_config=kafka_consumer_config(settings, presence_group, hot=True),
-    batch_max_records=settings.presence_batch_max_records,
-    max_pending_batches=4,
-    **stage_options,
 )
 routes_stage = presence.RoutesStage(
+    replace(
+        stage_options(
+            routes_group,
+            [presence_by_user.get_topic_name()],
+            settings.presence_batch_max_records,
+            hot=True,
+        ),
+        max_pending_batches=4,
+    ),
     changelog=routes_changelog.get_topic_name(),
     view=online_routes,
     changelog_view=routes_view,
@@ -402,44 +432,48 @@ routes_stage = presence.RoutesStage(
     producer_config=kafka_producer_config(settings),
     dead_letters=dead_letters,
     keep_offline_seconds=settings.route_offline_keep_seconds,
-    topic=presence_by_user.get_topic_name(),
-    consumer_config=kafka_consumer_config(settings, routes_group, hot=True),
-    batch_max_records=settings.presence_batch_max_records,
-    max_pending_batches=4,
-    **stage_options,
 )
 push_consumer = push.PushConsumer(
+    replace(
+        stage_options(
+            f"{settings.app_id}-push",
+            [gateway_pushes.get_topic_name()],
+            settings.push_batch_max_records,
+            hot=True,
+        ),
+        max_pending_bytes=settings.push_pending_bytes,
+        drain_seconds=settings.push_drain_seconds,
+        marks=offset_marks,
+    ),
     pool=gateway_pool,
     offline=push.OfflineSink(outputs.offline_pushes),
     dead_letters=dead_letters,
-    topic=gateway_pushes.get_topic_name(),
-    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-push", hot=True),
-    batch_max_records=settings.push_batch_max_records,
-    max_pending_bytes=settings.push_pending_bytes,
-    drain_seconds=settings.push_drain_seconds,
     dedupe_records=settings.push_dedupe_records,
-    marks=offset_marks,
-    **stage_options,
 )
 storage_consumer = storage.StorageConsumer(
-    topic=deliveries.get_topic_name(),
+    replace(
+        stage_options(
+            f"{settings.app_id}-storage",
+            [deliveries.get_topic_name()],
+            settings.storage_batch_max_records,
+        ),
+        marks=offset_marks,
+    ),
     inbox=inbox,
     dead_letters=dead_letters,
-    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-storage"),
-    batch_max_records=settings.storage_batch_max_records,
     retry_max_seconds=settings.storage_retry_max_seconds,
-    marks=offset_marks,
-    **stage_options,
 )
 
 
 # None when no push provider is configured (nothing of offline push is even imported).
 offline_consumer = offline_stage(
     settings,
-    topic=offline_pushes.get_topic_name(),
+    stage_options(
+        f"{settings.app_id}-offline",
+        [offline_pushes.get_topic_name()],
+        settings.offline_batch_max_records,
+    ),
     dead_letters=dead_letters,
-    consumer_config=kafka_consumer_config(settings, f"{settings.app_id}-offline"),
-    **stage_options,
 )
 # Typed tasks (tasks/stages.py): intake, a lane per priority, retry topics, their DLQ.
 task_side = (
@@ -450,8 +484,7 @@ task_side = (
         topic=_topic,
         producer_for=_producer_for,
         dead_letters=dead_letters,
-        consumer_config=lambda group: kafka_consumer_config(settings, group, hot=True),
-        stage_options=stage_options,
+        options_for=lambda group, topics, batch: stage_options(group, topics, batch, hot=True),
         offline_pusher=offline_consumer.pusher if offline_consumer is not None else None,
         inbox_archive=getattr(inbox, "archive", None),  # stores/archive.py, when configured
         report_topics={

@@ -1,7 +1,7 @@
 """fanout: push events -> inbox deliveries, gateway pushes and offline pushes, in one hop.
 
 It reads push-events in a consumer group of its own (`<APP_ID>-fanout`, a fetched batch
-at a time: pipeline/group_consumer.py). Recipients are `to_usernames`, else
+at a time: stage/). Recipients are `to_usernames`, else
 `to_username` (single chat), else the members of `session_id`, read a page at a time
 from the member store (each session once per batch). The sender's inbox gets the message
 too (their other devices sync it) but the push leaves the sender out; `exclude_usernames`
@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
@@ -33,7 +33,6 @@ from resonance_task.pipeline import metrics
 from resonance_task.pipeline.deliveries import DeliveryRecords
 from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord, Record, SourceRecord
 from resonance_task.pipeline.fence import Fence
-from resonance_task.pipeline.group_consumer import GroupConsumer, Records
 from resonance_task.pipeline.limits import Limits
 from resonance_task.pipeline.pacing import Pacer
 from resonance_task.pipeline.retry import retrying
@@ -42,6 +41,8 @@ from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage, SessionMeta
 from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import LargeGroupJob
+from resonance_task.stage import GroupConsumer, Records, StageOptions
+from resonance_task.stage.options import Gate
 from resonance_task.stores.members import MemberStore, UnpageableGroup
 
 log = logging.getLogger(__name__)
@@ -386,10 +387,20 @@ class FanoutConsumer(GroupConsumer):
     in Kafka: at start, and again whenever its partitions move (pipeline/fence.py).
     """
 
-    def __init__(self, *, fanout: Fanout, fence: Fence | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        options: StageOptions,
+        *,
+        fanout: Fanout,
+        dead_letters: DeadLetters,
+        ready: Gate | None = None,
+        fence: Fence | None = None,
+    ) -> None:
         self._fanout = fanout
         self._fence = fence
-        super().__init__(stage="fanout", **kwargs)
+        # Nothing is fetched before `ready`: routing with views not yet caught up would
+        # send online users to offline push.
+        super().__init__(options, stage="fanout", dead_letters=dead_letters, gate=ready)
 
     def given(self, tps: set[TopicPartition]) -> None:
         if self._fence is not None:

@@ -1,7 +1,7 @@
 """presence: gateways' SyncStatusRequest batches -> per-user changes -> the routes changelog.
 
 Two stages, each in a consumer group of its own and a fetched batch at a time
-(pipeline/group_consumer.py), as fanout and storage are: Faust's agents took ~1,500
+(stage/), as fanout and storage are: Faust's agents took ~1,500
 presence updates a second through these two hops (one event, one table write and one
 single-record changelog batch per change), so a reconnect storm of 15,000 users was
 routable only after ~10 s and online users were sent to offline push meanwhile.
@@ -37,11 +37,11 @@ from google.protobuf.message import DecodeError
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.backlog import OffsetProbe
 from resonance_task.pipeline.dlq import DeadLetters, InvalidRecord
-from resonance_task.pipeline.group_consumer import GroupConsumer, Records, source_record
 from resonance_task.pipeline.partitioning import partition_for
 from resonance_task.pipeline.topic_view import TopicView
 from resonance_task.proto.resonance.logic.v1.presence_pb2 import SyncStatusRequest
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange, PresenceChanges
+from resonance_task.stage import GroupConsumer, Records, StageOptions, source_record
 from resonance_task.tables import gateways as gateway_rules
 from resonance_task.tables import routes as route_rules
 
@@ -126,13 +126,13 @@ class PresenceStage(GroupConsumer):
 
     def __init__(
         self,
+        options: StageOptions,
         *,
         send: SendChanges,
         dead_letters: DeadLetters,
         partitions: int,
         record_max_bytes: int,
         max_skew_ms: int = gateway_rules.DEFAULT_SKEW_MS,
-        **kwargs: Any,
     ) -> None:
         self._send = send
         self._dead_letters = dead_letters
@@ -140,7 +140,7 @@ class PresenceStage(GroupConsumer):
         self._max_bytes = record_max_bytes
         self._max_skew_ms = max_skew_ms
         self.changes = 0
-        super().__init__(stage="presence", dead_letters=dead_letters, **kwargs)
+        super().__init__(options, stage="presence", dead_letters=dead_letters)
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "changes": self.changes}
@@ -183,6 +183,7 @@ class RoutesStage(GroupConsumer):
 
     def __init__(
         self,
+        options: StageOptions,
         *,
         changelog: str,
         view: route_rules.RoutesView,
@@ -191,7 +192,6 @@ class RoutesStage(GroupConsumer):
         producer_config: dict[str, Any],
         dead_letters: DeadLetters,
         keep_offline_seconds: float,
-        **kwargs: Any,
     ) -> None:
         self._changelog = changelog
         self._view = view
@@ -207,7 +207,7 @@ class RoutesStage(GroupConsumer):
         self.applied = 0
         self.stale = 0
         self.takeovers = 0
-        super().__init__(stage="routes", dead_letters=dead_letters, **kwargs)
+        super().__init__(options, stage="routes", dead_letters=dead_letters)
 
     def stats(self) -> dict[str, Any]:
         return {

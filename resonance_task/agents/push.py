@@ -23,7 +23,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Iterable
-from typing import Any
 
 from aiokafka import TopicPartition
 from google.protobuf.message import DecodeError
@@ -33,7 +32,6 @@ from resonance_task.gateway.client import GatewayPool, PushItem, PushOutcome, po
 from resonance_task.offline import records as offline_records
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.dlq import DeadLetters
-from resonance_task.pipeline.group_consumer import GroupConsumer, Records
 from resonance_task.pipeline.pacing import Pacer
 from resonance_task.pipeline.trace import grpc_metadata, headers_of, start_span
 from resonance_task.pipeline.transport import SendRecord
@@ -43,6 +41,7 @@ from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
     GatewayPushBatch,
     OfflinePush,
 )
+from resonance_task.stage import GroupConsumer, Records, Replay, StageOptions
 
 
 class OfflineSink:
@@ -197,12 +196,12 @@ class Offered:
 class PushConsumer(GroupConsumer):
     def __init__(
         self,
+        options: StageOptions,
         *,
         pool: GatewayPool,
         offline: OfflineSink,
         dead_letters: DeadLetters,
         dedupe_records: int = 0,
-        **kwargs: Any,
     ) -> None:
         self._pool = pool
         self._offline = offline
@@ -210,7 +209,10 @@ class PushConsumer(GroupConsumer):
         self._dedupe_records = dedupe_records
         self._offered: dict[TopicPartition, Offered] = {}
         super().__init__(
-            stage="push", dead_letters=dead_letters, replay_records=dedupe_records, **kwargs
+            options,
+            stage="push",
+            dead_letters=dead_letters,
+            replay=Replay(dedupe_records, self.replayed),
         )
 
     def _offered_on(self, tp: TopicPartition) -> Offered:

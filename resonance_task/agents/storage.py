@@ -1,7 +1,7 @@
 """storage: deliveries -> inboxes, in a consumer group of its own.
 
 Storage reads the deliveries topic fanout and large_group write, in the group
-`<APP_ID>-storage` (pipeline/group_consumer.py), so a stalled inbox store never holds
+`<APP_ID>-storage` (stage/), so a stalled inbox store never holds
 back online pushes (and a slow gateway never holds back inbox writes). A fetched batch
 is written as one store call; offsets are committed only after the store acknowledged
 the whole batch. While the store is away, the batch is retried with backoff and
@@ -24,11 +24,11 @@ from opentelemetry.trace import Span
 from resonance_task.errors import ATTEMPTS, is_transient, redis_reply
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
-from resonance_task.pipeline.group_consumer import GroupConsumer, Records, source_record
 from resonance_task.pipeline.retry import retrying
 from resonance_task.pipeline.trace import start_span
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import Delivery, DeliveryBatch
+from resonance_task.stage import GroupConsumer, Records, StageOptions, source_record
 from resonance_task.stores.inbox import InboxStore, Refusal
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 class StorageConsumer(GroupConsumer):
     def __init__(
         self,
+        options: StageOptions,
         *,
         inbox: InboxStore,
         dead_letters: DeadLetters,
         retry_max_seconds: float,
-        **kwargs: Any,
     ) -> None:
         self._inbox = inbox
         self._dead_letters = dead_letters
@@ -51,7 +51,7 @@ class StorageConsumer(GroupConsumer):
         self.duplicates = 0
         self.refused = 0
         self.pending_since: float | None = None
-        super().__init__(stage="storage", dead_letters=dead_letters, **kwargs)
+        super().__init__(options, stage="storage", dead_letters=dead_letters)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -31,10 +31,10 @@ from resonance_task.offline import records as offline_records
 from resonance_task.offline.provider import Notification, Outcome, Provider
 from resonance_task.offline.tokens import DeviceTokenStore
 from resonance_task.pipeline.dlq import DeadLetters, SourceRecord
-from resonance_task.pipeline.group_consumer import GroupConsumer, Records, source_record
 from resonance_task.pipeline.retry import retrying
 from resonance_task.pipeline.trace import start_span
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
+from resonance_task.stage import GroupConsumer, Records, StageOptions, source_record
 
 if TYPE_CHECKING:
     from resonance_task.offline.setup import ProviderSet
@@ -220,10 +220,17 @@ async def _send(provider: Provider, chunk: list[Notification]) -> list[Outcome]:
 
 
 class OfflinePushConsumer(GroupConsumer):
-    def __init__(self, *, pusher: OfflinePusher, providers: ProviderSet, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        options: StageOptions,
+        *,
+        pusher: OfflinePusher,
+        providers: ProviderSet,
+        dead_letters: DeadLetters,
+    ) -> None:
         self._pusher = pusher
         self._providers = providers  # the pusher's, built here at start and closed at stop
-        super().__init__(stage="offline", **kwargs)
+        super().__init__(options, stage="offline", dead_letters=dead_letters)
 
     async def on_start(self) -> None:
         self._providers.open()

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from resonance_task.pipeline.dlq import DeadLetters
 from resonance_task.settings import Settings
+from resonance_task.stage import StageOptions
 
 if TYPE_CHECKING:
     import httpx
@@ -73,15 +74,11 @@ def configured(s: Settings) -> list[str]:
 
 def offline_stage(
     s: Settings,
+    options: StageOptions,
     *,
-    topic: str,
     dead_letters: DeadLetters,
-    consumer_config: dict[str, Any],
-    **stage_options: Any,
 ) -> OfflinePushConsumer | None:
-    """The offline push stage, or None when no provider is configured.
-
-    `stage_options` go to its GroupConsumer as they go to every stage's (app.py)."""
+    """The offline push stage, or None when no provider is configured."""
     names = configured(s)
     if not names:
         return None
@@ -90,7 +87,7 @@ def offline_stage(
 
     providers = ProviderSet(names, lambda: providers_from(s))
     return OfflinePushConsumer(
-        topic=topic,
+        options,
         pusher=OfflinePusher(
             tokens=RedisDeviceTokenStore(
                 s.redis_url.get_secret_value(), timeout=s.redis_timeout_seconds
@@ -102,10 +99,7 @@ def offline_stage(
             backoff_max=s.offline_backoff_max_seconds,
         ),
         providers=providers,
-        consumer_config=consumer_config,
-        batch_max_records=s.offline_batch_max_records,
         dead_letters=dead_letters,  # a record failing alone for good is dead-lettered
-        **stage_options,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from resonance_task.pipeline import backlog
@@ -12,6 +12,7 @@ from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.pipeline.workers import worker_name
 from resonance_task.settings import Settings
+from resonance_task.stage.options import OptionsFor
 from resonance_task.tasks import builtins, ratelimit
 from resonance_task.tasks.envelope import TIMEOUT_MS_LIMIT
 from resonance_task.tasks.periodic import Periodic, PeriodicTasks
@@ -88,8 +89,7 @@ def task_side(
     topic: Callable[[str], Any],
     producer_for: Callable[[Any], SendRecord],
     dead_letters: DeadLetters,
-    consumer_config: Callable[[str], dict[str, Any]],
-    stage_options: dict[str, Any],
+    options_for: OptionsFor,
     offline_pusher: Any = None,
     inbox_archive: Any = None,
     report_topics: Mapping[str, Sequence[str]] | None = None,
@@ -146,42 +146,53 @@ def task_side(
         else None,
     )
     intake = TaskIntake(
+        replace(
+            options_for(
+                settings.topic_name("task-intake"),
+                [submitted.get_topic_name(), *settings.task_routes],
+                settings.task_batch_max_records,
+            ),
+            # Records whose lane send or (started here, START_NOW_MAX_SECONDS at most) task
+            # is not done yet; the next ones are fetched and submitted meanwhile.
+            max_pending_bytes=settings.task_lane_pending_bytes,
+            max_pending_records=settings.task_lane_pending_records,
+            effect_timeout=START_NOW_MAX_SECONDS + 60,
+        ),
         statuses=statuses,
         lanes=lanes,
         registry=processors,
         limits=settings.limits,
         dead_letters=dead_letters,
-        topic=submitted.get_topic_name(),
         dead_letter_topic=dead_letter_topic,
         routes=settings.task_routes,
         runner=runner if settings.task_intake_starts else None,
-        consumer_config=consumer_config(settings.topic_name("task-intake")),
-        batch_max_records=settings.task_batch_max_records,
-        # Records whose lane send or (started here, START_NOW_MAX_SECONDS at most) task is
-        # not done yet; the next ones are fetched and submitted meanwhile.
-        max_pending_bytes=settings.task_lane_pending_bytes,
-        max_pending_records=settings.task_lane_pending_records,
-        effect_timeout=START_NOW_MAX_SECONDS + 60,
-        **stage_options,
     )
     lane_stages = [
         TaskLane(
+            replace(
+                options_for(
+                    settings.topic_name(f"tasks-{LANES[p]}"),
+                    [t.get_topic_name()],
+                    settings.task_batch_max_records,
+                ),
+                max_pending_bytes=settings.task_lane_pending_bytes,
+                max_pending_records=settings.task_lane_pending_records,
+                # The runner ends every task by its timeout; a record is given up (and
+                # redone) only past the longest timeout a task may ask for.
+                effect_timeout=TIMEOUT_MS_LIMIT / 1000 + 60,
+            ),
             runner=runner,
             dead_letters=dead_letters,
             priority=p,
-            topic=t.get_topic_name(),
-            consumer_config=consumer_config(settings.topic_name(f"tasks-{LANES[p]}")),
-            batch_max_records=settings.task_batch_max_records,
-            max_pending_bytes=settings.task_lane_pending_bytes,
-            max_pending_records=settings.task_lane_pending_records,
-            # The runner ends every task by its timeout; a record is given up (and redone)
-            # only past the longest timeout a task may ask for.
-            effect_timeout=TIMEOUT_MS_LIMIT / 1000 + 60,
-            **stage_options,
         )
         for p, t in lane_topics.items()
     ]
     retry = TaskRetry(
+        options_for(
+            settings.topic_name("task-retry"),
+            [t.get_topic_name() for t in retry_topics],
+            settings.task_batch_max_records,
+        ),
         lanes=lanes,
         dead_letters=dead_letters,
         stages=[
@@ -190,9 +201,6 @@ def task_side(
                 retry_topics, settings.task_retry_delays, retry_sends, strict=True
             )
         ],
-        consumer_config=consumer_config(settings.topic_name("task-retry")),
-        batch_max_records=settings.task_batch_max_records,
-        **stage_options,
     )
     periodic = [Periodic("stats_report", settings.stats_report_interval_seconds)]
     if inbox_archive is not None:

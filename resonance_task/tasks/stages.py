@@ -1,4 +1,4 @@
-"""The task topics' stages, each an own-group consumer (pipeline/group_consumer.py).
+"""The task topics' stages, each an own-group consumer (stage/).
 
     resonance.task.v1 --[intake]--> <app>-tasks-high | -normal | -low --[lanes]--> processors
                                          ^                                  | failed, attempts left
@@ -40,11 +40,11 @@ from aiokafka import TopicPartition
 
 from resonance_task.pipeline import metrics
 from resonance_task.pipeline.dlq import DeadLetters, dlq_topic
-from resonance_task.pipeline.group_consumer import GroupConsumer, Records
 from resonance_task.pipeline.limits import Limits
 from resonance_task.pipeline.retry import retrying
 from resonance_task.pipeline.transport import SendRecord
 from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.stage import Deferral, GroupConsumer, Records, StageOptions
 from resonance_task.tasks import envelope
 from resonance_task.tasks.registry import Registry
 from resonance_task.tasks.runner import TaskRunner, dead_letter
@@ -182,18 +182,19 @@ class TaskIntake(GroupConsumer):
 
     def __init__(
         self,
+        options: StageOptions,
         *,
         statuses: TaskStatuses,
         lanes: Lanes,
         registry: Registry,
         limits: Limits,
         dead_letters: DeadLetters,
-        topic: str,
         routes: Mapping[str, str] | None = None,
         runner: TaskRunner | None = None,
         dead_letter_topic: str | None = None,
-        **kwargs: Any,
     ) -> None:
+        """`options.topics`: the task topic, then the topics `routes` maps to task types."""
+        topic = options.topics[0]
         self._statuses = statuses
         self._lanes = lanes
         self._runner = runner
@@ -204,12 +205,8 @@ class TaskIntake(GroupConsumer):
         # from, since it has a status that a replay from there finds.
         self._dead_letter_topic = dead_letter_topic or dlq_topic(topic)
         self._routes = dict(routes or {})
-        super().__init__(
-            stage="task_intake",
-            topic=[topic, *self._routes],
-            dead_letters=dead_letters,
-            **kwargs,
-        )
+        assert set(options.topics) == {topic, *self._routes}, options.topics
+        super().__init__(options, stage="task_intake", dead_letters=dead_letters)
 
     def _task_of(self, record: Any, known: frozenset[str], value: bytes) -> Task:
         """The record's task, checked; TaskError (dead-lettered with its reason) if none."""
@@ -297,12 +294,17 @@ class TaskLane(GroupConsumer):
     per_record = True
 
     def __init__(
-        self, *, runner: TaskRunner, dead_letters: DeadLetters, priority: int, **kwargs: Any
+        self,
+        options: StageOptions,
+        *,
+        runner: TaskRunner,
+        dead_letters: DeadLetters,
+        priority: int,
     ) -> None:
         self._runner = runner
         self._dead_letters = dead_letters
         self._priority = priority
-        super().__init__(stage=f"task_{LANES[priority]}", dead_letters=dead_letters, **kwargs)
+        super().__init__(options, stage=f"task_{LANES[priority]}", dead_letters=dead_letters)
 
     async def handle_each(self, records: Records) -> list[Awaitable[object] | None]:
         effects: list[Awaitable[object] | None] = [None] * len(records)
@@ -334,20 +336,20 @@ class TaskRetry(GroupConsumer):
 
     def __init__(
         self,
+        options: StageOptions,
         *,
         lanes: Lanes,
         dead_letters: DeadLetters,
         stages: Sequence[tuple[str, float, SendRecord]],
-        **kwargs: Any,
     ) -> None:
+        """`stages`: (topic, delay, send) for each of `options.topics`."""
         self._lanes = lanes
         self._dead_letters = dead_letters
         self._stages = {topic: (delay, send) for topic, delay, send in stages}
+        self._later = Deferral()
+        assert set(options.topics) == set(self._stages), options.topics
         super().__init__(
-            stage="task_retry",
-            topic=[topic for topic, _, _ in stages],
-            dead_letters=dead_letters,
-            **kwargs,
+            options, stage="task_retry", dead_letters=dead_letters, deferral=self._later
         )
 
     async def handle(self, records: Records) -> Awaitable[object] | None:
@@ -369,7 +371,7 @@ class TaskRetry(GroupConsumer):
                 continue
             if task.not_before > now:
                 waiting.add(tp)
-                self.defer(tp, record.offset, (task.not_before - now) / 1000)
+                self._later.defer(tp, record.offset, (task.not_before - now) / 1000)
                 continue
             acks.append(await self._lanes.send(task))
         return asyncio.gather(*acks) if acks else None

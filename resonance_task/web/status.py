@@ -20,8 +20,8 @@ from aiohttp import web
 from faust.web import View
 
 from resonance_task.pipeline.backlog import backlog, partitions_of
-from resonance_task.pipeline.group_consumer import GroupConsumer
 from resonance_task.pipeline.workers import WorkerDirectory
+from resonance_task.stage import GroupConsumer
 from resonance_task.tasks.setup import TaskSide
 from resonance_task.web.views import Topology, gateways_json, large_groups_json
 

@@ -21,11 +21,11 @@ from resonance_task.gateway.client import GatewayPool
 from resonance_task.pipeline import metrics as pipeline_metrics
 from resonance_task.pipeline import retry
 from resonance_task.pipeline.fence import Fence
-from resonance_task.pipeline.group_consumer import GroupConsumer
 from resonance_task.pipeline.partitioning import partition_for
 from resonance_task.pipeline.topic_view import TopicView
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.settings import Settings
+from resonance_task.stage import GroupConsumer
 from resonance_task.stores.inbox import InboxEntry, InboxStore
 from resonance_task.stores.members import MemberStore
 from resonance_task.stores.timeline import TimelineStore

@@ -18,6 +18,7 @@ from resonance_task.proto.resonance.logic.v1.presence_pb2 import (
     UserOnline,
 )
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange, PresenceChanges
+from resonance_task.stage import StageOptions
 from resonance_task.tables import routes as route_rules
 from tests.pipeline.test_topic_view import make_topic, until
 
@@ -97,6 +98,16 @@ async def test_routes_stage_takes_a_partition_over_from_the_changelog_and_writes
         lambda topic, key, value, headers: producer.send(topic, value, key=key, headers=headers)
     )
     stage = RoutesStage(
+        options=StageOptions(
+            topics=(by_user,),
+            consumer_config={
+                **config,
+                "group_id": f"{tag}-routes",
+                "session_timeout_ms": 2000,
+                "heartbeat_interval_ms": 500,
+            },
+            batch_max_records=10,
+        ),
         changelog=changelog,
         view=routes,
         changelog_view=view,
@@ -104,14 +115,6 @@ async def test_routes_stage_takes_a_partition_over_from_the_changelog_and_writes
         producer_config={"bootstrap_servers": broker.bootstrap},
         dead_letters=letters,
         keep_offline_seconds=300,
-        topic=by_user,
-        consumer_config={
-            **config,
-            "group_id": f"{tag}-routes",
-            "session_timeout_ms": 2000,
-            "heartbeat_interval_ms": 500,
-        },
-        batch_max_records=10,
     )
     for service in (probe, view, stage):
         await service.start()

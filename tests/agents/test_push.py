@@ -18,6 +18,7 @@ from resonance_task.gateway.client import (
 )
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
+from resonance_task.stage import StageOptions
 from tests.agents.conftest import Sink
 
 
@@ -47,12 +48,10 @@ def record(offset: int) -> ConsumerRecord[bytes, bytes]:
 
 def consumer(offline: OfflineSink) -> PushConsumer:
     return PushConsumer(
+        options=StageOptions(topics=("pushes",), consumer_config={}, batch_max_records=10),
         pool=Pool(SessionConfig()),
         offline=offline,
         dead_letters=Sink().dead_letters(),
-        topic="pushes",
-        consumer_config={},
-        batch_max_records=10,
     )
 
 
@@ -108,12 +107,10 @@ def deduping(session: Accepting, dedupe_records: int = 8) -> PushConsumer:
             return session
 
     return PushConsumer(
+        options=StageOptions(topics=("pushes",), consumer_config={}, batch_max_records=10),
         pool=One(SessionConfig()),
         offline=OfflineSink(Sink().outputs().offline_pushes),
         dead_letters=Sink().dead_letters(),
-        topic="pushes",
-        consumer_config={},
-        batch_max_records=10,
         dedupe_records=dedupe_records,
     )
 

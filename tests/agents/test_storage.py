@@ -19,6 +19,7 @@ from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
 from resonance_task.settings import Settings
+from resonance_task.stage import StageOptions
 from resonance_task.stores.inbox import RedisInboxStore
 from resonance_task.stores.postgres import PostgresInboxStore
 from tests.offline.conftest import DeadSink
@@ -28,12 +29,10 @@ from tests.pipeline.test_topic_view import make_topic, until
 
 def stage(inbox: RedisInboxStore, dead: DeadSink) -> StorageConsumer:
     return StorageConsumer(
+        options=StageOptions(topics=("deliveries",), consumer_config={}, batch_max_records=100),
         inbox=inbox,
         dead_letters=DeadLetters(dead.send),
         retry_max_seconds=0.05,
-        topic="deliveries",
-        consumer_config={},
-        batch_max_records=100,
     )
 
 
@@ -168,12 +167,14 @@ async def test_two_poisoned_inboxes_cost_the_others_nothing(
     )
     dead = DeadSink()
     storage = Watched(
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config=group_config(broker, f"{tag}-storage"),
+            batch_max_records=defaults["storage_batch_max_records"].default,
+        ),
         inbox=inbox,
         dead_letters=DeadLetters(dead.send),
         retry_max_seconds=defaults["storage_retry_max_seconds"].default,
-        topic=topic,
-        consumer_config=group_config(broker, f"{tag}-storage"),
-        batch_max_records=defaults["storage_batch_max_records"].default,
     )
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
     await producer.start()

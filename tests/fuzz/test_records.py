@@ -33,6 +33,7 @@ from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
     GatewayPushBatch,
     LargeGroupJob,
 )
+from resonance_task.stage import StageOptions
 from resonance_task.stores.inbox import WriteResult
 from resonance_task.tables.gateways import decode_heartbeat
 from tests.agents.conftest import Sink, router
@@ -187,12 +188,10 @@ deliveries = st.builds(
 def test_deliveries(values: Sequence[bytes]) -> None:
     sink, inbox = Sink(), Inbox()
     storage = StorageConsumer(
-        inbox=inbox,  # type: ignore[arg-type]
+        StageOptions(topics=("t",), consumer_config={}, batch_max_records=10),
         dead_letters=sink.dead_letters(),
+        inbox=inbox,  # type: ignore[arg-type]
         retry_max_seconds=0.01,
-        topic="t",
-        consumer_config={},
-        batch_max_records=10,
     )
     good = DeliveryBatch(deliveries=[Delivery(message=PushMessage(msg_id=1000), users=["good"])])
     records = [consumer_record(v, i) for i, v in enumerate([*values, good.SerializeToString()])]

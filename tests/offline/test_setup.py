@@ -14,6 +14,7 @@ from resonance_task.embedded.worker import ROOT
 from resonance_task.offline.setup import offline_stage
 from resonance_task.pipeline.dlq import DeadLetters
 from resonance_task.settings import Settings
+from resonance_task.stage import StageOptions
 
 APNS_MISSING_KEY = {
     "OFFLINE_APNS_TEAM_ID": "TEAM123456",
@@ -29,12 +30,12 @@ async def _nowhere(*_: object) -> None:
 
 async def test_a_missing_key_file_fails_the_stage_at_its_start_not_its_construction() -> None:
     settings = Settings.model_validate({k.lower(): v for k, v in APNS_MISSING_KEY.items()})
-    stage = offline_stage(
-        settings,
-        topic="offline",
-        dead_letters=DeadLetters(_nowhere),
+    options = StageOptions(
+        topics=("offline",),
         consumer_config={"bootstrap_servers": "127.0.0.1:9", "group_id": "g"},
+        batch_max_records=settings.offline_batch_max_records,
     )
+    stage = offline_stage(settings, options, dead_letters=DeadLetters(_nowhere))
     assert stage is not None
     with pytest.raises(FileNotFoundError, match=r"AuthKey\.p8"):
         await stage.on_start()

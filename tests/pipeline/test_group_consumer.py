@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from resonance_task.embedded.broker import EmbeddedBroker
-from resonance_task.pipeline import group_consumer
 from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
-from resonance_task.pipeline.group_consumer import REFILL_SECONDS, GroupConsumer, Offsets, Records
 from resonance_task.pipeline.offset_marks import MAX_RANGES, Mark, OffsetMarks
+from resonance_task.stage import GroupConsumer, Offsets, Records, Replay, StageOptions, flow
+from resonance_task.stage.flow import REFILL_SECONDS
 from tests.pipeline.test_topic_view import make_topic, produce, until
 
 
@@ -120,10 +121,12 @@ async def test_offsets_after_effect_and_a_failed_batch_is_done_again(
     await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
     tps = [TopicPartition(topic, p) for p in (0, 1)]
     stage = Held(
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=30,
-        max_pending_batches=2,
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config=group_config(broker, group),
+            batch_max_records=30,
+            max_pending_batches=2,
+        )
     )
     await stage.start()
     try:
@@ -178,7 +181,9 @@ async def test_one_slow_record_holds_back_only_its_own_partition(
     await make_topic(broker, topic, 2)
     await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
     config = group_config(broker, group)
-    stage = OneSlow(topic=topic, consumer_config=config, batch_max_records=10)
+    stage = OneSlow(
+        options=StageOptions(topics=(topic,), consumer_config=config, batch_max_records=10)
+    )
     await stage.start()
     try:
         await until(lambda: stage.seen == 100)  # the held record stopped no fetch
@@ -223,7 +228,9 @@ async def test_a_per_record_stage_holds_at_most_its_records_limit(
     await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100)])
     config = group_config(broker, group)
     stage = HoldsAll(
-        topic=topic, consumer_config=config, batch_max_records=25, max_pending_records=40
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=25, max_pending_records=40
+        )
     )
     await stage.start()
     try:
@@ -280,7 +287,9 @@ async def test_a_stage_that_cannot_get_past_a_batch_backs_off_and_stays_alive(
     await make_topic(broker, topic, 1)
     await produce(broker, topic, [(0, b"poison")])
     config = group_config(broker, group)
-    stage = Poisoned(topic=topic, consumer_config=config, batch_max_records=10)
+    stage = Poisoned(
+        options=StageOptions(topics=(topic,), consumer_config=config, batch_max_records=10)
+    )
     await stage.start()
     try:
         await until(lambda: stage.restarts >= 1)
@@ -314,10 +323,8 @@ async def test_nothing_is_consumed_before_what_the_stage_decides_with_is_in_plac
     views_current = asyncio.Event()
     config = group_config(broker, group)
     stage = Gated(
-        topic=topic,
-        consumer_config=config,
-        batch_max_records=10,
-        wait_before_consuming=views_current.wait,
+        options=StageOptions(topics=(topic,), consumer_config=config, batch_max_records=10),
+        gate=views_current.wait,
     )
     await stage.start()
     try:
@@ -330,10 +337,12 @@ async def test_nothing_is_consumed_before_what_the_stage_decides_with_is_in_plac
         await stage.stop()
     # A stage stopped while still waiting stops at once.
     never = Gated(
-        topic=topic,
-        consumer_config={**config, "group_id": f"{group}-2"},
-        batch_max_records=10,
-        wait_before_consuming=asyncio.Event().wait,
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config={**config, "group_id": f"{group}-2"},
+            batch_max_records=10,
+        ),
+        gate=asyncio.Event().wait,
     )
     await never.start()
     await asyncio.wait_for(never.stop(), 10)
@@ -359,10 +368,12 @@ async def test_stop_ends_by_the_drain_deadline_even_with_a_batch_that_cannot_fin
     await make_topic(broker, topic, 1)
     await produce(broker, topic, [(0, b"r")])
     stage = Stuck(
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=10,
-        drain_seconds=1.0,
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config=group_config(broker, group),
+            batch_max_records=10,
+            drain_seconds=1.0,
+        )
     )
     await stage.start()
     await until(lambda: stage.seen == 1)
@@ -376,11 +387,16 @@ class Done(GroupConsumer):
     """Every batch takes effect at once; commits wait on `commits_open` (shut: a worker
     killed before its next Kafka commit)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, replay_records: int = 0, **kwargs: Any) -> None:
         self.seen: list[bytes] = []
         self.replays: dict[int, list[int]] = {}
         self.commits_open = asyncio.Event()
-        super().__init__(stage="test-marks", before_commit=self._commit_allowed, **kwargs)
+        super().__init__(
+            stage="test-marks",
+            before_commit=self._commit_allowed,
+            replay=Replay(replay_records, self.replayed),
+            **kwargs,
+        )
 
     async def _commit_allowed(self) -> None:
         await self.commits_open.wait()
@@ -413,7 +429,11 @@ async def test_a_successor_starts_from_the_marks_not_the_older_commit(
     assert await committed(broker, group, tps) == 0  # Kafka never heard of the work
 
     await produce(broker, topic, [(i % 2, f"r{i}".encode()) for i in range(100, 110)])
-    second = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    second = Done(
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=30, marks=marks
+        )
+    )
     await _handles_only(second, range(100, 110))
     assert await committed(broker, group, tps) == 110
     await marks.close()
@@ -429,7 +449,11 @@ async def test_a_mark_at_the_end_of_the_last_producer_batch_is_honoured(
     topic, group = f"{tag}.caught-up", f"{tag}-group"
     tps, marks, config = await _done_marked_and_killed(broker, tag, redis_url, topic, group)
 
-    second = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    second = Done(
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=30, marks=marks
+        )
+    )
     await _handles_only(second, range(100, 104), produce_once_assigned=(broker, topic))
     assert await committed(broker, group, tps) == 104
     await marks.close()
@@ -442,7 +466,10 @@ async def test_a_successor_replays_the_records_before_its_resume_point_without_r
     _, marks, config = await _done_marked_and_killed(broker, tag, redis_url, topic, group)
 
     second = Done(
-        topic=topic, consumer_config=config, batch_max_records=30, marks=marks, replay_records=10
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=30, marks=marks
+        ),
+        replay_records=10,
     )
     await _handles_only(second, range(100, 104), produce_once_assigned=(broker, topic))
     # The ten records before the mark of each partition, in order, once.
@@ -460,7 +487,12 @@ async def test_a_mark_beyond_the_end_of_a_partition_is_ignored(
     marks = OffsetMarks(redis_url, tag)
     await marks.save(group, dict.fromkeys(tps, 5_000))  # left by an older incarnation
     stage = Done(
-        topic=topic, consumer_config=group_config(broker, group), batch_max_records=30, marks=marks
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config=group_config(broker, group),
+            batch_max_records=30,
+            marks=marks,
+        )
     )
     stage.commits_open.set()
     await stage.start()
@@ -477,12 +509,17 @@ class EachHeld(GroupConsumer):
 
     per_record = True
 
-    def __init__(self, held: set[bytes], **kwargs: Any) -> None:
+    def __init__(self, held: set[bytes], replay_records: int = 0, **kwargs: Any) -> None:
         self.seen: list[bytes] = []
         self.held = held
         self.replays: dict[int, list[int]] = {}
         self.commits_open = asyncio.Event()
-        super().__init__(stage="test-each-marks", before_commit=self._commit_allowed, **kwargs)
+        super().__init__(
+            stage="test-each-marks",
+            before_commit=self._commit_allowed,
+            replay=Replay(replay_records, self.replayed),
+            **kwargs,
+        )
 
     async def _commit_allowed(self) -> None:
         await self.commits_open.wait()
@@ -511,7 +548,10 @@ async def test_a_successor_skips_what_was_done_past_the_prefix_of_out_of_order_r
     marks = OffsetMarks(redis_url, tag)
     config = group_config(broker, group)
     first = EachHeld(
-        {b"r10", b"r30"}, topic=topic, consumer_config=config, batch_max_records=20, marks=marks
+        {b"r10", b"r30"},
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=20, marks=marks
+        ),
     )
     await first.start()
     await until(lambda: len(first.seen) == 50)
@@ -525,10 +565,9 @@ async def test_a_successor_skips_what_was_done_past_the_prefix_of_out_of_order_r
 
     second = EachHeld(
         set(),
-        topic=topic,
-        consumer_config=config,
-        batch_max_records=20,
-        marks=marks,
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=20, marks=marks
+        ),
         replay_records=5,
     )
     second.commits_open.set()
@@ -558,7 +597,11 @@ async def _done_marked_and_killed(
     tps = [TopicPartition(topic, p) for p in (0, 1)]
     marks = OffsetMarks(redis_url, tag)
     config = group_config(broker, group)
-    first = Done(topic=topic, consumer_config=config, batch_max_records=30, marks=marks)
+    first = Done(
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=30, marks=marks
+        )
+    )
     await first.start()
     await until(lambda: len(first.seen) == 100)
     await until_async(lambda: _marked(marks, group, tps, 100))
@@ -638,9 +681,9 @@ async def test_a_record_that_fails_every_batch_it_is_in_is_dead_lettered_alone(
     letters = Letters()
     stage = PoisonInBatch(
         ValueError("cannot handle this"),
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=30,
+        options=StageOptions(
+            topics=(topic,), consumer_config=group_config(broker, group), batch_max_records=30
+        ),
         dead_letters=DeadLetters(letters),
     )
     await stage.start()
@@ -663,9 +706,9 @@ async def test_a_transient_error_is_never_dead_lettered(broker: EmbeddedBroker, 
     stage = PoisonInBatch(
         ConnectionError("the store is away"),
         fails=5,  # more restarts than ISOLATE_AFTER, then the store is back
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=30,
+        options=StageOptions(
+            topics=(topic,), consumer_config=group_config(broker, group), batch_max_records=30
+        ),
         dead_letters=DeadLetters(letters),
     )
     await stage.start()
@@ -700,10 +743,12 @@ async def test_an_effect_past_its_timeout_restarts_the_stage_without_cancelling_
     await make_topic(broker, topic, 1)
     await produce(broker, topic, [(0, b"r")])
     stage = NeverAcked(
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=10,
-        effect_timeout=1.0,
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config=group_config(broker, group),
+            batch_max_records=10,
+            effect_timeout=1.0,
+        )
     )
     await stage.start()
     try:
@@ -724,9 +769,9 @@ async def test_an_effect_past_its_timeout_restarts_the_stage_without_cancelling_
 class DeadLettersBad(Done):
     """Dead-letters every record whose value is b"bad"; the rest take effect at once."""
 
-    def __init__(self, letters: DeadLetters, **kwargs: Any) -> None:
+    def __init__(self, letters: DeadLetters, options: StageOptions, **kwargs: Any) -> None:
         self.bad = letters
-        super().__init__(letters=letters, **kwargs)
+        super().__init__(options=replace(options, letters=letters), **kwargs)
 
     async def handle(self, records: Records) -> Awaitable[object] | None:
         for record in records:
@@ -745,10 +790,12 @@ async def _lettering(
     marks = OffsetMarks(redis_url, tag)
     stage = DeadLettersBad(
         DeadLetters(send),
-        topic=topic,
-        consumer_config=group_config(broker, group),
-        batch_max_records=10,
-        marks=marks,
+        options=StageOptions(
+            topics=(topic,),
+            consumer_config=group_config(broker, group),
+            batch_max_records=10,
+            marks=marks,
+        ),
     )
     return stage, marks, group, TopicPartition(topic, 0)
 
@@ -822,13 +869,15 @@ async def test_a_stage_full_for_longer_than_the_poll_interval_keeps_its_partitio
     # Every slot taken by a task that runs for minutes: the stage fetches nothing, yet it
     # must poll, or aiokafka leaves the group after max_poll_interval_ms and the
     # partitions move away from the records in hand.
-    monkeypatch.setattr(group_consumer, "KEEPALIVE_SECONDS", 0.3)
+    monkeypatch.setattr(flow, "KEEPALIVE_SECONDS", 0.3)
     topic, group = f"{tag}.full", f"{tag}-full"
     await make_topic(broker, topic, 1)
     await produce(broker, topic, [(0, f"r{i}".encode()) for i in range(6)])
     config = {**group_config(broker, group), "max_poll_interval_ms": 1500}
     stage = CountsAssignments(
-        topic=topic, consumer_config=config, batch_max_records=2, max_pending_records=2
+        options=StageOptions(
+            topics=(topic,), consumer_config=config, batch_max_records=2, max_pending_records=2
+        )
     )
     await stage.start()
     try:

@@ -15,6 +15,7 @@ from aiokafka import ConsumerRecord
 from resonance_task.pipeline.dlq import DeadLetters
 from resonance_task.pipeline.limits import Limits
 from resonance_task.proto.resonance.task.v1.task_pb2 import Priority, Task
+from resonance_task.stage import StageOptions
 from resonance_task.tasks.registry import Registry
 from resonance_task.tasks.reports import StatsReportPayload
 from resonance_task.tasks.runner import START_NOW_MAX_SECONDS, RunnerConfig, TaskRunner
@@ -89,16 +90,14 @@ def _intake(
     letters: Letters | None = None,
 ) -> TaskIntake:
     return TaskIntake(
+        StageOptions(topics=(TOPIC,), consumer_config={"group_id": "unused"}, batch_max_records=10),
         statuses=statuses,
         lanes=Lanes({p: sends for p in (0, 1, 2, 3)}),
         registry=_registry(),
         limits=Limits(),
         dead_letters=DeadLetters(letters or _no_letters),
-        topic=TOPIC,
         dead_letter_topic=f"{TOPIC}.dlq",
         runner=runner,  # type: ignore[arg-type]
-        consumer_config={"group_id": "unused"},
-        batch_max_records=10,
     )
 
 
