@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from resonance_task.offline import metrics
+from resonance_task.stores.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _key(user: str) -> str:
 class RedisDeviceTokenStore:
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
         # Bytes, decoded here: one value that is not UTF-8 must not fail the whole read.
-        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._redis = connect(url, timeout=timeout)
 
     async def tokens(self, users: Sequence[str]) -> dict[str, list[DeviceToken]]:
         pipe = self._redis.pipeline(transaction=False)

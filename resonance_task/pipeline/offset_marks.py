@@ -35,8 +35,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import redis
-import redis.asyncio as aioredis
 from aiokafka import TopicPartition
+
+from resonance_task.stores.redis_client import connect, connect_sync
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ def _as_mark(offset: int | Mark) -> Mark:
 
 class OffsetMarks:
     def __init__(self, url: str, prefix: str, *, timeout: float = 2.0) -> None:
-        self._redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
+        self._redis = connect(url, timeout=timeout, decode_responses=True)
         self._prefix = prefix
         self._url = url
         self._timeout = timeout
@@ -133,9 +132,7 @@ class OffsetMarks:
             }
 
     def _write_loop(self) -> None:
-        client = redis.Redis.from_url(
-            self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
-        )
+        client = connect_sync(self._url, timeout=self._timeout)
         try:
             while True:
                 self._wake.wait()

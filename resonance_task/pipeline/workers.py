@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mode import Service
-from redis import asyncio as aioredis
 
 from resonance_task.errors import is_transient
+from resonance_task.stores.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ class WorkerDirectory(Service):
         timeout: float = 2.0,
         **kwargs: Any,
     ) -> None:
-        self._redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
+        self._redis = connect(url, timeout=timeout, decode_responses=True)
         self._index = f"{app_id}:workers"
         self._prefix = f"{app_id}:worker:"
         self.worker = worker

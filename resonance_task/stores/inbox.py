@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
+from resonance_task.stores.redis_client import connect
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ class RedisInboxStore:
         cluster: bool = False,
         key_prefix: str = "inbox",
     ) -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._redis = connect(url, timeout=timeout)
         self._sha: str | None = None
         self._packed_sha: str | None = None
         self._max_entries = max_entries
@@ -392,6 +393,8 @@ class RedisInboxStore:
         )
 
     async def _execute_packed(self, calls: list[bytes]) -> list[Any]:
+        # Loaded by hand, not redis-py's register_script: a pipeline holding a registered
+        # script asks SCRIPT EXISTS before every execute, a round trip per pipeline here.
         if self._packed_sha is None:
             self._packed_sha = str(await self._redis.script_load(_APPEND_PACKED))
         sha = self._packed_sha

@@ -23,12 +23,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
-
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from typing import Protocol
 
 from resonance_task.errors import PoisonError
+from resonance_task.stores.redis_client import connect
 
 # Large enough to keep round trips few, small enough that no single command stalls Redis.
 _WRITE_CHUNK = 5_000
@@ -155,25 +153,6 @@ def _decode_cursor(cursor: str) -> tuple[str, str, str]:
     return "z", "0", cursor
 
 
-class _Script:
-    """A Lua script run by EVALSHA, loaded on first use and again if Redis forgot it."""
-
-    def __init__(self, redis: aioredis.Redis, source: str) -> None:
-        self._redis = redis
-        self._source = source
-        self._sha: str | None = None
-
-    async def __call__(self, key: str, *args: str | int) -> Any:
-        if self._sha is None:
-            self._sha = str(await self._redis.script_load(self._source))
-        try:
-            return await self._redis.evalsha(self._sha, 1, key, *args)
-        except NoScriptError:
-            # Redis restarted, failed over or flushed its scripts; the script only reads.
-            self._sha = str(await self._redis.script_load(self._source))
-            return await self._redis.evalsha(self._sha, 1, key, *args)
-
-
 def _wrong_type(key: str, kind: str) -> UnpageableGroup:
     return UnpageableGroup(
         "member_store_wrong_type",
@@ -183,11 +162,10 @@ def _wrong_type(key: str, kind: str) -> UnpageableGroup:
 
 class RedisMemberStore:
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
-        self._redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
-        self._page = _Script(self._redis, _PAGE)
-        self._count = _Script(self._redis, _COUNT)
+        self._redis = connect(url, timeout=timeout, decode_responses=True)
+        # redis-py's scripts: EVALSHA, and the source loaded again if Redis forgot it.
+        self._page = self._redis.register_script(_PAGE)
+        self._count = self._redis.register_script(_COUNT)
 
     async def page(self, session_id: str, after: str, count: int) -> tuple[list[str], str | None]:
         """One page, read atomically; the cursor resumes after the last element read.
@@ -203,7 +181,7 @@ class RedisMemberStore:
             raise ValueError(f"count must be positive, not {count}")
         key = _members_key(session_id)
         layout, first, second = _decode_cursor(after)
-        reply = await self._page(key, count, layout, first, second)
+        reply = await self._page(keys=[key], args=[count, layout, first, second])
         kind = reply[0]
         if kind == "none":
             return [], None
@@ -219,7 +197,7 @@ class RedisMemberStore:
 
     async def count(self, session_id: str) -> int:
         key = _members_key(session_id)
-        kind, size = await self._count(key)
+        kind, size = await self._count(keys=[key])
         if kind not in ("zset", "set", "none"):
             raise _wrong_type(key, str(kind))
         return int(size)

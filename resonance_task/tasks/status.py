@@ -37,6 +37,7 @@ from resonance_task.errors import BACKOFF, is_transient
 from resonance_task.pipeline.retry import retrying
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 from resonance_task.settings import Settings
+from resonance_task.stores.redis_client import connect
 from resonance_task.tasks.envelope import priority_name
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,7 @@ class TaskStatuses:
     def __init__(
         self, url: str, app_id: str, *, ttl_seconds: float = 7 * 24 * 3600, timeout: float = 2.0
     ) -> None:
-        self._redis = aioredis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-        )
+        self._redis = connect(url, timeout=timeout, decode_responses=True)
         self._prefix = f"{app_id}:{{tasks}}:"
         self._anchor = self._prefix + "state:queued"  # a key of the hash tag, for routing
         self._ttl_ms = int(ttl_seconds * 1000)

@@ -1,0 +1,49 @@
+"""Every Redis client the worker makes, made here: one set of timeouts and one retry.
+
+A connection reset or a timeout is retried in the client first, a couple of times with
+redis-py's own jittered backoff (`redis.retry.Retry`): a dropped pooled connection costs
+a reconnect, not a failed batch. What outlasts that is the error policy's to wait out
+(resonance_task.errors: transient, retried by the stage for as long as it lasts).
+Re-sending after a timeout is safe for every store here: their writes are idempotent
+(inbox appends by msg_id, status moves by expected state, marks and heartbeats as sets).
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+RETRIES = 2  # in the client, before the error reaches the stage
+_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionResetError)
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.02, cap=0.5)
+
+
+def connect(url: str, *, timeout: float, decode_responses: bool = False) -> aioredis.Redis:
+    """An asyncio client (a pool) for `url` (redis://, rediss://, unix://)."""
+    return aioredis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=decode_responses,
+        retry=AsyncRetry(_backoff(), RETRIES, supported_errors=_ERRORS),
+        health_check_interval=30,  # a connection idle that long is checked before use
+    )
+
+
+def connect_sync(url: str, *, timeout: float) -> redis.Redis:
+    """A blocking client, for a thread of its own (the offset marks' writer)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(_backoff(), RETRIES, supported_errors=_ERRORS),
+        health_check_interval=30,
+    )
