@@ -19,6 +19,7 @@ from typing import Any
 from faust.transport import drivers
 from faust.transport.drivers import aiokafka as kafka_driver
 
+from resonance_task import compat
 from resonance_task.pipeline import transport
 from resonance_task.pipeline.fetch_wait import FetchWait
 
@@ -33,8 +34,7 @@ class ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        # aiokafka reads this when it builds its fetcher, in start().
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        compat.set_initial_fetch_max_wait(consumer, FETCH_MAX_WAIT_MS)
         self._fetch_wait = FetchWait(FETCH_MAX_WAIT_MS, _idle_fetch_max_wait_ms)
         return consumer
 

@@ -17,6 +17,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
+from resonance_task import compat
+
 
 async def backlog(
     consumer: AIOKafkaConsumer, topic: str, partitions: Iterable[int], *, group: str | None
@@ -59,7 +61,7 @@ async def partitions_of(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> di
     """The partitions the broker lists for each of `topics` (none for one it does not know)."""
     # Metadata of all topics, not only those this consumer reads: the client's own view
     # holds only its subscriptions.
-    cluster = await consumer._client.fetch_all_metadata()
+    cluster = await compat.cluster_metadata(consumer)
     return {topic: sorted(cluster.partitions_for_topic(topic) or ()) for topic in topics}
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from resonance_task import compat
+
 
 class FetchWait:
     def __init__(self, busy_ms: int, idle_ms: int, hold: float = 1.0) -> None:
@@ -34,9 +36,5 @@ class FetchWait:
         if got_records:
             self._last_records = now
         wanted = self.busy_ms if now - self._last_records < self._hold else self.idle_ms
-        if wanted != self._current:
-            # aiokafka reads it each time it builds a fetch request (Fetcher, private).
-            fetcher = getattr(consumer, "_fetcher", None)
-            if fetcher is not None:
-                fetcher._fetch_max_wait_ms = wanted
-                self._current = wanted
+        if wanted != self._current and compat.set_fetch_max_wait(consumer, wanted):
+            self._current = wanted

@@ -23,6 +23,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
+from resonance_task import compat
 from resonance_task.errors import Backoff
 from resonance_task.pipeline.fetch_wait import FetchWait
 
@@ -150,7 +151,7 @@ class TopicView(Service):
             if partitions:
                 return [TopicPartition(self.topic, p) for p in sorted(partitions)]
             with contextlib.suppress(Exception):
-                await consumer._client.force_metadata_update()
+                await compat.refresh_metadata(consumer)
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
