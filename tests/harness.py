@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from resonance_task.commands.dlq import read_all
@@ -166,3 +167,20 @@ async def pipeline_factory(
 @pytest.fixture
 async def pipeline(pipeline_factory: PipelineFactory) -> Pipeline:
     return pipeline_factory()
+
+
+async def inbox_msg_ids(redis_url: str, users: list[str]) -> dict[str, list[int]]:
+    """Every listed inbox, read straight from Redis in one pipeline per 5,000 users."""
+    client = aioredis.from_url(redis_url)
+    out: dict[str, list[int]] = {}
+    try:
+        for start in range(0, len(users), 5000):
+            chunk = users[start : start + 5000]
+            pipe = client.pipeline(transaction=False)
+            for user in chunk:
+                pipe.zrange(f"inbox:{{{user}}}", 0, -1)
+            for user, ids in zip(chunk, await pipe.execute(), strict=True):
+                out[user] = [int(i) for i in ids]
+    finally:
+        await client.aclose()
+    return out

@@ -39,6 +39,8 @@ def pipeline_env(
         "TOPIC_OFFLINE_PUSHES": f"{tag}.offline.push.v1",
         "TOPIC_TASKS": f"{tag}.task.v1",
         "TOPIC_AUDIT_VERDICTS": f"{tag}.audit.verdict.v1",
+        # Shared by name otherwise: a pipeline would serve another's stats reports.
+        "TOPIC_STATS_HOURLY": f"{tag}.stats.hourly.v1",
         "GATEWAY_TIMEOUT_SECONDS": "5",
     }
     env.update({k.upper(): str(v) for k, v in overrides.items()})

@@ -1,4 +1,5 @@
-"""What the fan-out stages write, captured: deliveries, gateway pushes, offline, jobs, DLQ."""
+"""What the agents write, captured (deliveries, gateway pushes, offline, jobs, DLQ), and the
+views they route with, made from plain dicts: fakes the agent tests share."""
 
 from __future__ import annotations
 

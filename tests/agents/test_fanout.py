@@ -15,7 +15,7 @@ from resonance_task.pipeline.dlq import H_REASON, SourceRecord
 from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from resonance_task.stores.members import UnpageableGroup
 from resonance_task.stores.postgres import MemberTableError
-from tests.agents.conftest import Sink, router
+from tests.agents.outputs import Sink, router
 from tests.fakes import MemoryMembers as Members
 
 PARTITIONS = 8

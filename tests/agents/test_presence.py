@@ -20,7 +20,7 @@ from resonance_task.proto.resonance.logic.v1.presence_pb2 import (
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import PresenceChange, PresenceChanges
 from resonance_task.stage import StageOptions
 from resonance_task.tables import routes as route_rules
-from tests.pipeline.test_topic_view import make_topic, until
+from tests.kafka import make_topic, until
 
 NOW = 1_800_000_000_000
 

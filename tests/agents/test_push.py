@@ -19,7 +19,7 @@ from resonance_task.gateway.client import (
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
 from resonance_task.stage import StageOptions
-from tests.agents.conftest import Sink
+from tests.agents.outputs import Sink
 
 
 class Refusing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from resonance_task.offline.records import decode as decode_offline
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import GatewayPushBatch
-from tests.agents.conftest import router
+from tests.agents.outputs import router
 
 
 def pushed(records: list[tuple[bytes, bytes]]) -> dict[str, list[list[str]]]:

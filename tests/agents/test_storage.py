@@ -22,9 +22,8 @@ from resonance_task.settings import Settings
 from resonance_task.stage import StageOptions
 from resonance_task.stores.inbox import RedisInboxStore
 from resonance_task.stores.postgres import PostgresInboxStore
-from tests.offline.conftest import DeadSink
-from tests.pipeline.test_group_consumer import group_config
-from tests.pipeline.test_topic_view import make_topic, until
+from tests.kafka import group_config, make_topic, until
+from tests.offline.fakes import DeadSink
 
 
 def stage(inbox: RedisInboxStore, dead: DeadSink) -> StorageConsumer:

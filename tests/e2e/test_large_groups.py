@@ -5,30 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import redis.asyncio as aioredis
-
 from resonance_task.commands.traffic import group_chat
 from resonance_task.embedded.expectations import received
 from resonance_task.embedded.worker import WorkerProcess
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import DeliveryBatch
-from tests.harness import Pipeline, PipelineFactory, eventually
-
-
-async def inbox_msg_ids(redis_url: str, users: list[str]) -> dict[str, list[int]]:
-    """Every listed inbox, read straight from Redis in one pipeline per 5,000 users."""
-    client = aioredis.from_url(redis_url)
-    out: dict[str, list[int]] = {}
-    try:
-        for start in range(0, len(users), 5000):
-            chunk = users[start : start + 5000]
-            pipe = client.pipeline(transaction=False)
-            for user in chunk:
-                pipe.zrange(f"inbox:{{{user}}}", 0, -1)
-            for user, ids in zip(chunk, await pipe.execute(), strict=True):
-                out[user] = [int(i) for i in ids]
-    finally:
-        await client.aclose()
-    return out
+from tests.harness import Pipeline, PipelineFactory, eventually, inbox_msg_ids
 
 
 async def online_users(worker: WorkerProcess) -> int:

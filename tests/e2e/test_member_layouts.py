@@ -21,8 +21,7 @@ from resonance_task.commands.traffic import group_chat
 from resonance_task.embedded.expectations import Expected, expected, received
 from resonance_task.embedded.worker import WorkerProcess
 from resonance_task.pipeline.dlq import H_REASON
-from tests.e2e.test_large_groups import inbox_msg_ids
-from tests.harness import Pipeline, PipelineFactory, eventually
+from tests.harness import Pipeline, PipelineFactory, eventually, inbox_msg_ids
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from resonance_task.commands.traffic import group_chat
 from resonance_task.embedded.providers import ProviderServer
 from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
 from tests.harness import PipelineFactory, eventually
-from tests.offline.conftest import pem
+from tests.offline.fakes import pem
 
 
 async def test_offline_members_reach_the_provider_server_with_their_tokens(

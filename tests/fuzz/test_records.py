@@ -36,8 +36,8 @@ from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import (
 from resonance_task.stage import StageOptions
 from resonance_task.stores.inbox import WriteResult
 from resonance_task.tables.gateways import decode_heartbeat
-from tests.agents.conftest import Sink, router
-from tests.agents.test_large_group import Harness
+from tests.agents.large_groups import Harness
+from tests.agents.outputs import Sink, router
 from tests.fakes import MemoryMembers
 
 GROUPS = {"ok-user": ["m1", "m2"], "g": ["m1"]}

@@ -10,7 +10,7 @@ import pytest
 from resonance_task.gateway.client import GatewayPool, PushItem
 from resonance_task.gateway.simulator import GatewaySimulator
 from resonance_task.gateway.tls import channel_security
-from tests.gateway.test_client import FAST, Outcomes, message
+from tests.gateway.sessions import FAST, Outcomes, message
 from tests.pki import FLEET_NAME, Pki
 
 

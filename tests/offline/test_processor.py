@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from resonance_task.embedded.providers import ProviderServer
@@ -9,7 +11,7 @@ from resonance_task.offline.ratelimit import TokenBucket
 from resonance_task.offline.records import decode as decode_offline
 from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
 from resonance_task.pipeline.dlq import H_REASON, SourceRecord
-from tests.offline.conftest import DeadSink, Providers, make_providers, pusher, record
+from tests.offline.fakes import DeadSink, Providers, make_providers, pusher, record
 
 
 async def test_offline_users_reach_their_devices_and_dead_tokens_are_forgotten(
@@ -68,13 +70,18 @@ async def test_the_rate_limit_holds(
     users = [f"{tag}-r{i:03d}" for i in range(count)]
     for user in users:
         await tokens.register(user, DeviceToken("fcm", f"{user}-t"))
+    started = time.monotonic()
     await pusher(p, tokens, DeadSink()).handle([record(users)])
+    elapsed = time.monotonic() - started
     for client in clients:
         await client.aclose()
     sends = server.pushes("/v1/projects/demo/messages:send")
     assert len(sends) == count
-    # Past the first quarter: sends that waited for the connection and HTTP/2 set-up (a
-    # quarter second on a busy CI box) arrive together, and would read as too fast.
+    # Never faster than the limit, timed where the sends leave: the server shares the
+    # process, and on a busy box it may note arrivals late and in bunches.
+    assert elapsed >= (count - 1) / limit * 0.95, elapsed
+    # Nor much slower. Past the first quarter: sends that waited for the connection and
+    # HTTP/2 set-up (a quarter second on a busy CI box) arrive together.
     warm = sends[len(sends) // 4 :]
     rate = (len(warm) - 1) / (warm[-1].at - warm[0].at)
-    assert abs(rate - limit) / limit <= 0.10, rate
+    assert rate >= limit * 0.8, rate

@@ -9,7 +9,7 @@ from resonance_task.offline.fcm import FcmProvider, ServiceAccount, StaticToken
 from resonance_task.offline.processor import OfflinePusher
 from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
 from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
-from tests.offline.conftest import DeadSink, Providers, note, pusher, record
+from tests.offline.fakes import DeadSink, Providers, note, pusher, record
 
 FCM_SEND = "/v1/projects/demo/messages:send"
 

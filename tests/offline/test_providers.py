@@ -8,7 +8,7 @@ import json
 
 import jwt
 
-from tests.offline.conftest import SECRET, Providers, note
+from tests.offline.fakes import SECRET, Providers, note
 
 
 async def test_fcm_trades_a_service_account_jwt_then_sends_per_token(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from resonance_task.offline.tokens import DeviceToken, RedisDeviceTokenStore
-from tests.offline.conftest import DeadSink, Providers, pusher, record
+from tests.offline.fakes import DeadSink, Providers, pusher, record
 
 
 async def test_every_reasonable_layout_is_read_and_the_rest_is_refused_per_user(

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from resonance_task.embedded.broker import EmbeddedBroker
 from resonance_task.pipeline.backlog import OffsetProbe
 from resonance_task.pipeline.fence import Fence, Hop
-from tests.pipeline.test_topic_view import make_topic, produce, view_of
+from tests.kafka import make_topic, produce, view_of
 
 
 async def commit_all(broker: EmbeddedBroker, group: str, topic: str) -> None:
