@@ -1,11 +1,13 @@
 """Every Redis client the worker makes, made here: one set of timeouts and one retry.
 
-A connection reset or a timeout is retried in the client first, a couple of times with
-redis-py's own jittered backoff (`redis.retry.Retry`): a dropped pooled connection costs
-a reconnect, not a failed batch. What outlasts that is the error policy's to wait out
-(resonance_task.errors: transient, retried by the stage for as long as it lasts).
-Re-sending after a timeout is safe for every store here: their writes are idempotent
-(inbox appends by msg_id, status moves by expected state, marks and heartbeats as sets).
+A dropped connection is retried in the client first, a couple of times with redis-py's
+own jittered backoff (`redis.retry.Retry`): a pooled connection the server closed costs a
+reconnect, not a failed batch. A timeout is not retried here: Redis is slow or paused,
+and three waits of `timeout` would hold a web request past its caller's patience (the
+API answers 503 within the timeout). What outlasts either is the error policy's to wait
+out (resonance_task.errors: transient, retried by the stage for as long as it lasts).
+Re-sending is safe for every store here: their writes are idempotent (inbox appends by
+msg_id, status moves by expected state, marks and heartbeats as sets).
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 RETRIES = 2  # in the client, before the error reaches the stage
-_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionResetError)
+_ERRORS = (RedisConnectionError, ConnectionResetError)
 
 
 def _backoff() -> ExponentialWithJitterBackoff:
