@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,14 +22,33 @@ from resonance_task.embedded.redis import LocalRedis, answers
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
-def _worker_redis_url(url: str) -> str:
-    """The test database, one further per pytest-xdist worker (gw0: 9, gw1: 10, ...), so
-    parallel workers never flush each other's keys."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    offset = int(worker.removeprefix("gw") or 0)
+# Databases of the machine's Redis the tests never take: the claims (0), the benchmarks'
+# (12, 13) and the demo's (15).
+_NOT_FOR_TESTS = {0, 12, 13, 15}
+_CLAIM_SECONDS = 2 * 3600  # a run killed before its end frees its database by then
+
+
+@contextlib.contextmanager
+def _claimed_database(url: str) -> Iterator[str]:
+    """A database of this Redis no other test process holds, from the one `url` names on:
+    each pytest-xdist process, and each run on the machine (two checkouts' at once), gets
+    its own, and flushing it wipes no one else's keys. The claim is a key in DB 0."""
     parts = urlsplit(url)
-    db = int(parts.path.strip("/") or 0) + offset
-    return urlunsplit(parts._replace(path=f"/{db}"))
+    first = int(parts.path.strip("/") or 0)
+    claims = redis.Redis.from_url(urlunsplit(parts._replace(path="/0")))
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    order = [*range(first, 16), *range(1, first)]
+    for db in (d for d in order if d not in _NOT_FOR_TESTS):
+        key = f"resonance-task:tests:db{db}"
+        if claims.set(key, token, nx=True, ex=_CLAIM_SECONDS):
+            try:
+                yield urlunsplit(parts._replace(path=f"/{db}"))
+            finally:
+                if claims.get(key) == token.encode():
+                    claims.delete(key)
+                claims.close()
+            return
+    raise RuntimeError(f"every test database of {url} is claimed (keys resonance-task:tests:*)")
 
 
 TEST_POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -42,11 +63,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """The machine's Redis (a test database, flushed), or a local redis-server."""
-    url = _worker_redis_url(TEST_REDIS_URL)
-    if answers(url):
-        redis.Redis.from_url(url).flushdb()
-        yield url
+    """The machine's Redis (a database of this process's own, flushed), or a local
+    redis-server."""
+    if answers(TEST_REDIS_URL):
+        with _claimed_database(TEST_REDIS_URL) as url:
+            redis.Redis.from_url(url).flushdb()
+            yield url
         return
     with LocalRedis() as local:
         yield local.url

@@ -179,13 +179,12 @@ async def test_one_slow_record_holds_back_only_its_own_partition(
         await until(lambda: stage.seen == 100)  # the held record stopped no fetch
         p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
         await until(lambda: stage.pending_batches == 1)
-        await asyncio.sleep(1.0)  # past a commit
-        assert await committed(broker, group, [p1]) == 50
+        # Partition 1 commits all of its records while partition 0 commits none of them.
+        await until_async(lambda: _committed_is(broker, group, p1, 50))
         assert await committed(broker, group, [p0]) == 0
         assert stage.held is not None
         stage.held.set_result(None)
-        await asyncio.sleep(1.0)
-        assert await committed(broker, group, [p0]) == 50
+        await until_async(lambda: _committed_is(broker, group, p0, 50))
     finally:
         await stage.stop()
 
@@ -243,9 +242,9 @@ async def test_a_per_record_stage_holds_at_most_its_records_limit(
             stage.settle(40)
             await asyncio.sleep(0.05)
         stage.settle(40)
-        await asyncio.sleep(1.0)  # past a commit
         p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
-        assert await committed(broker, group, [p0, p1]) == 100
+        await until_async(lambda: _committed_is(broker, group, p0, 50))
+        await until_async(lambda: _committed_is(broker, group, p1, 50))
     finally:
         await stage.stop()
 
@@ -882,8 +881,7 @@ async def test_a_stage_full_for_longer_than_the_poll_interval_keeps_its_partitio
             stage.settle(2)
             await asyncio.sleep(0.05)
         stage.settle(2)
-        await asyncio.sleep(1.0)  # past a commit
-        assert await committed(broker, group, [TopicPartition(topic, 0)]) == 6
+        await until_async(lambda: _committed_is(broker, group, TopicPartition(topic, 0), 6))
         assert stage.assignments == 1, "the stage left its group and joined again"
     finally:
         await stage.stop()
