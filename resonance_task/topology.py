@@ -21,7 +21,6 @@ from prometheus_client import REGISTRY
 from resonance_task import commands
 from resonance_task.agents import fanout, large_group, presence, push, registry, route, storage
 from resonance_task.embedded import tansu
-from resonance_task.gateway import tls as gateway_tls
 from resonance_task.gateway.client import GatewayPool, SessionConfig
 from resonance_task.offline.setup import offline_stage
 from resonance_task.pipeline import faust_agent, kafka_security, metrics, transport
@@ -301,20 +300,7 @@ def build(settings: Settings) -> Topology:
         gateway_timeout_seconds=settings.gateway_timeout_seconds,
         record_max_bytes=settings.record_max_bytes,
     )
-    gateway_pool = GatewayPool(
-        SessionConfig(
-            batch_max_items=settings.push_batch_max_items,
-            batch_linger=settings.push_batch_linger_ms / 1000,
-            window=settings.push_window_batches,
-            queue_max_items=settings.push_queue_max_items,
-            ack_timeout=settings.push_ack_timeout_seconds,
-            connect_timeout=settings.push_connect_timeout_seconds,
-            backoff_min=settings.push_backoff_min_seconds,
-            backoff_max=settings.push_backoff_max_seconds,
-            max_attempts=settings.push_max_attempts,
-            security=gateway_tls.from_settings(settings),
-        )
-    )
+    gateway_pool = GatewayPool(SessionConfig.from_settings(settings))
 
     app.agent(large_group_jobs, name="large_group")(
         large_group.agent(

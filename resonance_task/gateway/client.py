@@ -33,12 +33,13 @@ from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from resonance_task.errors import Backoff
+from resonance_task.gateway import tls
 from resonance_task.gateway.tls import ChannelSecurity
 from resonance_task.pipeline import metrics
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import (
@@ -49,6 +50,9 @@ from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import (
     PushResponse,
 )
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2_grpc import PushServiceStub
+
+if TYPE_CHECKING:
+    from resonance_task.settings import Settings
 
 # Index of a push within its gateway-pushes record: the low bits of its position.
 POSITION_INDEX_BITS = 20
@@ -103,6 +107,22 @@ class SessionConfig:
     # gateway holds this many messages for an ack timeout, the rest go offline at once.
     probe_items: int = 8
     security: ChannelSecurity | None = None  # None: plaintext (a trusted network only)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> SessionConfig:
+        """The PUSH_* settings, as every gateway session of a worker uses them."""
+        return cls(
+            batch_max_items=s.push_batch_max_items,
+            batch_linger=s.push_batch_linger_ms / 1000,
+            window=s.push_window_batches,
+            queue_max_items=s.push_queue_max_items,
+            ack_timeout=s.push_ack_timeout_seconds,
+            connect_timeout=s.push_connect_timeout_seconds,
+            backoff_min=s.push_backoff_min_seconds,
+            backoff_max=s.push_backoff_max_seconds,
+            max_attempts=s.push_max_attempts,
+            security=tls.from_settings(s),
+        )
 
 
 class _StreamBroken(Exception):

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from mode import Service
 
 from resonance_task import compat
-from resonance_task.errors import Backoff
+from resonance_task.errors import BACKOFF, Backoff
 from resonance_task.pipeline.fetch_wait import FetchWait
 
 log = logging.getLogger(__name__)
@@ -145,15 +145,15 @@ class TopicView(Service):
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         # The topic may be created by another worker or the first producer a moment later.
-        delay = 0.05
+        attempt = 0
         while True:
             partitions = consumer.partitions_for_topic(self.topic)
             if partitions:
                 return [TopicPartition(self.topic, p) for p in sorted(partitions)]
             with contextlib.suppress(Exception):
                 await compat.refresh_metadata(consumer)
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
+            attempt += 1
+            await asyncio.sleep(BACKOFF.capped(1.0).delay(attempt))
 
     async def _seek(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         await consumer.seek_to_beginning(*tps)
