@@ -1,8 +1,9 @@
 """The task API's OpenAPI 3.1 document, served at /api/v1/openapi.json.
 
-Written by hand next to the views it describes (web/tasks.py, web/stats.py), from the
-same constants, so a limit changes in one place; tests/e2e/test_task_api.py sends real
-requests to a worker and checks every request and answer against it with openapi-core.
+Its schemas are generated from the models the views validate with (web/models.py), so a
+limit or a field changes in one place; the paths and their answers are listed here.
+tests/e2e/test_task_api.py sends real requests to a worker and checks every request and
+answer against the document with openapi-core.
 The payload of each task type is not written here: it is each processor's declaration's
 own schema (tasks/payload.py), the one submit checks against, so the two cannot differ.
 """
@@ -14,155 +15,35 @@ from typing import Any
 
 from aiohttp import web
 from faust.web import View
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
-from resonance_task.tasks.envelope import MAX_ATTEMPTS_LIMIT, PRIORITIES, TIMEOUT_MS_LIMIT
 from resonance_task.tasks.registry import Registry
-from resonance_task.tasks.status import STATES
+from resonance_task.web import models
+from resonance_task.web.models import BATCH_MAX
 
-BATCH_MAX = 1000
-LIST_LIMIT_MAX = 1000
+_SCHEMAS = "#/components/schemas/{model}"
 
-_INT64 = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": "^-?[0-9]+$"}]}
 
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {"type": "string"},
-        "field": {"type": "string", "description": "the request field at fault"},
-    },
-}
+def _model_schemas() -> dict[str, Any]:
+    """Every model of web/models.py, and the models inside them, as components."""
+    _, top = models_json_schema(
+        [(model, "validation") for model in models.COMPONENTS], ref_template=_SCHEMAS
+    )
+    return dict(top.get("$defs", {}))
 
-_SUBMIT = {
-    "type": "object",
-    "required": ["task_type"],
-    "description": "The proto3 JSON form of resonance.task.v1.Task, plus `payload` as any "
-    "JSON value and `priority` by name.",
-    "properties": {
-        "task_id": {"type": "string", "description": "made up (uuid4 hex) when missing"},
-        "task_type": {"type": "string", "description": "a registered processor's name"},
-        "payload": {
-            "description": "any JSON value, handed to the processor as its JSON text; for a "
-            "task type that declares its payload, what its TaskSubmit.<type> says"
-        },
-        "payload_b64": {"type": "string", "contentEncoding": "base64"},
-        "priority": {
-            "oneOf": [
-                {"type": "string", "enum": sorted(PRIORITIES)},
-                {"type": "integer", "enum": sorted(PRIORITIES.values())},
-            ]
-        },
-        "max_attempts": {"type": "integer", "minimum": 0, "maximum": MAX_ATTEMPTS_LIMIT},
-        "not_before": {**_INT64, "description": "ms since epoch"},
-        "timeout_ms": {"type": "integer", "minimum": 0, "maximum": TIMEOUT_MS_LIMIT},
-        "idempotency_key": {"type": "string", "maxLength": 256},
-        "trace_headers": {"type": "object", "additionalProperties": {"type": "string"}},
-    },
-}
 
-_STATUS = {
-    "type": "object",
-    "required": ["task_id", "state", "progress"],
-    "properties": {
-        "task_id": {"type": "string"},
-        "state": {"type": "string", "enum": list(STATES)},
-        "task_type": {"type": "string"},
-        "priority": {"type": "string", "enum": sorted(PRIORITIES)},
-        "progress": {"type": "number", "minimum": 0, "maximum": 100},
-        "progress_note": {"type": "string"},
-        "result": {"description": "what the processor returned (JSON)"},
-        "payload": {"description": "the payload as accepted, its type's defaults filled in"},
-        "payload_b64": {
-            "type": "string",
-            "contentEncoding": "base64",
-            "description": "the payload, when it is not JSON",
-        },
-        "error": {"type": "string"},
-        "idempotency_key": {"type": "string"},
-        "worker": {"type": "string"},
-        "cancel_requested": {"type": "boolean"},
-        **{name: {"type": "integer", "minimum": 0} for name in ("attempt", "max_attempts")},
-        **{
-            name: {"type": "integer", "minimum": 0, "description": "ms since epoch"}
-            for name in ("created_at", "updated_at", "started_at", "finished_at")
-        },
-    },
-}
-
-_OUTCOME = {
-    "type": "object",
-    "required": ["task_id", "state"],
-    "properties": {
-        "task_id": {"type": "string"},
-        "state": {"type": "string", "enum": list(STATES)},
-        "duplicate_of": {
-            "type": "string",
-            "description": "the task that holds this idempotency key: this one never runs",
-        },
-        "existed": {"type": "boolean", "description": "this task id was submitted before"},
-    },
-}
-
-_BATCH_RESULT = {
-    "type": "object",
-    "required": ["index"],
-    "properties": {
-        "index": {"type": "integer", "minimum": 0},
-        "task_id": {"type": "string"},
-        "state": {"type": "string", "enum": list(STATES)},
-        "duplicate_of": {"type": "string"},
-        "existed": {"type": "boolean"},
-        "error": {"type": "string"},
-        "field": {"type": "string"},
-    },
-}
-
-_WORKER = {
-    "type": "object",
-    "required": ["worker", "seen_at", "stages"],
-    "properties": {
-        "worker": {"type": "string"},
-        "web_url": {"type": "string"},
-        "seen_at": {"type": "integer"},
-        "started_at": {"type": "integer"},
-        "stages": {"type": "object", "additionalProperties": {"type": "object"}},
-        "tasks": {"type": "object"},
-    },
-}
-
-_QUEUE = {
-    "type": "object",
-    "required": ["topic", "depth"],
-    "properties": {
-        "topic": {"type": "string"},
-        "group": {"type": ["string", "null"]},
-        "depth": {"type": "integer", "minimum": 0, "description": "records held"},
-        "lag": {
-            "type": ["integer", "null"],
-            "minimum": 0,
-            "description": "records its group has still to read",
-        },
-        "partitions": {"type": "integer", "minimum": 0},
-    },
-}
-
-_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
-_REPORT = {
-    "type": "object",
-    "required": ["period", "period_start", "period_end", "from", "to", "records", "tasks"],
-    "properties": {
-        "period": {"type": "string", "description": "the period's start, ISO 8601 UTC"},
-        "period_start": {"type": "integer", "description": "ms since the epoch"},
-        "period_end": {"type": "integer"},
-        "from": {
-            "type": ["integer", "null"],
-            "description": "the span counted: from the report before (null: the first)",
-        },
-        "to": {"type": "integer"},
-        "records": {**_COUNTS, "description": "records added to each topic"},
-        "tasks": {**_COUNTS, "description": "tasks that reached each final state"},
-    },
-}
+def _query(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """A query model's fields as OpenAPI query parameters (a missing one is None)."""
+    schema = model.model_json_schema()
+    params = []
+    for name, prop in schema["properties"].items():
+        # `X | None` is a parameter left out, not a null one: the X alone.
+        choices = [c for c in prop.get("anyOf", ()) if c.get("type") != "null"]
+        rest = {k: v for k, v in prop.items() if k not in ("anyOf", "title") and v is not None}
+        plain = {**choices[0], **rest} if len(choices) == 1 else rest
+        params.append({"name": name, "in": "query", "schema": plain})
+    return params
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -237,8 +118,8 @@ def _submit_schemas(registry: Registry | None) -> dict[str, Any]:
     """TaskSubmit: one variant per task type, chosen by its task_type, each with its
     payload's schema; the types that declare no payload share one variant."""
     if registry is None or not registry.types():
-        return {"TaskSubmit": _SUBMIT}
-    schemas: dict[str, Any] = {"TaskFields": _SUBMIT}
+        return {"TaskSubmit": _ref("TaskFields")}
+    schemas: dict[str, Any] = {}
     mapping: dict[str, str] = {}
     declared = registry.payload_types()
     for task_type, payload in sorted(declared.items()):
@@ -293,15 +174,7 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
             "replay them. Any worker answers for any task.",
         },
         "components": {
-            "schemas": {
-                "Error": _ERROR,
-                **_submit_schemas(registry),
-                "TaskStatus": _STATUS,
-                "SubmitOutcome": _OUTCOME,
-                "Worker": _WORKER,
-                "Queue": _QUEUE,
-                "Report": _REPORT,
-            },
+            "schemas": {**_model_schemas(), **_submit_schemas(registry)},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}, {}],
@@ -318,38 +191,8 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
                 },
                 "get": {
                     "summary": "Tasks, most recently changed first, across workers",
-                    "parameters": [
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": list(STATES)},
-                        },
-                        {"name": "task_type", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {
-                                "type": "integer",
-                                "minimum": 1,
-                                "maximum": LIST_LIMIT_MAX,
-                                "default": 100,
-                            },
-                        },
-                    ],
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["tasks", "count"],
-                                "properties": {
-                                    "tasks": {"type": "array", "items": _ref("TaskStatus")},
-                                    "count": {"type": "integer", "minimum": 0},
-                                },
-                            },
-                            "the tasks",
-                        ),
-                        **_errors(400),
-                    },
+                    "parameters": _query(models.TaskQuery),
+                    "responses": {"200": _json(_ref("TaskList"), "the tasks"), **_errors(400)},
                 },
             },
             "/api/v1/tasks/batch": {
@@ -357,34 +200,11 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
                     "summary": f"Submit up to {BATCH_MAX} tasks; each gets its own outcome",
                     "requestBody": {
                         "required": True,
-                        **_json(
-                            {
-                                "type": "object",
-                                "required": ["tasks"],
-                                "properties": {
-                                    "tasks": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        # Not TaskSubmit: a bad task is answered
-                                        # in its result, the batch is not refused.
-                                        "items": {"type": "object"},
-                                        "description": "each a TaskSubmit",
-                                    }
-                                },
-                            },
-                            "the tasks (each checked on its own)",
-                        ),
+                        **_json(_ref("BatchRequest"), "the tasks (each checked on its own)"),
                     },
                     "responses": {
                         "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["results"],
-                                "properties": {
-                                    "results": {"type": "array", "items": _BATCH_RESULT}
-                                },
-                            },
-                            "an outcome or an error per task, in order",
+                            _ref("BatchAnswer"), "an outcome or an error per task, in order"
                         ),
                         **_errors(400, 413),
                     },
@@ -400,18 +220,7 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
                     "summary": "Cancel: a queued task never runs, a running one is told to stop",
                     "responses": {
                         "200": _json(_ref("SubmitOutcome"), "cancelled"),
-                        "202": _json(
-                            {
-                                "type": "object",
-                                "required": ["task_id", "state", "cancel_requested"],
-                                "properties": {
-                                    "task_id": {"type": "string"},
-                                    "state": {"const": "running"},
-                                    "cancel_requested": {"const": True},
-                                },
-                            },
-                            "running: asked to stop",
-                        ),
+                        "202": _json(_ref("CancelRequested"), "running: asked to stop"),
                         **_errors(404, 409),
                     },
                 },
@@ -432,27 +241,11 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
                     "requestBody": {
                         "required": False,
                         **_json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "task_ids": {"type": "array", "items": {"type": "string"}}
-                                },
-                            },
-                            "which dead tasks; all of them when missing",
+                            _ref("ReplayRequest"), "which dead tasks; all of them when missing"
                         ),
                     },
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["replayed", "count"],
-                                "properties": {
-                                    "replayed": {"type": "array", "items": {"type": "string"}},
-                                    "count": {"type": "integer", "minimum": 0},
-                                },
-                            },
-                            "the tasks sent again",
-                        ),
+                        "200": _json(_ref("ReplayAnswer"), "the tasks sent again"),
                         **_errors(400),
                     },
                 },
@@ -461,16 +254,7 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
                 "get": {
                     "summary": "Every live worker: its stages, partitions and running tasks",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["workers"],
-                                "properties": {
-                                    "workers": {"type": "array", "items": _ref("Worker")}
-                                },
-                            },
-                            "the workers seen in the last seconds",
-                        ),
+                        "200": _json(_ref("WorkerList"), "the workers seen in the last seconds"),
                         **_errors(),
                     },
                 },
@@ -479,14 +263,7 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
                 "get": {
                     "summary": "Each task topic's depth and its consumer group's lag",
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["queues"],
-                                "properties": {"queues": {"type": "array", "items": _ref("Queue")}},
-                            },
-                            "the task topics",
-                        ),
+                        "200": _json(_ref("QueueList"), "the task topics"),
                         **_errors(),
                     },
                 },
@@ -494,24 +271,9 @@ def document(registry: Registry | None = None) -> dict[str, Any]:
             "/api/v1/stats/hourly": {
                 "get": {
                     "summary": "The stats_report task's reports, newest first",
-                    "parameters": [
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        }
-                    ],
+                    "parameters": _query(models.HourlyQuery),
                     "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["reports"],
-                                "properties": {
-                                    "reports": {"type": "array", "items": _ref("Report")}
-                                },
-                            },
-                            "a report a period",
-                        ),
+                        "200": _json(_ref("ReportList"), "a report a period"),
                         **_errors(400),
                     },
                 },

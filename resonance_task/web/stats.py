@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 from faust.web import View
+from pydantic import ValidationError
 
 from resonance_task.pipeline.backlog import backlog
 from resonance_task.pipeline.workers import WorkerDirectory
 from resonance_task.tasks.reports import StatsTable
 from resonance_task.tasks.setup import TaskSide
-
-HOURLY_LIMIT_MAX = 1000
+from resonance_task.web import models
 
 
 def register(
@@ -59,10 +59,8 @@ def register(
     @app.page("/api/v1/stats/hourly")
     class Hourly(View):
         async def get(self, request: web.Request) -> web.Response:
-            raw = request.query.get("limit", "24")
-            if not raw.isdigit() or not 1 <= int(raw) <= HOURLY_LIMIT_MAX:
-                return web.json_response(
-                    {"error": f"limit: an integer 1..{HOURLY_LIMIT_MAX}", "field": "limit"},
-                    status=400,
-                )
-            return web.json_response({"reports": table.latest(int(raw))})
+            try:
+                query = models.HourlyQuery.model_validate(dict(request.query))
+            except ValidationError as exc:
+                return web.json_response(models.error_of(exc).model_dump(), status=400)
+            return web.json_response({"reports": table.latest(query.limit)})

@@ -22,18 +22,23 @@ from typing import Any
 
 from aiohttp import web
 from faust.web import View
+from pydantic import ValidationError
 
 from resonance_task.pipeline.limits import Limits
 from resonance_task.proto.resonance.task.v1.task_pb2 import Task
 from resonance_task.tasks import envelope
 from resonance_task.tasks.setup import TaskSide
 from resonance_task.tasks.stages import run_again, submit
-from resonance_task.tasks.status import STATES
-from resonance_task.web.openapi import BATCH_MAX, LIST_LIMIT_MAX
+from resonance_task.web import models
+from resonance_task.web.models import BATCH_MAX, LIST_LIMIT_MAX
 
 
 def _error(status: int, field: str, message: str) -> web.Response:
     return web.json_response({"error": message, "field": field}, status=status)
+
+
+def _invalid(exc: ValidationError) -> web.Response:
+    return web.json_response(models.error_of(exc).model_dump(), status=400)
 
 
 async def _body(request: web.Request) -> Any:
@@ -68,10 +73,10 @@ def register(app: Any, side: TaskSide, limits: Limits) -> None:
     @app.page("/api/v1/tasks/batch")
     class TaskBatch(View):
         async def post(self, request: web.Request) -> web.Response:
-            body = await _body(request)
-            items = body.get("tasks") if isinstance(body, dict) else None
-            if not isinstance(items, list) or not items:
-                return _error(400, "tasks", "a non-empty list of tasks")
+            try:
+                items = models.BatchRequest.model_validate(await _body(request)).tasks
+            except ValidationError as exc:
+                return _invalid(exc)
             if len(items) > BATCH_MAX:
                 return _error(413, "tasks", f"at most {BATCH_MAX} tasks a batch")
             results: list[dict[str, Any]] = []
@@ -91,11 +96,10 @@ def register(app: Any, side: TaskSide, limits: Limits) -> None:
     class DlqReplay(View):
         async def post(self, request: web.Request) -> web.Response:
             body = await _body(request) if request.can_read_body else {}
-            ids = body.get("task_ids") if isinstance(body, dict) else None
-            if ids is not None and not (
-                isinstance(ids, list) and all(isinstance(i, str) for i in ids)
-            ):
-                return _error(400, "task_ids", "a list of task ids")
+            try:
+                ids = models.ReplayRequest.model_validate(body).task_ids
+            except ValidationError as exc:
+                return _invalid(exc)
             if ids is None:
                 dead = await statuses.list(state="dead", task_type=None, limit=LIST_LIMIT_MAX)
                 ids = [status["task_id"] for status in dead]
@@ -116,16 +120,15 @@ def register(app: Any, side: TaskSide, limits: Limits) -> None:
             return web.json_response(_outcome(task, kind, value), status=status)
 
         async def get(self, request: web.Request) -> web.Response:
-            state = request.query.get("status") or None
-            if state is not None and state not in STATES:
-                return _error(400, "status", f"one of {', '.join(STATES)}")
-            raw_limit = request.query.get("limit", "100")
-            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
-                return _error(400, "limit", f"1..{LIST_LIMIT_MAX}")
+            try:
+                # An empty value is the parameter left out (`?status=&task_type=`).
+                query = models.TaskQuery.model_validate(
+                    {k: v for k, v in request.query.items() if v}
+                )
+            except ValidationError as exc:
+                return _invalid(exc)
             found = await statuses.list(
-                state=state,
-                task_type=request.query.get("task_type") or None,
-                limit=int(raw_limit),
+                state=query.status, task_type=query.task_type, limit=query.limit
             )
             return web.json_response({"tasks": found, "count": len(found)})
 
