@@ -21,10 +21,21 @@ from resonance_task.embedded.broker import EmbeddedBroker
 from resonance_task.embedded.worker import WorkerProcess, pipeline_env
 from resonance_task.gateway.simulator import GatewaySimulator
 from resonance_task.offline.records import decode as decode_offline
+from resonance_task.pipeline.backlog import OffsetProbe
 from resonance_task.proto.resonance.mq.v1.push_event_pb2 import PushEvent
 from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 from resonance_task.stores.inbox import InboxEntry, RedisInboxStore
 from resonance_task.stores.members import RedisMemberStore
+
+
+async def _committed_to_end(probe: OffsetProbe, topic: str, group: str, seconds: float) -> None:
+    ends = await probe.ends(topic)
+
+    async def committed() -> bool:
+        done = await probe.committed(group, topic, ends)
+        return all(done[p] >= end for p, end in ends.items())
+
+    await eventually(committed, seconds, f"{group} committed all of {topic}")
 
 
 async def eventually(
@@ -68,6 +79,28 @@ class Pipeline:
 
     def topic(self, name: str) -> str:
         return self.env[name]
+
+    async def settled(self, seconds: float = 60) -> None:
+        """Until fanout, then storage and push, have committed all their topics hold: no
+        more of what was published is on its way to an inbox or a gateway. What a test
+        checks for duplicates waits for this, not for a second to pass."""
+        app_id = self.env["APP_ID"]
+        hops = [
+            [(self.topic("TOPIC_PUSH_EVENTS"), f"{app_id}-fanout")],
+            [
+                (f"{app_id}-deliveries", f"{app_id}-storage"),
+                (f"{app_id}-gateway-pushes", f"{app_id}-push"),
+            ],
+        ]
+        probe = OffsetProbe({"bootstrap_servers": self.broker.bootstrap})
+        await probe.start()
+        try:
+            for hop in hops:
+                # The ends taken once the hop before is done: they hold all it produced.
+                for topic, group in hop:
+                    await _committed_to_end(probe, topic, group, seconds)
+        finally:
+            await probe.stop()
 
     async def start_worker(self, name: str = "worker", **overrides: Any) -> WorkerProcess:
         env = {**self.env, **{k.upper(): str(v) for k, v in overrides.items()}}

@@ -8,7 +8,6 @@ every push of a batch to a unary-only gateway into offline push.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 from resonance_task.commands.traffic import single_chat
@@ -41,7 +40,7 @@ async def test_oversized_bad_ids_and_capitalised_trace_headers(pipeline: Pipelin
 
     pushed = [*big, *traced, mixed]
     await eventually(lambda: _true(len(sim.recorder.deliveries) >= len(pushed)), 60, "every push")
-    await asyncio.sleep(0.5)
+    await p.settled()  # nothing more is on its way: a duplicate would be here
     assert Counter(r.msg_id for r in sim.recorder.deliveries) == Counter(e.msg_id for e in pushed)
     assert await p.offline() == []  # none failed by its gateway
 

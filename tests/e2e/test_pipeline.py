@@ -83,7 +83,7 @@ async def test_every_recipient_once_in_order_with_offline_dlq_and_replay(
         60,
         f"{want.pushed_total} pushes",
     )
-    await asyncio.sleep(1)  # anything extra (a duplicate) would arrive now
+    await p.settled()  # nothing more is on its way: a duplicate would be here
 
     # Inbox: every recipient once, cursors 1..n, and each conversation in seq_id order.
     for user in users:
@@ -180,7 +180,7 @@ async def test_gateway_with_only_unary_push_gets_every_delivery(pipeline: Pipeli
     ]
     await p.publish(events)
     await eventually(lambda: _true(len(sim.recorder.deliveries) >= 100), 30, "100 unary pushes")
-    await asyncio.sleep(0.5)
+    await p.settled()
     assert sim.recorder.batches == 0 and sim.recorder.unary_calls >= 1
     assert Counter(r.msg_id for r in sim.recorder.deliveries) == Counter(e.msg_id for e in events)
 

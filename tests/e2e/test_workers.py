@@ -87,7 +87,7 @@ async def check_exact(
         raise
     await eventually(all_pushed, 120, f"{want.pushed_total} pushes")
     await eventually(all_offline, 60, f"{want.offline_total} offline users")
-    await asyncio.sleep(1.5)  # anything extra (a duplicate) would arrive now
+    await p.settled()  # nothing more is on its way: a duplicate would be here
 
     for user in users:
         entries = await p.inbox(user)

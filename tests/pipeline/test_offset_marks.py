@@ -11,6 +11,7 @@ from aiokafka import TopicPartition
 
 from resonance_task.embedded.broker import free_port
 from resonance_task.pipeline.offset_marks import OffsetMarks
+from tests.kafka import until
 
 
 async def _until_loaded(
@@ -59,7 +60,7 @@ async def test_without_redis_marks_are_a_warning_and_close_still_ends(
     marks = OffsetMarks(f"redis://127.0.0.1:{free_port()}/0", tag, timeout=0.2)
     caplog.set_level(logging.WARNING, "resonance_task.pipeline.offset_marks")
     marks.post("g", {TopicPartition(f"{tag}.t", 0): 5})
-    await asyncio.sleep(0.3)
+    await until(lambda: any("offset marks not saved" in r.getMessage() for r in caplog.records))
     started = time.monotonic()
     await marks.close()
     assert time.monotonic() - started < 3

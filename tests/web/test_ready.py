@@ -6,8 +6,9 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from resonance_task.pipeline.retry import retrying
+from resonance_task.pipeline.retry import retrying, stalls
 from resonance_task.web.views import readiness
+from tests.kafka import until
 
 
 def fake_app(*, recovered: bool = True, rebalancing: bool = False) -> Any:
@@ -76,10 +77,10 @@ async def test_not_ready_while_a_store_is_retried_longer_than_the_limit() -> Non
 
     task = asyncio.create_task(retrying(away, "inbox write", max_delay=0.05))
     try:
-        await asyncio.sleep(0.3)
+        await until(lambda: "inbox write" in stalls())
         ok, checks = readiness(fake_app(), topology())
         assert ok and checks["not_stalled:inbox write"] is True  # under READY_STALL_SECONDS
-        await asyncio.sleep(1.0)
+        await until(lambda: not readiness(fake_app(), topology())[0], seconds=5)
         ok, checks = readiness(fake_app(), topology())
         assert not ok and checks["not_stalled:inbox write"] is False
     finally:
