@@ -28,6 +28,14 @@ from resonance_task.stores.inbox import InboxEntry, RedisInboxStore
 from resonance_task.stores.members import RedisMemberStore
 
 
+async def _jobs_finished(worker: WorkerProcess, jobs: set[int], seconds: float) -> None:
+    async def finished() -> bool:
+        _, body = await asyncio.to_thread(worker.get, "/large-groups")
+        return jobs <= {int(j["msg_id"]) for j in body["finished"]}
+
+    await eventually(finished, seconds, f"large-group jobs {sorted(jobs)} finished")
+
+
 async def _committed_to_end(probe: OffsetProbe, topic: str, group: str, seconds: float) -> None:
     ends = await probe.ends(topic)
 
@@ -80,10 +88,14 @@ class Pipeline:
     def topic(self, name: str) -> str:
         return self.env[name]
 
-    async def settled(self, seconds: float = 60) -> None:
+    async def settled(
+        self, seconds: float = 60, *, jobs: Sequence[int] = (), worker: WorkerProcess | None = None
+    ) -> None:
         """Until fanout, then storage and push, have committed all their topics hold: no
         more of what was published is on its way to an inbox or a gateway. What a test
-        checks for duplicates waits for this, not for a second to pass."""
+        checks for duplicates waits for this, not for a second to pass. With `jobs`, the
+        msg_ids of large-group jobs, those are first waited for to be finished (on
+        `worker`): every page a job sends is acknowledged before it saves its cursor."""
         app_id = self.env["APP_ID"]
         hops = [
             [(self.topic("TOPIC_PUSH_EVENTS"), f"{app_id}-fanout")],
@@ -95,7 +107,10 @@ class Pipeline:
         probe = OffsetProbe({"bootstrap_servers": self.broker.bootstrap})
         await probe.start()
         try:
-            for hop in hops:
+            for i, hop in enumerate(hops):
+                if i == 1 and jobs:
+                    assert worker is not None, "large-group jobs are asked of a worker"
+                    await _jobs_finished(worker, set(jobs), seconds)
                 # The ends taken once the hop before is done: they hold all it produced.
                 for topic, group in hop:
                     await _committed_to_end(probe, topic, group, seconds)

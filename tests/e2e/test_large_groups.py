@@ -49,7 +49,7 @@ async def test_group_of_20000_every_inbox_once_every_online_member_pushed_once(
         return all(len(ids) == 2 for ids in inboxes.values())
 
     await eventually(all_stored, 90, "20,000 inboxes with both messages")
-    await asyncio.sleep(1)  # anything duplicated late would show now
+    await p.settled(jobs=msg_ids, worker=worker)  # a duplicate would be here by now
     inboxes = await inbox_msg_ids(p.redis_url, members)
     assert all(sorted(ids) == msg_ids for ids in inboxes.values())
     got = received(sims)
@@ -158,7 +158,7 @@ async def test_read_diffusion_group_is_one_timeline_merged_into_inbox_sync(
     status, body = await asyncio.to_thread(worker.get, f"/inbox/{late}?timelines=nocolon")
     assert status == 400 and "timelines" in body["error"]
 
-    await asyncio.sleep(1)
+    await p.settled(jobs=msg_ids, worker=worker)
     got = received([sim])
     assert {u: sorted(c.elements()) for u, c in got.items()} == {
         u: sorted(msg_ids) for u in online if u != members[1]
