@@ -3,13 +3,15 @@
 Nothing here runs at import: the environment is read by `Settings()` in app.py (or by
 whoever calls build with settings of their own, as the tests do), and every topic,
 table, store, stage, view and web route is made by build, wired by the arguments it
-passes. The start order is the order of `Topology.services` (see `_start_own_groups`).
+passes. What each service needs (`needs` in build) orders them: each is added to the app
+after, and stopped before, what it needs (`Topology.services`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import graphlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -64,6 +66,7 @@ class Topology:
     app: faust.App
     settings: Settings
     stages: list[GroupConsumer]
+    services: list[Any]  # the app's children, in the order they are added (stopped reversed)
     task_side: TaskSide | None
     inspect: views.Topology  # what the web views see
 
@@ -530,6 +533,36 @@ def build(settings: Settings) -> Topology:
             # One worker submits; a task per period runs once however many submit it.
             await periodic.tick()
 
+    # What each service needs running while it runs: it is added after them and stops
+    # before them. Fanout feeds push and routes with the views and the fence; push sends to
+    # the gateways the view lists; the fence and the routes stage ask the probe and read
+    # the routes view; the worker directory describes every stage, so it stops first.
+    needs: dict[Any, tuple[Any, ...]] = {
+        offsets_probe: (),
+        gateways_view: (),
+        routes_view: (),
+        presence_fence: (offsets_probe, routes_view),
+        routes_stage: (offsets_probe, routes_view),
+        presence_stage: (),
+        storage_consumer: (),
+        push_consumer: (gateways_view,),
+        fanout_consumer: (
+            gateways_view,
+            routes_view,
+            presence_fence,
+            push_consumer,
+            storage_consumer,
+        ),
+    }
+    if offline_consumer is not None:
+        needs[offline_consumer] = ()
+    for stage in task_side.stages if task_side else ():
+        needs[stage] = ()
+    if stats_view is not None:
+        needs[stats_view] = ()
+    needs[worker_directory] = tuple(own_group_stages)
+    services = list(graphlib.TopologicalSorter(needs).static_order())
+
     @app.task
     async def _start_own_groups() -> None:
         # Spans only in the worker: commands import this module too (pipeline/trace.py).
@@ -542,26 +575,9 @@ def build(settings: Settings) -> Topology:
             *(task_side.topics if task_side else ()),
         ):
             await topic.maybe_declare()
-        # Children of the app, stopped with it; started together, because a consumer's start
-        # waits for its group join. At shutdown children stop in reverse order: fanout stops
-        # feeding push before push drains its gateways, and the views it routes with go last.
-        # The routes stage and the fence ask the probe; the fence and fanout wait on the views.
-        services = [
-            offsets_probe,
-            gateways_view,
-            routes_view,
-            presence_fence,
-            routes_stage,
-            presence_stage,
-            storage_consumer,
-            push_consumer,
-            fanout_consumer,
-        ]
-        if offline_consumer is not None:
-            services.append(offline_consumer)
-        services += [*(task_side.stages if task_side else ()), worker_directory]
-        if stats_view is not None:
-            services.append(stats_view)
+        # Children of the app, stopped with it, in reverse: each stops before what it needs.
+        # Started together, because a consumer's start waits for its group join: what a
+        # stage needs before it may act is waited for by the stage (fanout's gate).
         await asyncio.gather(*(app.add_runtime_dependency(service) for service in services))
         # What start-up built (modules, the app, its clients) lives as long as the worker:
         # out of the collector's sight, a full collection no longer walks it each time. Those
@@ -596,5 +612,10 @@ def build(settings: Settings) -> Topology:
     commands.register(app, settings)
 
     return Topology(
-        app=app, settings=settings, stages=own_group_stages, task_side=task_side, inspect=topology
+        app=app,
+        settings=settings,
+        stages=own_group_stages,
+        services=services,
+        task_side=task_side,
+        inspect=topology,
     )

@@ -39,3 +39,17 @@ async def test_two_workers_built_side_by_side_from_their_settings() -> None:
     assert all(isinstance(agent, Agent) for agent in plain.app.agents.values())
     # The web routes of each app are its own.
     assert plain.inspect.settings.app_id == "t-plain"
+
+
+async def test_each_service_is_added_after_and_stops_before_what_it_needs() -> None:
+    built = build(settings("t-order", tasks_enabled=True))
+    at = {id(service): i for i, service in enumerate(built.services)}
+    stage = {s.stage: at[id(s)] for s in built.stages}
+    gateways_view, routes_view = (at[id(v)] for v in built.inspect.topic_views)
+    fence = at[id(built.inspect.fence)]
+    # Fanout stops feeding push before push drains its gateways; the views it routes with
+    # and the fence stop after it; push stops before the gateways view it sends by.
+    assert stage["fanout"] > max(stage["push"], stage["storage"], fence, routes_view)
+    assert stage["push"] > gateways_view and fence > routes_view
+    assert type(built.services[-1]).__name__ == "WorkerDirectory"  # describes every stage
+    assert len(at) == len(built.services)
