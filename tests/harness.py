@@ -27,13 +27,21 @@ from resonance_task.proto.resonance.pipeline.v1.pipeline_pb2 import OfflinePush
 from resonance_task.stores.inbox import InboxEntry, RedisInboxStore
 from resonance_task.stores.members import RedisMemberStore
 
+LARGE_GROUP_JOBS = "resonance_large_group_jobs_total"
+
 
 async def _jobs_finished(worker: WorkerProcess, jobs: set[int], seconds: float) -> None:
     async def finished() -> bool:
         _, body = await asyncio.to_thread(worker.get, "/large-groups")
-        return jobs <= {int(j["msg_id"]) for j in body["finished"]}
+        done = {int(j["msg_id"]) for j in body["finished"]}
+        if jobs:
+            return jobs <= done
+        _, stats = await asyncio.to_thread(worker.get, "/stats")
+        counters = stats["counters"]
+        handed = sum(v for k, v in counters.items() if k.startswith(LARGE_GROUP_JOBS))
+        return not body["in_progress"] and len(done) >= handed
 
-    await eventually(finished, seconds, f"large-group jobs {sorted(jobs)} finished")
+    await eventually(finished, seconds, f"large-group jobs {sorted(jobs) or 'all'} finished")
 
 
 async def _committed_to_end(probe: OffsetProbe, topic: str, group: str, seconds: float) -> None:
@@ -93,9 +101,10 @@ class Pipeline:
     ) -> None:
         """Until fanout, then storage and push, have committed all their topics hold: no
         more of what was published is on its way to an inbox or a gateway. What a test
-        checks for duplicates waits for this, not for a second to pass. With `jobs`, the
-        msg_ids of large-group jobs, those are first waited for to be finished (on
-        `worker`): every page a job sends is acknowledged before it saves its cursor."""
+        checks for duplicates waits for this, not for a second to pass. With `worker`, its
+        large-group jobs are first waited for to be finished (those of `jobs`, the msg_ids,
+        or else every job fanout handed over): a job's pages are acknowledged before it
+        saves its cursor."""
         app_id = self.env["APP_ID"]
         hops = [
             [(self.topic("TOPIC_PUSH_EVENTS"), f"{app_id}-fanout")],
@@ -108,8 +117,7 @@ class Pipeline:
         await probe.start()
         try:
             for i, hop in enumerate(hops):
-                if i == 1 and jobs:
-                    assert worker is not None, "large-group jobs are asked of a worker"
+                if i == 1 and worker is not None:
                     await _jobs_finished(worker, set(jobs), seconds)
                 # The ends taken once the hop before is done: they hold all it produced.
                 for topic, group in hop:
@@ -154,6 +162,16 @@ class Pipeline:
             return True
 
         await eventually(all_online, seconds, f"routes of {len(users)} users")
+
+    async def wait_routable(self, worker: WorkerProcess, count: int, seconds: float = 30) -> None:
+        """Until `worker`'s routes view holds `count` users online: every presence batch
+        the gateways sent, not a sample of them."""
+
+        async def routable() -> bool:
+            _, stats = await asyncio.to_thread(worker.get, "/stats")
+            return int(stats["online_users"]) >= count
+
+        await eventually(routable, seconds, f"{count} users routable")
 
     async def publish(self, events: Sequence[PushEvent | bytes]) -> None:
         if self._producer is None:

@@ -129,8 +129,7 @@ async def test_read_diffusion_group_is_one_timeline_merged_into_inbox_sync(
     await p.members.add(group, members, joined_at_ms=first_at - 1000)
     online = members[:40]
     sim = await p.gateway("gw-rd", online)
-    await p.wait_online(worker, online[::8])
-    await asyncio.sleep(0.5)
+    await p.wait_routable(worker, len(online))
     late = p.user(999)
     await p.members.add(group, [late], joined_at_ms=first_at + 500)
     events = [group_chat(members[1], group, seq, f"announcement {seq}") for seq in (1, 2)]

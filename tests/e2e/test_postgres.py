@@ -29,8 +29,7 @@ async def test_postgres_backends_store_every_inbox_entry_once(
         await members.add(small, users[:20])
         await members.add(large, users)  # paged by large_group, from PostgreSQL
         sim = await p.gateway("gw-pg", users[:30])
-        await p.wait_online(worker, users[:30:5])
-        await asyncio.sleep(0.5)
+        await p.wait_routable(worker, 30)
         events = [single_chat(users[i], users[i + 1], 1, f"pg {i}") for i in range(0, 50, 2)]
         events += [group_chat(users[3], small, 1, "small"), group_chat(users[4], large, 1, "all")]
         await p.publish(events)
@@ -43,7 +42,7 @@ async def test_postgres_backends_store_every_inbox_entry_once(
         await eventually(
             lambda: _true(len(sim.recorder.deliveries) >= want.pushed_total), 30, "pushes"
         )
-        await asyncio.sleep(1)
+        await p.settled(jobs=[events[-1].msg_id], worker=worker)  # the large group's too
         for user in users:
             entries = await inbox.read(user, 0, 100)
             assert sorted(e.msg_id for e in entries) == sorted(want.inbox[user]), user
