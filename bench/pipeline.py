@@ -333,7 +333,7 @@ async def naive(
 
     It loops over events in memory, so it pays no Kafka cost at all: the ratio flatters it.
     """
-    store = RedisInboxStore(REDIS_URL, max_entries=0, message_ttl=3600, cluster=True)
+    store = RedisInboxStore(REDIS_URL, max_entries=0, message_ttl=3600)
     address = {u: s.address for s in system.sims for u in s.online}
     channels = {a: grpc.aio.insecure_channel(a) for a in set(address.values())}
     stubs: dict[str, Any] = {a: PushServiceStub(c) for a, c in channels.items()}

@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from resonance_task.embedded.broker import EmbeddedBroker
-from resonance_task.embedded.redis import LocalRedis, answers
+from resonance_task.embedded.redis import LocalRedis, LocalRedisCluster, answers
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
@@ -72,6 +72,14 @@ def redis_url() -> Iterator[str]:
         return
     with LocalRedis() as local:
         yield local.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A real Redis Cluster, 3 masters and 3 replicas on loopback, started for the session
+    (as Tansu is): what the cluster tests run against, never one server standing in."""
+    with LocalRedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

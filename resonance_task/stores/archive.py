@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
@@ -95,7 +96,11 @@ class InboxArchive:
         if keep_entries <= 0 and after_seconds <= 0:
             raise ValueError("an archive needs keep_entries or after_seconds")
         self._inbox = inbox
-        self._redis = inbox.client
+        client = inbox.client
+        if not isinstance(client, aioredis.Redis):
+            # Its pass SCANs one server's keyspace; on a cluster it would see one node's.
+            raise ValueError("the inbox archive needs a single Redis, not a Redis Cluster")
+        self._redis = client
         self._pool = _Pool(dsn, INBOX_SCHEMA, search_path, pool_size)
         self._keep = keep_entries
         self._after_ms = int(after_seconds * 1000)

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
-from resonance_task.stores.redis_client import connect
+from resonance_task.stores.redis_client import connect, connect_cluster, is_cluster
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,16 @@ class RedisInboxStore:
         cluster: bool = False,
         key_prefix: str = "inbox",
     ) -> None:
-        self._redis = connect(url, timeout=timeout)
+        # Redis Cluster (a `redis+cluster://` URL, or INBOX_REDIS_CLUSTER with a node's URL):
+        # the cluster client; its pipelines go to each node in one round trip.
+        cluster = cluster or is_cluster(url)
+        self._redis: aioredis.Redis | RedisCluster = (
+            connect_cluster(
+                url if is_cluster(url) else url.replace("://", "+cluster://", 1), timeout=timeout
+            )
+            if cluster
+            else connect(url, timeout=timeout)
+        )
         self._sha: str | None = None
         self._packed_sha: str | None = None
         self._max_entries = max_entries
@@ -348,7 +358,7 @@ class RedisInboxStore:
         self._prefix = key_prefix
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis | RedisCluster:
         return self._redis
 
     def key(self, owner: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,4 +48,26 @@ def connect_sync(url: str, *, timeout: float) -> redis.Redis:
         socket_connect_timeout=timeout,
         retry=Retry(_backoff(), RETRIES, supported_errors=_ERRORS),
         health_check_interval=30,
+    )
+
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster(url: str) -> bool:
+    """A `redis+cluster://host:port` (or `rediss+cluster://`) URL names a Redis Cluster by
+    any of its nodes; a plain `redis://` URL names one server."""
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def connect_cluster(url: str, *, timeout: float, decode_responses: bool = False) -> RedisCluster:
+    """redis-py's cluster client: it learns the slot map from the node named, follows
+    MOVED and ASK, and sends a pipeline's commands to each node in one round trip."""
+    plain = url.replace("+cluster://", "://", 1)
+    return RedisCluster.from_url(
+        plain,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=decode_responses,
+        retry=AsyncRetry(_backoff(), RETRIES, supported_errors=_ERRORS),
     )

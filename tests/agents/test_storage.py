@@ -11,9 +11,11 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from resonance_task.agents.storage import StorageConsumer
 from resonance_task.embedded.broker import EmbeddedBroker
+from resonance_task.embedded.redis import LocalRedisCluster
 from resonance_task.pipeline import retry
 from resonance_task.pipeline.dlq import H_ERROR, H_REASON, DeadLetters
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
@@ -47,14 +49,22 @@ def record(offset: int, *deliveries: tuple[int, list[str]]) -> ConsumerRecord[An
     )
 
 
-@pytest.mark.parametrize("cluster", [False, True], ids=["packed", "per-user"])
+@pytest.mark.parametrize("cluster", [False, True], ids=["one-redis", "redis-cluster"])
 async def test_a_wrong_type_inbox_key_dead_letters_that_recipient_only(
-    redis_url: str, redis_client: aioredis.Redis, tag: str, cluster: bool
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    redis_cluster: LocalRedisCluster,
+    tag: str,
+    cluster: bool,
 ) -> None:
     users = [f"{tag}-u{i}" for i in range(40)]
     broken = users[17]
-    await redis_client.set(f"inbox:{{{broken}}}", "x")  # a bug elsewhere, an operator's typo
-    inbox = RedisInboxStore(redis_url, max_entries=0, message_ttl=600, cluster=cluster)
+    url = redis_cluster.url if cluster else redis_url
+    raw = AsyncRedisCluster.from_url(url.replace("+cluster://", "://")) if cluster else redis_client
+    await raw.set(f"inbox:{{{broken}}}", "x")  # a bug elsewhere, an operator's typo
+    if cluster:
+        await raw.aclose()
+    inbox = RedisInboxStore(url, max_entries=0, message_ttl=600)
     dead = DeadSink()
     storage = stage(inbox, dead)
     try:

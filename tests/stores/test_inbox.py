@@ -1,14 +1,18 @@
-"""The inbox store: the same tests against the real Redis and the real PostgreSQL."""
+"""The inbox store: the same tests against one real Redis, a real Redis Cluster (3 masters,
+3 replicas) and the real PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from resonance_task.embedded.redis import LocalRedisCluster
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.stores.inbox import InboxStore, RedisInboxStore, Refusal
 from resonance_task.stores.postgres import PostgresInboxStore
@@ -16,12 +20,14 @@ from resonance_task.stores.postgres import PostgresInboxStore
 BASE = 7_300_000_000_000_000_000  # Snowflake-sized: beyond a double's exact range
 
 
-BACKENDS = ["redis", "redis-cluster-safe", "postgres"]
+BACKENDS = ["redis", "redis-cluster", "postgres"]
 MakeStore = Callable[..., InboxStore]
 
 
 @pytest.fixture
-async def make_store(redis_url: str, postgres_dsn: str, pg_schema: str) -> AsyncIterator[MakeStore]:
+async def make_store(
+    redis_url: str, redis_cluster: LocalRedisCluster, postgres_dsn: str, pg_schema: str
+) -> AsyncIterator[MakeStore]:
     made: list[InboxStore] = []
 
     def make(backend: str, max_entries: int = 0) -> InboxStore:
@@ -29,16 +35,27 @@ async def make_store(redis_url: str, postgres_dsn: str, pg_schema: str) -> Async
         if backend == "postgres":
             s = PostgresInboxStore(postgres_dsn, max_entries=max_entries, search_path=pg_schema)
         else:
-            cluster = backend == "redis-cluster-safe"
-            s = RedisInboxStore(
-                redis_url, max_entries=max_entries, message_ttl=600, cluster=cluster
-            )
+            # A real Redis Cluster (3 masters, 3 replicas), named as an operator would.
+            url = redis_cluster.url if backend == "redis-cluster" else redis_url
+            s = RedisInboxStore(url, max_entries=max_entries, message_ttl=600)
         made.append(s)
         return s
 
     yield make
     for s in made:
         await s.close()
+
+
+@pytest.fixture
+async def raw(
+    redis_client: aioredis.Redis, redis_cluster: LocalRedisCluster
+) -> AsyncIterator[Callable[[str], Any]]:
+    """The backend's own Redis client, to write what another service would."""
+    cluster = AsyncRedisCluster.from_url(
+        redis_cluster.url.replace("+cluster://", "://"), decode_responses=True
+    )
+    yield lambda backend: cluster if backend == "redis-cluster" else redis_client
+    await cluster.aclose()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -178,13 +195,14 @@ async def test_last_cursors_of_many_users_in_one_call(store: InboxStore, tag: st
     }
 
 
-REDIS_BACKENDS = ["redis", "redis-cluster-safe"]
+REDIS_BACKENDS = ["redis", "redis-cluster"]
 
 
 @pytest.mark.parametrize("backend", REDIS_BACKENDS)
 async def test_keys_of_the_wrong_type_refuse_their_user_and_no_one_else(
-    make_store: MakeStore, backend: str, redis_client: aioredis.Redis, tag: str
+    make_store: MakeStore, backend: str, raw: Callable[[str], Any], tag: str
 ) -> None:
+    redis_client = raw(backend)
     # Enough users for several packed calls, the broken ones in different calls.
     users = [f"{tag}-k{i:04d}" for i in range(1200)]
     inbox_string, seq_hash, trim_list, seq_text = users[3], users[600], users[1100], users[1199]
@@ -248,8 +266,9 @@ async def test_keys_of_the_wrong_type_refuse_their_user_and_no_one_else(
 
 @pytest.mark.parametrize("backend", REDIS_BACKENDS)
 async def test_a_body_key_of_the_wrong_type_refuses_its_message_for_everyone(
-    make_store: MakeStore, backend: str, redis_client: aioredis.Redis, tag: str
+    make_store: MakeStore, backend: str, raw: Callable[[str], Any], tag: str
 ) -> None:
+    redis_client = raw(backend)
     users = [f"{tag}-b{i}" for i in range(3)]
     first = BASE + 10**12 + int(tag[1:], 16) * 10  # bodies are shared: this test's own ids
     messages = [PushMessage(msg_id=first + i, seq_id=i, session_id="s") for i in (1, 2, 3)]
