@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.errors import KafkaError, KafkaTimeoutError
+from redis.exceptions import ClusterDownError, MasterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -78,6 +79,9 @@ def classify(exc: BaseException) -> Verdict:
         return Transient(type(exc).__name__)
     # Python 3.11: ConnectionError and asyncio's TimeoutError are OSErrors too.
     if isinstance(exc, (OSError, RedisConnectionError, RedisTimeoutError, KafkaTimeoutError)):
+        return Transient(type(exc).__name__)
+    # A Redis Cluster failing over, resharding or without a slot's node for a moment.
+    if isinstance(exc, (ClusterDownError, TryAgainError, MasterDownError)):
         return Transient(type(exc).__name__)
     if isinstance(exc, RedisResponseError):
         reply = redis_reply(exc)

@@ -8,8 +8,8 @@ from typing import Any
 import faust
 import pytest
 from aiokafka.errors import NotLeaderForPartitionError, RecordTooLargeError
+from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from resonance_task.errors import (
     ATTEMPTS,
@@ -47,6 +47,8 @@ PIPELINE_WRONGTYPE = (
         (ResponseError(PIPELINE_WRONGTYPE), Poison("wrong_type")),
         (ResponseError("CROSSSLOT Keys in request don't hash"), Permanent("redis_crossslot")),
         (ResponseError("user_script:1: bad"), Permanent("redis_error")),
+        (ClusterDownError("no node serves the slot"), Transient("ClusterDownError")),
+        (TryAgainError("resharding"), Transient("TryAgainError")),
         (NotLeaderForPartitionError(), Transient("NotLeaderForPartitionError")),
         (RecordTooLargeError(), Permanent("RecordTooLargeError")),
         (InvalidRecord("decode_error", "not a PushEvent"), Poison("decode_error")),

@@ -143,6 +143,19 @@ class LocalRedisCluster:
             )
         for port, proc in zip(self.ports, self.nodes, strict=True):
             wait_for_port(port, 10, proc)
+        if self.masters < 3:
+            # redis-cli creates clusters of 3 masters or more; a smaller one (a bench's
+            # one-master cluster) is given every slot by hand.
+            if self.replicas:
+                raise ValueError("a cluster of fewer than 3 masters is made without replicas")
+            for i, port in enumerate(self.ports):
+                first, last = i * 16384 // self.masters, (i + 1) * 16384 // self.masters - 1
+                node = redis.Redis(port=port)
+                node.cluster("ADDSLOTSRANGE", first, last)
+                if i:
+                    node.cluster("MEET", "127.0.0.1", self.ports[0])
+            self._wait_ok()
+            return self
         subprocess.run(
             [
                 cli,

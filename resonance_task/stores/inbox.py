@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, NoScriptError
 
 from resonance_task.proto.resonance.gateway.v1.gateway_pb2 import PushMessage
 from resonance_task.stores.redis_client import connect, connect_cluster, is_cluster
@@ -257,6 +257,12 @@ return {new, dup, refused}
 # It also bounds one user's entry in a call: the script passes a user's ids to ZMSCORE and
 # ZADD through `unpack`, which fails past Lua's C stack (~8,000 values), so a user with
 # more messages in a batch gets several entries, in order.
+# On a Redis Cluster, the packed script per node: the users of a call are all on that
+# node (grouped by the client's slot map), in many slots, which the flag allows; bodies
+# are not in it (each `msg:{id}` has a slot of its own, likely another node's): they are
+# written first, and the calls carry empty ones, which the script skips.
+_APPEND_PACKED_CLUSTER = "#!lua flags=allow-cross-slot-keys\n" + _APPEND_PACKED
+
 _PACKED_PAIRS = 500
 _CALLS_PER_TRIP = 2
 _U32 = struct.Struct(">I")
@@ -282,7 +288,9 @@ def _pack(
     return b"".join(parts)
 
 
-def _packed_calls(batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> list[bytes]:
+def _packed_calls(
+    batch: Sequence[tuple[PushMessage, Sequence[str]]], *, with_bodies: bool = True
+) -> list[bytes]:
     """The batch as calls of about _PACKED_PAIRS pairs, grouped by user.
 
     Split by user, not by message: a user's messages of the batch go together (one
@@ -296,7 +304,7 @@ def _packed_calls(batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> list[by
     for message, users in batch:
         msg_id = message.msg_id
         if msg_id not in bodies:
-            bodies[msg_id] = message.SerializeToString()
+            bodies[msg_id] = message.SerializeToString() if with_bodies else b""
         for user in users:
             by_user.setdefault(user, []).append(msg_id)
     calls: list[bytes] = []
@@ -350,6 +358,7 @@ class RedisInboxStore:
         )
         self._sha: str | None = None
         self._packed_sha: str | None = None
+        self._cluster_sha: str | None = None
         self._max_entries = max_entries
         self._ttl = message_ttl
         # Redis Cluster: one call per pair (a script's keys must share a slot, and each user
@@ -366,6 +375,13 @@ class RedisInboxStore:
         return f"{self._prefix}:{{{owner}}}"
 
     async def write(self, batch: Sequence[tuple[PushMessage, Sequence[str]]]) -> WriteResult:
+        if isinstance(self._redis, RedisCluster):
+            try:
+                return await self._write_nodes(self._redis, batch)
+            except NoScriptError:
+                # A replica promoted since, or a node restarted: scripts are not replicated.
+                self._cluster_sha = None  # load, redo, idempotent
+                return await self._write_nodes(self._redis, batch)
         if not self._cluster:
             return await self._write_packed(batch)
         bodies: dict[int, bytes] = {}
@@ -381,6 +397,73 @@ class RedisInboxStore:
             # batch, which is safe because every append is idempotent.
             self._sha = None
             return await self._write_pairs(bodies, pairs)
+
+    async def _write_nodes(
+        self, cluster: RedisCluster, batch: Sequence[tuple[PushMessage, Sequence[str]]]
+    ) -> WriteResult:
+        """A batch on a Redis Cluster: the bodies in one pipeline (each in its own slot),
+        then per node the packed calls of its users, every node's in one pipeline round
+        trip: the payload once per message, never once per recipient."""
+        if self._cluster_sha is None:
+            self._cluster_sha = str(await cluster.script_load(_APPEND_PACKED_CLUSTER))
+        sha = self._cluster_sha
+        bodies = {m.msg_id: m.SerializeToString() for m, _ in batch}
+        pipe = cluster.pipeline(transaction=False)
+        for msg_id, body in bodies.items():
+            pipe.set(_body_key(msg_id), body, ex=self._ttl, nx=True)
+            pipe.type(_body_key(msg_id))
+        held = (await pipe.execute())[1::2]
+        bad = {
+            msg_id: f"WRONGTYPE {_body_key(msg_id)} is a {kind.decode()}, not a string"
+            for msg_id, kind in zip(bodies, held, strict=True)
+            if kind != b"string"
+        }
+        refused = [
+            Refusal(user, m.msg_id, bad[m.msg_id])
+            for m, users in batch
+            if m.msg_id in bad
+            for user in users
+        ]
+        by_node: dict[str, list[tuple[PushMessage, list[str]]]] = {}
+        routing: dict[str, str] = {}  # node -> a key of it, which routes its calls there
+        for message, users in batch:
+            if message.msg_id in bad:
+                continue
+            mine: dict[str, list[str]] = {}
+            for user in users:
+                key = self.key(user)
+                found = cluster.get_node_from_key(key)
+                if found is None:  # the slot map has no node for it: refreshed on retry
+                    raise ClusterDownError(f"no node serves {key}'s slot")
+                node = found.name
+                routing.setdefault(node, key)
+                mine.setdefault(node, []).append(user)
+            for node, on_node in mine.items():
+                by_node.setdefault(node, []).append((message, on_node))
+        pipe = cluster.pipeline(transaction=False)
+        for node, part in by_node.items():
+            for packed in _packed_calls(part, with_bodies=False):
+                pipe.execute_command(
+                    "EVALSHA",
+                    sha,
+                    1,
+                    routing[node],
+                    self._max_entries,
+                    self._ttl,
+                    self._prefix,
+                    packed,
+                )
+        results = await pipe.execute() if by_node else []
+        refused += [
+            Refusal(user.decode(), int(msg_id), why.decode())
+            for _, _, flat in results
+            for user, msg_id, why in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
+        ]
+        return WriteResult(
+            new=sum(int(r[0]) for r in results),
+            duplicate=sum(int(r[1]) for r in results),
+            refused=tuple(refused),
+        )
 
     async def _write_packed(
         self, batch: Sequence[tuple[PushMessage, Sequence[str]]]
