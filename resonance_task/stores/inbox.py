@@ -93,50 +93,6 @@ local function newer(a, b)
 end
 """
 
-# Idempotent appends to users' inboxes, many (user, msg_id) pairs a call. KEYS come in
-# threes per pair (inbox, seq, trim: one user's hash tag); ARGV[1] is the cap and ARGV[j+1]
-# the msg_id of pair j. Pairs run in order, so a user's messages keep their batch order.
-# Returns, per pair, its cursor and 1 if new, 0 if the msg_id was already there, or 0 and
-# the refusal. msg_ids are compared as decimal strings: Snowflake ids exceed a Lua
-# double's 2^53. A msg_id at or below the trim watermark was in this inbox and was
-# trimmed by the cap, so a replay of it must not come back with a new cursor.
-_APPEND = (
-    _REFUSAL
-    + """
-local cap = tonumber(ARGV[1])
-local function append(inbox, seq, trimkey, msg_id)
-  local existing = redis.pcall('ZSCORE', inbox, msg_id)
-  if type(existing) == 'table' then return 0, refusal(existing, inbox, 'zset') end
-  if existing then return tonumber(existing), 0 end
-  local trim = redis.pcall('GET', trimkey)
-  if type(trim) == 'table' then return 0, refusal(trim, trimkey, 'string') end
-  if trim and not newer(msg_id, trim) then return 0, 0 end
-  local cursor = redis.pcall('INCR', seq)
-  if type(cursor) == 'table' then return 0, refusal(cursor, seq, 'string') end
-  redis.call('ZADD', inbox, cursor, msg_id)
-  if cap > 0 then
-    local excess = redis.call('ZCARD', inbox) - cap
-    if excess > 0 then
-      local gone = redis.call('ZRANGE', inbox, 0, excess - 1)
-      for _, id in ipairs(gone) do
-        if not trim or newer(id, trim) then trim = id end
-      end
-      redis.call('SET', trimkey, trim)
-      redis.call('ZREMRANGEBYRANK', inbox, 0, excess - 1)
-    end
-  end
-  return cursor, 1
-end
-local out = {}
-for j = 1, #ARGV - 1 do
-  local cursor, status = append(KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j], ARGV[j + 1])
-  out[#out + 1] = cursor; out[#out + 1] = status
-end
-return out
-"""
-)
-
-
 # The same appends on a single Redis, a whole batch in one argument: per-argument
 # encoding was most of the client's time (one EVALSHA per 256 pairs carried 1,024
 # arguments), and grouping by user lets one ZMSCORE, INCRBY and ZADD serve all of a
@@ -144,8 +100,8 @@ return out
 # cap, ARGV[2] the body TTL, ARGV[3] the key prefix, ARGV[4] the batch:
 #   u32 messages, then per message: u32 len, msg_id (decimal), u32 len, body (may be empty)
 #   u32 users, then per user: u32 len, user, u32 count, count x u32 message number (1-based)
-# Keys are built here from the prefix, which a single Redis allows (Redis Cluster does
-# not: with INBOX_REDIS_CLUSTER each user gets a call of its own, the script above).
+# Keys are built here from the prefix. On a Redis Cluster the calls are made per node,
+# with the users of that node only (_APPEND_PACKED_CLUSTER below).
 # Returns {new, duplicate, refused}, refused a flat list of (user, msg_id, refusal).
 # A body key of the wrong type refuses its message for every user of the call: an entry
 # whose body cannot be read would fail every read of that inbox page (GET on a hash), and
@@ -288,6 +244,20 @@ def _pack(
     return b"".join(parts)
 
 
+def _packed_result(results: list[Any], refused: list[Refusal]) -> WriteResult:
+    """What the packed script's calls answered ({new, duplicate, refused}), summed."""
+    refused = refused + [
+        Refusal(user.decode(), int(msg_id), why.decode())
+        for _, _, flat in results
+        for user, msg_id, why in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
+    ]
+    return WriteResult(
+        new=sum(int(r[0]) for r in results),
+        duplicate=sum(int(r[1]) for r in results),
+        refused=tuple(refused),
+    )
+
+
 def _packed_calls(
     batch: Sequence[tuple[PushMessage, Sequence[str]]], *, with_bodies: bool = True
 ) -> list[bytes]:
@@ -356,14 +326,10 @@ class RedisInboxStore:
             if cluster
             else connect(url, timeout=timeout)
         )
-        self._sha: str | None = None
         self._packed_sha: str | None = None
         self._cluster_sha: str | None = None
         self._max_entries = max_entries
         self._ttl = message_ttl
-        # Redis Cluster: one call per pair (a script's keys must share a slot, and each user
-        # is its own hash tag). A single Redis takes a whole batch in a few calls.
-        self._cluster = cluster
         self._prefix = key_prefix
 
     @property
@@ -382,21 +348,7 @@ class RedisInboxStore:
                 # A replica promoted since, or a node restarted: scripts are not replicated.
                 self._cluster_sha = None  # load, redo, idempotent
                 return await self._write_nodes(self._redis, batch)
-        if not self._cluster:
-            return await self._write_packed(batch)
-        bodies: dict[int, bytes] = {}
-        pairs: list[tuple[str, int]] = []
-        for message, users in batch:
-            if message.msg_id not in bodies:
-                bodies[message.msg_id] = message.SerializeToString()
-            pairs.extend((user, message.msg_id) for user in users)
-        try:
-            return await self._write_pairs(bodies, pairs)
-        except NoScriptError:
-            # Redis restarted or flushed its scripts: load it again and redo the whole
-            # batch, which is safe because every append is idempotent.
-            self._sha = None
-            return await self._write_pairs(bodies, pairs)
+        return await self._write_packed(batch)
 
     async def _write_nodes(
         self, cluster: RedisCluster, batch: Sequence[tuple[PushMessage, Sequence[str]]]
@@ -454,16 +406,7 @@ class RedisInboxStore:
                     packed,
                 )
         results = await pipe.execute() if by_node else []
-        refused += [
-            Refusal(user.decode(), int(msg_id), why.decode())
-            for _, _, flat in results
-            for user, msg_id, why in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
-        ]
-        return WriteResult(
-            new=sum(int(r[0]) for r in results),
-            duplicate=sum(int(r[1]) for r in results),
-            refused=tuple(refused),
-        )
+        return _packed_result(results, refused)
 
     async def _write_packed(
         self, batch: Sequence[tuple[PushMessage, Sequence[str]]]
@@ -472,18 +415,9 @@ class RedisInboxStore:
         try:
             results = await self._execute_packed(calls)
         except NoScriptError:
-            self._packed_sha = None  # as above: reload, redo, idempotent
+            self._packed_sha = None  # Redis lost its scripts: reload, redo, idempotent
             results = await self._execute_packed(calls)
-        refused = [
-            Refusal(user.decode(), int(msg_id), why.decode())
-            for _, _, flat in results
-            for user, msg_id, why in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
-        ]
-        return WriteResult(
-            new=sum(int(r[0]) for r in results),
-            duplicate=sum(int(r[1]) for r in results),
-            refused=tuple(refused),
-        )
+        return _packed_result(results, [])
 
     async def _execute_packed(self, calls: list[bytes]) -> list[Any]:
         # Loaded by hand, not redis-py's register_script: a pipeline holding a registered
@@ -503,41 +437,6 @@ class RedisInboxStore:
                 pipe.evalsha(sha, 0, self._max_entries, self._ttl, self._prefix, packed)
             results += await pipe.execute()
         return results
-
-    async def _write_pairs(
-        self, bodies: dict[int, bytes], pairs: list[tuple[str, int]]
-    ) -> WriteResult:
-        if self._sha is None:
-            self._sha = str(await self._redis.script_load(_APPEND))
-        # The bodies first, a round trip of their own: a body key of the wrong type refuses
-        # its message (as in the packed script), which must be known before any append.
-        # A body's key has its own hash tag, so no script can check it beside the appends.
-        pipe = self._redis.pipeline(transaction=False)
-        for msg_id, body in bodies.items():
-            pipe.set(_body_key(msg_id), body, ex=self._ttl, nx=True)
-            pipe.type(_body_key(msg_id))
-        held = (await pipe.execute())[1::2]
-        bad = {
-            msg_id: f"WRONGTYPE {_body_key(msg_id)} is a {kind.decode()}, not a string"
-            for msg_id, kind in zip(bodies, held, strict=True)
-            if kind != b"string"
-        }
-        refused = [Refusal(user, msg_id, bad[msg_id]) for user, msg_id in pairs if msg_id in bad]
-        writable = [pair for pair in pairs if pair[1] not in bad] if bad else pairs
-        pipe = self._redis.pipeline(transaction=False)
-        for user, msg_id in writable:
-            inbox = self.key(user)
-            keys = (inbox, inbox + ":seq", inbox + ":trim")
-            pipe.evalsha(self._sha, len(keys), *keys, self._max_entries, msg_id)
-        new = 0
-        for (user, msg_id), (_, status) in zip(writable, await pipe.execute(), strict=True):
-            if isinstance(status, bytes):
-                refused.append(Refusal(user, msg_id, status.decode()))
-            else:
-                new += status
-        return WriteResult(
-            new=new, duplicate=len(pairs) - new - len(refused), refused=tuple(refused)
-        )
 
     async def read(self, user: str, after: int, limit: int) -> list[InboxEntry]:
         entries, _ = await self.page(user, after, limit)
