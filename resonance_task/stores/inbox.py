@@ -219,6 +219,35 @@ return {new, dup, refused}
 # written first, and the calls carry empty ones, which the script skips.
 _APPEND_PACKED_CLUSTER = "#!lua flags=allow-cross-slot-keys\n" + _APPEND_PACKED
 
+# The bodies of a batch on one node of a Redis Cluster, in one call (each `msg:{id}` is
+# in a slot of its own): ARGV[1] the TTL, ARGV[2] the bodies as _pack writes messages (no
+# users). Returns, flat, the msg_id and type of each body key that holds something else.
+_BODIES_CLUSTER = """#!lua flags=allow-cross-slot-keys
+local ttl, data = tonumber(ARGV[1]), ARGV[2]
+local pos = 1
+local function u32()
+  local n
+  n, pos = struct.unpack('>I4', data, pos)
+  return n
+end
+local function str()
+  local n = u32()
+  local s = string.sub(data, pos, pos + n - 1)
+  pos = pos + n
+  return s
+end
+local bad = {}
+for _ = 1, u32() do
+  local id = str()
+  local key = 'msg:{' .. id .. '}'
+  if not redis.call('SET', key, str(), 'EX', ttl, 'NX') then
+    local held = redis.call('TYPE', key).ok
+    if held ~= 'string' then bad[#bad + 1] = id; bad[#bad + 1] = held end
+  end
+end
+return bad
+"""
+
 _PACKED_PAIRS = 500
 _CALLS_PER_TRIP = 2
 _U32 = struct.Struct(">I")
@@ -305,6 +334,14 @@ def _body_key(msg_id: int) -> str:
     return f"msg:{{{msg_id}}}"
 
 
+def _node_of(cluster: RedisCluster, key: str) -> str:
+    """The node that holds `key`'s slot, by the client's slot map."""
+    found = cluster.get_node_from_key(key)
+    if found is None:  # no node for the slot now (a failover): transient, map refreshed
+        raise ClusterDownError(f"no node serves {key}'s slot")
+    return str(found.name)
+
+
 class RedisInboxStore:
     def __init__(
         self,
@@ -328,6 +365,7 @@ class RedisInboxStore:
         )
         self._packed_sha: str | None = None
         self._cluster_sha: str | None = None
+        self._bodies_sha: str | None = None
         self._max_entries = max_entries
         self._ttl = message_ttl
         self._prefix = key_prefix
@@ -346,7 +384,7 @@ class RedisInboxStore:
                 return await self._write_nodes(self._redis, batch)
             except NoScriptError:
                 # A replica promoted since, or a node restarted: scripts are not replicated.
-                self._cluster_sha = None  # load, redo, idempotent
+                self._cluster_sha = self._bodies_sha = None  # load, redo, idempotent
                 return await self._write_nodes(self._redis, batch)
         return await self._write_packed(batch)
 
@@ -356,20 +394,11 @@ class RedisInboxStore:
         """A batch on a Redis Cluster: the bodies in one pipeline (each in its own slot),
         then per node the packed calls of its users, every node's in one pipeline round
         trip: the payload once per message, never once per recipient."""
-        if self._cluster_sha is None:
+        if self._cluster_sha is None or self._bodies_sha is None:
             self._cluster_sha = str(await cluster.script_load(_APPEND_PACKED_CLUSTER))
+            self._bodies_sha = str(await cluster.script_load(_BODIES_CLUSTER))
         sha = self._cluster_sha
-        bodies = {m.msg_id: m.SerializeToString() for m, _ in batch}
-        pipe = cluster.pipeline(transaction=False)
-        for msg_id, body in bodies.items():
-            pipe.set(_body_key(msg_id), body, ex=self._ttl, nx=True)
-            pipe.type(_body_key(msg_id))
-        held = (await pipe.execute())[1::2]
-        bad = {
-            msg_id: f"WRONGTYPE {_body_key(msg_id)} is a {kind.decode()}, not a string"
-            for msg_id, kind in zip(bodies, held, strict=True)
-            if kind != b"string"
-        }
+        bad = await self._write_bodies(cluster, batch, self._bodies_sha)
         refused = [
             Refusal(user, m.msg_id, bad[m.msg_id])
             for m, users in batch
@@ -384,10 +413,7 @@ class RedisInboxStore:
             mine: dict[str, list[str]] = {}
             for user in users:
                 key = self.key(user)
-                found = cluster.get_node_from_key(key)
-                if found is None:  # the slot map has no node for it: refreshed on retry
-                    raise ClusterDownError(f"no node serves {key}'s slot")
-                node = found.name
+                node = _node_of(cluster, key)
                 routing.setdefault(node, key)
                 mine.setdefault(node, []).append(user)
             for node, on_node in mine.items():
@@ -407,6 +433,36 @@ class RedisInboxStore:
                 )
         results = await pipe.execute() if by_node else []
         return _packed_result(results, refused)
+
+    async def _write_bodies(
+        self,
+        cluster: RedisCluster,
+        batch: Sequence[tuple[PushMessage, Sequence[str]]],
+        sha: str,
+    ) -> dict[int, str]:
+        """Every message's body, once, in one call per node: the refusal of each body key
+        another writer gave another type, by msg_id. Before any append: an entry whose
+        body cannot be read would fail every read of that inbox page."""
+        by_node: dict[str, list[tuple[int, bytes]]] = {}
+        routing: dict[str, str] = {}
+        seen: set[int] = set()
+        for message, _ in batch:
+            if message.msg_id in seen:
+                continue
+            seen.add(message.msg_id)
+            key = _body_key(message.msg_id)
+            node = _node_of(cluster, key)
+            routing.setdefault(node, key)
+            by_node.setdefault(node, []).append((message.msg_id, message.SerializeToString()))
+        pipe = cluster.pipeline(transaction=False)
+        for node, bodies in by_node.items():
+            pipe.execute_command("EVALSHA", sha, 1, routing[node], self._ttl, _pack(bodies, []))
+        bad: dict[int, str] = {}
+        for flat in await pipe.execute() if by_node else []:
+            for msg_id, kind in zip(flat[::2], flat[1::2], strict=True):
+                key = _body_key(int(msg_id))
+                bad[int(msg_id)] = f"WRONGTYPE {key} is a {kind.decode()}, not a string"
+        return bad
 
     async def _write_packed(
         self, batch: Sequence[tuple[PushMessage, Sequence[str]]]
