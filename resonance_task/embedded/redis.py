@@ -203,7 +203,11 @@ class LocalRedisCluster:
         self._dir.cleanup()
 
     def __enter__(self) -> LocalRedisCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # the nodes started before the failure: not left running
+            raise
 
     def __exit__(
         self,
