@@ -108,6 +108,10 @@ class SessionConfig:
     probe_items: int = 8
     security: ChannelSecurity | None = None  # None: plaintext (a trusted network only)
 
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(first=self.backoff_min, cap=self.backoff_max)
+
     @classmethod
     def from_settings(cls, s: Settings) -> SessionConfig:
         """The PUSH_* settings, as every gateway session of a worker uses them."""
@@ -298,8 +302,7 @@ class GatewaySession:
             metrics.GATEWAY_CONNECTED.inc() if connected else metrics.GATEWAY_CONNECTED.dec()
 
     async def _backoff(self, failures: int) -> None:
-        backoff = Backoff(first=self._config.backoff_min, cap=self._config.backoff_max)
-        until = time.monotonic() + backoff.delay(failures)
+        until = time.monotonic() + self._config.backoff.delay(failures)
         # While the gateway is unreachable, work that has waited too long leaves for offline
         # push rather than sitting out the backoff.
         while True:

@@ -69,7 +69,6 @@ class OfflinePusher:
         self._dead_letters = dead_letters
         self._max_attempts = max_attempts
         self._backoff = Backoff(first=backoff_min, cap=backoff_max)
-        self._backoff_max = backoff_max
 
     @property
     def provider_names(self) -> list[str]:
@@ -192,7 +191,7 @@ class OfflinePusher:
             # Retry-After is honoured up to backoff_max: a provider asking for an hour
             # would otherwise hold the batch (and its partitions) past the consumer's
             # max.poll.interval. Retrying early costs a 429; the last one dead-letters.
-            delay = max(min(wait, self._backoff_max), self._backoff.delay(attempt))
+            delay = max(min(wait, self._backoff.cap), self._backoff.delay(attempt))
             log.info("%s: %d notifications to retry in %.2fs", provider.name, len(retry), delay)
             await asyncio.sleep(delay)
             pending = retry

@@ -65,9 +65,9 @@ class Checkpoint:
     def attach(self, consumer: AIOKafkaConsumer | None, offsets: Offsets) -> None:
         """The consumer and the offsets commits and marks are about from now on (None:
         stopped; its partitions may go elsewhere)."""
-        if consumer is None and self._marks is not None:
-            self._marks.forget(self._group)
         if consumer is None:
+            if self._marks is not None:
+                self._marks.forget(self._group)
             self._marked.clear()
             self._given_up += 1
         self._consumer, self._offsets = consumer, offsets

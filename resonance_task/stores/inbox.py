@@ -357,11 +357,7 @@ class RedisInboxStore:
         # the cluster client; its pipelines go to each node in one round trip.
         cluster = cluster or is_cluster(url)
         self._redis: aioredis.Redis | RedisCluster = (
-            connect_cluster(
-                url if is_cluster(url) else url.replace("://", "+cluster://", 1), timeout=timeout
-            )
-            if cluster
-            else connect(url, timeout=timeout)
+            connect_cluster(url, timeout=timeout) if cluster else connect(url, timeout=timeout)
         )
         self._packed_sha: str | None = None
         self._cluster_sha: str | None = None
@@ -407,14 +403,18 @@ class RedisInboxStore:
         ]
         by_node: dict[str, list[tuple[PushMessage, list[str]]]] = {}
         routing: dict[str, str] = {}  # node -> a key of it, which routes its calls there
+        # Looked up once a user a batch: a group batch names each member in every message.
+        user_node: dict[str, str] = {}
         for message, users in batch:
             if message.msg_id in bad:
                 continue
             mine: dict[str, list[str]] = {}
             for user in users:
-                key = self.key(user)
-                node = _node_of(cluster, key)
-                routing.setdefault(node, key)
+                node = user_node.get(user)
+                if node is None:
+                    key = self.key(user)
+                    node = user_node[user] = _node_of(cluster, key)
+                    routing.setdefault(node, key)
                 mine.setdefault(node, []).append(user)
             for node, on_node in mine.items():
                 by_node.setdefault(node, []).append((message, on_node))

@@ -12,6 +12,8 @@ msg_id, status moves by expected state, marks and heartbeats as sets).
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -28,16 +30,19 @@ def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=0.02, cap=0.5)
 
 
+def _options(timeout: float, decode_responses: bool) -> dict[str, Any]:
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": decode_responses,
+        "retry": AsyncRetry(_backoff(), RETRIES, supported_errors=_ERRORS),
+    }
+
+
 def connect(url: str, *, timeout: float, decode_responses: bool = False) -> aioredis.Redis:
     """An asyncio client (a pool) for `url` (redis://, rediss://, unix://)."""
-    return aioredis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        decode_responses=decode_responses,
-        retry=AsyncRetry(_backoff(), RETRIES, supported_errors=_ERRORS),
-        health_check_interval=30,  # a connection idle that long is checked before use
-    )
+    # A connection idle that long is checked before use.
+    return aioredis.from_url(url, health_check_interval=30, **_options(timeout, decode_responses))
 
 
 def connect_sync(url: str, *, timeout: float) -> redis.Redis:
@@ -61,13 +66,8 @@ def is_cluster(url: str) -> bool:
 
 
 def connect_cluster(url: str, *, timeout: float, decode_responses: bool = False) -> RedisCluster:
-    """redis-py's cluster client: it learns the slot map from the node named, follows
-    MOVED and ASK, and sends a pipeline's commands to each node in one round trip."""
+    """redis-py's cluster client for a node's URL (`redis+cluster://` or plain): it learns
+    the slot map from that node, follows MOVED and ASK, and sends a pipeline's commands
+    to each node in one round trip."""
     plain = url.replace("+cluster://", "://", 1)
-    return RedisCluster.from_url(
-        plain,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        decode_responses=decode_responses,
-        retry=AsyncRetry(_backoff(), RETRIES, supported_errors=_ERRORS),
-    )
+    return RedisCluster.from_url(plain, **_options(timeout, decode_responses))

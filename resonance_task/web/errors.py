@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from resonance_task.errors import is_transient
 from resonance_task.web.auth import Handler
+from resonance_task.web.models import error_of
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() != "content-type"},
         )
+    except ValidationError as exc:
+        # A query or body the API's models refused (web/models.py): 400, naming the field.
+        return web.json_response(error_of(exc).model_dump(), status=400)
     except Exception as exc:
         if is_transient(exc):
             # A store is away (down, paused, timing out): try again, not a server bug.

@@ -14,7 +14,6 @@ from typing import Any
 
 from aiohttp import web
 from faust.web import View
-from pydantic import ValidationError
 
 from resonance_task.pipeline.backlog import backlog
 from resonance_task.pipeline.workers import WorkerDirectory
@@ -59,8 +58,5 @@ def register(
     @app.page("/api/v1/stats/hourly")
     class Hourly(View):
         async def get(self, request: web.Request) -> web.Response:
-            try:
-                query = models.HourlyQuery.model_validate(dict(request.query))
-            except ValidationError as exc:
-                return web.json_response(models.error_of(exc).model_dump(), status=400)
+            query = models.HourlyQuery.model_validate(dict(request.query))  # a 400 if not
             return web.json_response({"reports": table.latest(query.limit)})
